@@ -1,0 +1,366 @@
+"""The run configuration: a tree of dataclasses, YAML presets, `key=value` overrides.
+
+    python -m distres.train [--config configs/NAME.yaml] [section.key=value ...]
+
+The dataclass defaults are the embedded default run (CIFAR-style ResNet-20 on the built-in
+`digits` shards, CPU). Every check runs here, before any process group exists, and fails with a
+`ConfigError` whose one-line message names the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distres.models.resnet import ARCHS
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; main() prints it as one line and exits with code 2."""
+
+
+def doc(default: Any, help: str) -> Any:
+    """A field with a one-line doc that `--help` prints (lists/dicts get a factory)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices))}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r}: must be >= {low}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={value!r}: must be in [{low}, {high}]")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("digits-resnet20", "run name; the default run.dir is runs/<name>-<timestamp>")
+    dir: str = doc("", "output directory; empty means runs/<name>-<timestamp>")
+    seed: int = doc(0, "base random seed (each rank offsets it by its rank)")
+    device: str = doc("auto", "auto | cpu | cuda; auto takes cuda when a GPU is visible")
+    deterministic: bool = doc(False, "deterministic kernels (slower; for exact reproduction)")
+    threads: int = doc(0, "intra-op CPU threads per process; 0 leaves torch's default")
+
+    def __post_init__(self) -> None:
+        _choice("run.device", self.device, ("auto", "cpu", "cuda"))
+        _at_least("run.threads", self.threads, 0)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name={self.name!r}: must be non-empty and contain no '/'")
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("resnet20", f"architecture: {', '.join(ARCHS)}")
+    num_classes: int = doc(10, "number of output classes")
+    in_chans: int = doc(3, "input image channels")
+    plain: bool = doc(False, "remove every shortcut (a plain net, for the degradation study)")
+    zero_init_residual: bool = doc(False, "zero-init the last BN of each residual branch")
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, tuple(ARCHS))
+        _at_least("model.num_classes", self.num_classes, 2)
+        _at_least("model.in_chans", self.in_chans, 1)
+        if self.plain and self.zero_init_residual:
+            raise ConfigError(
+                "model.zero_init_residual=True with model.plain=True would zero every block's "
+                "output (there is no shortcut to carry the signal); set one of them to false"
+            )
+
+
+@dataclass
+class DataConfig:
+    dataset: str = doc("digits", "digits (built in, written to cache_dir once) | shards")
+    train_shards: str = doc("", "dataset=shards: train shard dir (with manifest.json) or pattern")
+    val_shards: str = doc("", "dataset=shards: val shard dir (with manifest.json) or pattern")
+    cache_dir: str = doc("", "where built-in datasets are written; empty: $DISTRES_CACHE or "
+                         "~/.cache/distres")
+    backend: str = doc("torch", "input pipeline: torch (webdataset + torchvision v2)")
+    image_size: int = doc(32, "training crop size (pixels, square)")
+    val_resize: int = doc(0, "val: resize the shorter side to this, then center-crop "
+                          "image_size; 0 means round(image_size * 8/7), or none for digits")
+    random_resized_crop: bool = doc(False, "train: RandomResizedCrop (ImageNet recipe)")
+    rrc_min_scale: float = doc(0.08, "train: smallest area fraction RandomResizedCrop takes")
+    crop_padding: int = doc(2, "train: random crop after padding by this many pixels (0: off; "
+                            "ignored with random_resized_crop)")
+    hflip: bool = doc(False, "train: random horizontal flip (off for digits: a 2 is not a 5)")
+    mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel mean for normalisation (0-1)")
+    std: list[float] = doc([0.229, 0.224, 0.225], "per-channel std for normalisation (0-1)")
+    shuffle_buffer: int = doc(2048, "train: samples in the in-memory shuffle buffer")
+    num_workers: int = doc(0, "DataLoader worker processes per rank (0: decode in the main "
+                           "process)")
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("digits", "shards"))
+        _choice("data.backend", self.backend, ("torch",))
+        _at_least("data.image_size", self.image_size, 8)
+        _at_least("data.val_resize", self.val_resize, 0)
+        if self.val_resize and self.val_resize < self.image_size:
+            raise ConfigError(
+                f"data.val_resize={self.val_resize}: must be 0 or >= data.image_size="
+                f"{self.image_size} (the center crop is taken from the resized image)"
+            )
+        _in_range("data.rrc_min_scale", self.rrc_min_scale, 0.01, 1.0)
+        _at_least("data.crop_padding", self.crop_padding, 0)
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, 3):
+                raise ConfigError(f"data.{key}={getattr(self, key)}: needs 1 or 3 values")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std={self.std}: every value must be > 0")
+        if self.dataset == "shards":
+            for key in ("train_shards", "val_shards"):
+                value = getattr(self, key)
+                if not value:
+                    raise ConfigError(f"data.{key} is empty: data.dataset=shards needs a path")
+                if not _shard_source_exists(value):
+                    raise ConfigError(f"data.{key}={value!r}: no such shard directory or file")
+
+
+def _shard_source_exists(spec: str) -> bool:
+    """A directory, a tar file, or a brace pattern whose first expansion exists."""
+    import braceexpand
+
+    first = next(iter(braceexpand.braceexpand(spec)), spec)
+    return Path(spec).is_dir() or Path(first).is_file() or "://" in spec
+
+
+@dataclass
+class OptimConfig:
+    name: str = doc("sgd", "sgd (momentum / Nesterov) | adamw")
+    lr: float = doc(0.1, "peak learning rate (after warm-up)")
+    momentum: float = doc(0.9, "sgd momentum; adamw beta1")
+    nesterov: bool = doc(True, "sgd: Nesterov momentum")
+    beta2: float = doc(0.999, "adamw beta2")
+    weight_decay: float = doc(5e-4, "decoupled for adamw, L2 for sgd")
+    no_wd_bn_bias: bool = doc(True, "exclude BN and bias parameters from weight decay")
+    schedule: str = doc("cosine", "cosine | step | constant, after the warm-up")
+    warmup_epochs: float = doc(2.0, "linear warm-up from warmup_start_factor*lr, in epochs")
+    warmup_start_factor: float = doc(0.1, "warm-up starts at this fraction of lr")
+    min_lr_factor: float = doc(0.0, "cosine: final lr as a fraction of lr")
+    step_milestones: list[float] = doc([0.5, 0.75], "step: epochs at which lr drops; values "
+                                       "below 1 are fractions of train.epochs")
+    step_gamma: float = doc(0.1, "step: lr multiplier at each milestone")
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adamw"))
+        _choice("optim.schedule", self.schedule, ("cosine", "step", "constant"))
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        _in_range("optim.momentum", self.momentum, 0.0, 0.9999)
+        _in_range("optim.beta2", self.beta2, 0.0, 0.99999)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _at_least("optim.warmup_epochs", self.warmup_epochs, 0.0)
+        _in_range("optim.warmup_start_factor", self.warmup_start_factor, 0.0, 1.0)
+        _in_range("optim.min_lr_factor", self.min_lr_factor, 0.0, 1.0)
+        _in_range("optim.step_gamma", self.step_gamma, 0.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = doc(15, "passes over the training set")
+    batch_size: int = doc(64, "micro-batch per rank")
+    label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
+    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    channels_last: bool = doc(True, "model and inputs in channels_last memory format")
+    clip_grad_norm: float = doc(0.0, "clip the global grad norm to this; 0: off")
+    max_steps: int = doc(0, "stop after this many optimizer steps; 0: run all epochs")
+    eval_every_epochs: int = doc(1, "evaluate on the val set every N epochs (and at the end)")
+
+    def __post_init__(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _in_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _at_least("train.clip_grad_norm", self.clip_grad_norm, 0.0)
+        _at_least("train.max_steps", self.max_steps, 0)
+        _at_least("train.eval_every_epochs", self.eval_every_epochs, 1)
+
+
+@dataclass
+class EngineConfig:
+    name: str = doc("ddp", "ddp (torch DistributedDataParallel; a plain module on one process)")
+    compile: bool = doc(False, "torch.compile the model")
+
+    def __post_init__(self) -> None:
+        _choice("engine.name", self.name, ("ddp",))
+
+
+@dataclass
+class CheckpointConfig:
+    save_final: bool = doc(True, "write final/model.safetensors and final/model.yaml")
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = doc(0, "evaluations without improvement before stopping; 0: off")
+    monitor: str = doc("val/top1", "val/top1 | val/top5 | val/loss")
+    mode: str = doc("auto", "auto (max for accuracies, min for loss) | max | min")
+    min_delta: float = doc(0.0, "an improvement must exceed this")
+
+    def __post_init__(self) -> None:
+        _at_least("early_stop.patience", self.patience, 0)
+        _choice("early_stop.monitor", self.monitor, ("val/top1", "val/top5", "val/loss"))
+        _choice("early_stop.mode", self.mode, ("auto", "max", "min"))
+        _at_least("early_stop.min_delta", self.min_delta, 0.0)
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.monitor.endswith("loss") else "max"
+
+
+@dataclass
+class TrackingConfig:
+    progress: str = doc("auto", "auto (a bar on a TTY, log lines otherwise) | bar | log | off")
+    log_every: int = doc(20, "optimizer steps between train log records and log lines")
+
+    def __post_init__(self) -> None:
+        # NOTE: YAML 1.1 (OmegaConf's parser) reads a bare `off` as false, which a str field
+        # then holds as "False"; take it back to the word the user wrote.
+        if self.progress == "False":
+            self.progress = "off"
+        _choice("tracking.progress", self.progress, ("auto", "bar", "log", "off"))
+        _at_least("tracking.log_every", self.log_every, 1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        arch = ARCHS[self.model.name]
+        size = self.data.image_size
+        if arch.stem == "imagenet" and size < 64:
+            raise ConfigError(
+                f"data.image_size={size} with model.name={self.model.name}: ImageNet-stem "
+                "models downsample 32x and need >= 64 px; use a CIFAR-style model (resnet20..."
+                "resnet1202, preact_resnet164/1001) for small images"
+            )
+        if arch.stem == "cifar" and size > 64:
+            raise ConfigError(
+                f"data.image_size={size} with model.name={self.model.name}: CIFAR-style models "
+                "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152"
+            )
+        if self.data.dataset == "digits" and self.model.num_classes != 10:
+            raise ConfigError(
+                f"model.num_classes={self.model.num_classes} with data.dataset=digits: digits "
+                "has 10 classes"
+            )
+        if len(self.data.mean) not in (1, self.model.in_chans) or len(self.data.std) not in (
+            1,
+            self.model.in_chans,
+        ):
+            raise ConfigError(
+                f"data.mean/std have {len(self.data.mean)}/{len(self.data.std)} values for "
+                f"model.in_chans={self.model.in_chans}: give 1 or {self.model.in_chans}"
+            )
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span several lines; keep what names the key and the problem."""
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0].strip()
+    if "not in" in msg and key:
+        section = key.rsplit(".", 1)[0] if "." in key else None
+        known = _known_keys(section)
+        return f"{key}: unknown key" + (f" (known: {', '.join(known)})" if known else "")
+    if key and not msg.startswith(key):
+        return f"{key}: {msg}"
+    return msg
+
+
+def _known_keys(section: str | None) -> list[str]:
+    if section is None:
+        return [f.name for f in dataclasses.fields(Config)]
+    sub = {f.name: f.type for f in dataclasses.fields(Config)}.get(section)
+    cls = globals().get(sub) if isinstance(sub, str) else sub
+    return [f.name for f in dataclasses.fields(cls)] if cls else []
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML preset <- `section.key=value` overrides, then every check."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must hold a mapping of sections, got {type(raw).__name__}")
+        layers.append((str(path), OmegaConf.create(raw or {})))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.epochs=5)")
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([f"{key}={value}"])))
+    merged = schema
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{_one_line(e)} (from {source})") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_one_line(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def help_text() -> str:
+    """Every key with its default and one-line doc, section by section."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            setting = f"{section.name}.{f.name}={default}"
+            lines.append(f"  {setting:<34} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["MISSING", "Config", "ConfigError", "help_text", "load_config", "save_config"]

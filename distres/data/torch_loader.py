@@ -1,0 +1,223 @@
+"""The torch input pipeline: webdataset tar reading + torchvision transforms v2.
+
+Workers decode and augment single images as uint8 CHW tensors and hand over small uint8
+chunks; the main process cuts them into exact batches, moves them to the device (uint8 is a
+quarter of the bytes of fp32) and normalises there, in channels_last memory. The order is a
+pure function of (seed, epoch, rank): shards are reshuffled per epoch with a seed every rank
+shares, then samples are mixed in a seeded buffer, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from distres.data.batch import Batch
+from distres.data.shards import ShardSet
+
+CHUNK = 32  # samples per worker->main hand-over; amortises IPC without holding back a batch
+
+
+class DataError(RuntimeError):
+    """A sample that cannot be used; the message names the shard and the key."""
+
+
+def train_transform(
+    image_size: int, random_resized_crop: bool, rrc_min_scale: float, crop_padding: int,
+    hflip: bool,
+) -> Callable:
+    if random_resized_crop:
+        ops = [v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True)]
+    else:
+        ops = [v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
+
+
+def val_transform(image_size: int, resize: int) -> Callable:
+    ops = [v2.Resize(resize, antialias=True)] if resize else []
+    return v2.Compose([*ops, v2.CenterCrop(image_size)])
+
+
+def shard_order(shards: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Shard indices in this epoch's order; identical on every rank (seed and epoch shared)."""
+    order = list(range(len(shards.urls)))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class _SampleStream(IterableDataset):
+    """Decoded, augmented samples of this rank's shards, split further across workers."""
+
+    def __init__(
+        self, shards: ShardSet, shard_ids: list[int], transform: Callable, shuffle_buffer: int,
+        seed: int, num_classes: int, in_chans: int,
+    ):
+        self.shards, self.shard_ids = shards, shard_ids
+        self.transform, self.shuffle_buffer = transform, shuffle_buffer
+        self.seed, self.num_classes = seed, num_classes
+        self.mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        seed = hash((self.seed, worker)) & 0x7FFF_FFFF
+        # NOTE: v2 transforms draw from torch's global RNG; seeding it here makes the
+        # augmentation a function of (seed, epoch, rank, worker), in a worker or in main.
+        torch.manual_seed(seed)
+        urls = [{"url": self.shards.urls[i]} for i in self.shard_ids[worker::workers]]
+        samples = wds.tarfile_samples(urls)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(
+                samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                rng=random.Random(seed),
+            )
+        images, labels = [], []
+        for sample in samples:
+            images.append(self._image(sample))
+            labels.append(self._label(sample))
+            if len(images) == CHUNK:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                images, labels = [], []
+        if images:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+    def _where(self, sample: dict) -> str:
+        return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
+
+    def _image(self, sample: dict) -> torch.Tensor:
+        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+        if data is None:
+            raise DataError(f"{self._where(sample)}: no .jpg/.jpeg/.png member")
+        try:
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.mode)
+        except RuntimeError as e:
+            raise DataError(f"{self._where(sample)}: cannot decode image ({e})") from None
+        return self.transform(img)
+
+    def _label(self, sample: dict) -> int:
+        raw = sample.get("cls")
+        if raw is None:
+            raise DataError(f"{self._where(sample)}: no .cls member")
+        try:
+            label = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"{self._where(sample)}: .cls is not an integer: {raw[:20]!r}") from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(
+                f"{self._where(sample)}: label {label} outside [0, {self.num_classes})"
+            )
+        return label
+
+
+class ShardLoader:
+    """Batches of one rank's part of a shard set, one epoch per iteration.
+
+    Training drops the last partial batch (every step has the same size); validation keeps
+    it, so every sample is counted once.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        train: bool,
+        batch_size: int,
+        transform: Callable,
+        mean: list[float],
+        std: list[float],
+        num_classes: int,
+        in_chans: int = 3,
+        device: torch.device | str = "cpu",
+        channels_last: bool = True,
+        num_workers: int = 0,
+        shuffle_buffer: int = 2048,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if len(shards.urls) < world_size:
+            raise DataError(
+                f"{shards.root}: {len(shards.urls)} shards for {world_size} ranks; every rank "
+                "needs at least one shard (write more, smaller shards)"
+            )
+        self.shards, self.train, self.batch_size = shards, train, batch_size
+        self.transform, self.num_classes, self.in_chans = transform, num_classes, in_chans
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        scale = 255.0
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * scale
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self, epoch: int) -> list[int]:
+        order = shard_order(self.shards, epoch, self.seed, shuffle=self.train)
+        return order[self.rank :: self.world_size]
+
+    def num_samples(self, epoch: int | None = None) -> int:
+        """Samples this rank reads in the epoch."""
+        ids = self.my_shards(self.epoch if epoch is None else epoch)
+        return sum(self.shards.counts[i] for i in ids)
+
+    def __len__(self) -> int:
+        n = self.num_samples()
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = _SampleStream(
+            self.shards, self.my_shards(self.epoch), self.transform,
+            self.shuffle_buffer if self.train else 0,
+            hash((self.seed, self.epoch, self.rank)), self.num_classes, self.in_chans,
+        )
+        workers = min(self.num_workers, len(stream.shard_ids))
+        chunks = DataLoader(
+            stream, batch_size=None, num_workers=workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+        )
+        steps = len(self)
+        yielded = 0
+        for images, labels in _rebatch(chunks, self.batch_size, drop_last=self.train):
+            if yielded == steps:
+                break
+            yield self._to_device(images, labels)
+            yielded += 1
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        images = images.to(self.device, non_blocking=True).contiguous(
+            memory_format=self.memory_format
+        )
+        # Elementwise ops keep the channels_last strides.
+        images = (images.float() - self.mean) * self.inv_std
+        return Batch(images, labels.to(self.device, non_blocking=True))
+
+
+def _rebatch(
+    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int, drop_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a stream of variable-size chunks into batches of exactly batch_size."""
+    images, labels, held = [], [], 0
+    for x, y in chunks:
+        images.append(x)
+        labels.append(y)
+        held += len(y)
+        if held >= batch_size:
+            x_all, y_all = torch.cat(images), torch.cat(labels)
+            full = held // batch_size * batch_size
+            for i in range(0, full, batch_size):
+                yield x_all[i : i + batch_size], y_all[i : i + batch_size]
+            images, labels, held = [x_all[full:]], [y_all[full:]], held - full
+    if held and not drop_last:
+        yield torch.cat(images), torch.cat(labels)

@@ -1,0 +1,290 @@
+"""The ResNet family, defined by data.
+
+Three families share one class:
+
+- ImageNet ResNet-18/34/50/101/152 (He et al. 2015, "v1.5": stride on the 3x3 conv). Module
+  names, state_dict keys, shapes, init and forward are torchvision's, so weights move both ways.
+- CIFAR-style ResNet-20/32/44/56/110/1202 (He et al. 2015, section 4.2): 3x3 stem, three
+  stages of 16/32/64 channels, option-A (parameter-free) shortcuts as in the paper.
+- Pre-activation bottleneck ResNet-164/1001 (He et al. 2016, "Identity Mappings"): the 1000+
+  layer nets whose training the tutorial promises.
+
+`plain=True` removes every shortcut (the degradation experiment); `zero_init_residual=True`
+zero-inits the last BN of each residual branch (or the last conv, for pre-activation blocks,
+which end in a conv) so each block starts as the identity (Goyal et al. 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut (He et al. 2015): subsample spatially, zero-pad the new channels."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad = out_planes - in_planes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        lo = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, lo, self.pad - lo))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        shortcut: bool = True,
+    ):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.shortcut = shortcut
+
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut:
+            out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        shortcut: bool = True,
+    ):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.shortcut = shortcut
+
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.shortcut:
+            out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class PreActBottleneck(nn.Module):
+    """BN-ReLU-conv ordering; the shortcut stays a clean identity path (He et al. 2016)."""
+
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        shortcut: bool = True,
+    ):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.shortcut = shortcut
+
+    def last_norm(self) -> nn.Module:
+        # NOTE: a pre-activation branch ends in a conv, so zeroing that conv makes the block
+        # the identity at init (timm does the same for its PreAct blocks).
+        return self.conv3
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.relu(self.bn1(x))
+        # The projection (when shapes change) sees the pre-activated input, as in the paper's
+        # reference code; an identity shortcut sees the raw input.
+        identity = x if self.downsample is None else self.downsample(pre)
+        out = self.conv1(pre)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.relu(self.bn3(out)))
+        if self.shortcut:
+            out = out + identity
+        return out
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck, "preact_bottleneck": PreActBottleneck}
+BLOCKS_TUPLE = tuple(BLOCKS.values())
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What distinguishes one registered variant from another."""
+
+    block: str
+    layers: tuple[int, ...]
+    stem: str  # "imagenet": 7x7/2 conv + maxpool; "cifar": 3x3/1 conv
+    widths: tuple[int, ...]
+    stem_width: int
+    shortcut: str  # "B": 1x1 projection where shapes change; "A": zero-pad, parameter-free
+
+    @property
+    def depth(self) -> int:
+        per_block = 3 if "bottleneck" in self.block else 2
+        return per_block * sum(self.layers) + 2
+
+
+_IMAGENET_WIDTHS = (64, 128, 256, 512)
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec("basic", (2, 2, 2, 2), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
+    "resnet34": ArchSpec("basic", (3, 4, 6, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
+    "resnet50": ArchSpec("bottleneck", (3, 4, 6, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
+    "resnet101": ArchSpec("bottleneck", (3, 4, 23, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
+    "resnet152": ArchSpec("bottleneck", (3, 8, 36, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
+    **{
+        f"resnet{6 * n + 2}": ArchSpec("basic", (n, n, n), "cifar", (16, 32, 64), 16, "A")
+        for n in (3, 5, 7, 9, 18, 200)  # ResNet-20/32/44/56/110/1202
+    },
+    **{
+        f"preact_resnet{9 * n + 2}": ArchSpec(
+            "preact_bottleneck", (n, n, n), "cifar", (16, 32, 64), 16, "B"
+        )
+        for n in (18, 111)  # ResNet-164 / ResNet-1001
+    },
+}
+
+
+class ResNet(nn.Module):
+    """One class for every variant; see ARCHS for the registrations."""
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        plain: bool = False,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        self.spec = spec
+        block = BLOCKS[spec.block]
+        self.preact = block is PreActBottleneck
+        self.plain = plain
+        self.inplanes = spec.stem_width
+        if spec.stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, self.inplanes, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_chans, self.inplanes)
+            # A pre-activation net normalises at the start of each block instead.
+            self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.Identity()
+        for i, (width, blocks) in enumerate(zip(spec.widths, spec.layers, strict=True)):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", self._make_layer(block, width, blocks, stride))
+        final = spec.widths[-1] * block.expansion
+        # Pre-activation nets end with the BN-ReLU their last block did not apply.
+        self.final_norm = nn.BatchNorm2d(final) if self.preact else nn.Identity()
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(final, num_classes)
+        self.num_stages = len(spec.layers)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BLOCKS_TUPLE):
+                    nn.init.zeros_(m.last_norm().weight)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int):
+        out_planes = planes * block.expansion
+        downsample = None
+        if not self.plain and (stride != 1 or self.inplanes != out_planes):
+            if self.spec.shortcut == "A":
+                downsample = ZeroPadShortcut(self.inplanes, out_planes, stride)
+            elif self.preact:
+                downsample = conv1x1(self.inplanes, out_planes, stride)
+            else:
+                downsample = nn.Sequential(
+                    conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
+                )
+        layers = [block(self.inplanes, planes, stride, downsample, shortcut=not self.plain)]
+        self.inplanes = out_planes
+        layers += [
+            block(self.inplanes, planes, shortcut=not self.plain) for _ in range(1, blocks)
+        ]
+        return nn.Sequential(*layers)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        if not self.preact:
+            x = self.maxpool(self.relu(self.bn1(x)))
+        for stage in self.stages():
+            x = stage(x)
+        if self.preact:
+            x = self.relu(self.final_norm(x))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.avgpool(self.forward_features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet(
+    name: str,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    plain: bool = False,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """Build a registered variant by name, e.g. ``resnet("resnet50")``."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHS)}")
+    return ResNet(ARCHS[name], num_classes, in_chans, plain, zero_init_residual)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def blocks_in(model: nn.Module) -> Sequence[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BLOCKS_TUPLE)]

@@ -1,0 +1,60 @@
+"""Optimizer and LR schedule, both keyed to optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from distres.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> list[dict]:
+    """Two groups: decayed weights, and (when asked) BN/bias parameters without decay."""
+    if not no_wd_bn_bias or weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # Every conv/linear weight is >= 2-D; BN weights/biases and biases are 1-D.
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    groups = param_groups(model, cfg.weight_decay, cfg.no_wd_bn_bias)
+    # NOTE: the fused kernels exist for CUDA; foreach is the fast multi-tensor path elsewhere.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               **fast)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), **fast)
+
+
+def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): warm-up, then the schedule."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        s = cfg.warmup_start_factor
+        return s + (1.0 - s) * step / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        epoch = step / steps_per_epoch
+        milestones = [m * epochs if m < 1 else m for m in cfg.step_milestones]
+        return cfg.step_gamma ** sum(epoch >= m for m in milestones)
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = cfg.min_lr_factor
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, epochs)
+    )

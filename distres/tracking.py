@@ -1,0 +1,123 @@
+"""Where results go: metrics.jsonl, summary.json, and progress on the console.
+
+Only rank 0 tracks; other ranks get a Tracker with enabled=False whose calls do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Tracker:
+    """metrics.jsonl records, the progress display, and summary.json."""
+
+    def __init__(
+        self, run_dir: Path, progress: str, total_steps: int, epochs: int, log_every: int,
+        enabled: bool = True,
+    ):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.total_steps, self.epochs, self.log_every = total_steps, epochs, log_every
+        self.console = Console(file=sys.stdout)
+        if progress == "auto":
+            progress = "bar" if self.console.is_terminal else "log"
+        self.mode = progress if enabled else "off"
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a") if enabled else None
+        self._bar: Progress | None = None
+        self._task = None
+        self._t0 = time.perf_counter()
+
+    def start(self, first_step: int = 0) -> None:
+        self._t0 = time.perf_counter()
+        self._first_step = first_step
+        if self.mode == "bar":
+            self._bar = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                "train", total=self.total_steps, completed=first_step, epoch="-", stats=""
+            )
+
+    def step(self, step: int, epoch: int) -> None:
+        """Called every optimizer step; cheap (no formatting or I/O outside the bar)."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, epoch=f"{epoch + 1}/{self.epochs}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One metrics.jsonl record; train records also update the console."""
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if record.get("event") == "train":
+            stats = (f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "
+                     f"{record['img_per_s']:.0f} img/s")
+            if self._bar is not None:
+                self._bar.update(self._task, stats=stats)
+            elif self.mode == "log":
+                step = record["step"]
+                elapsed = time.perf_counter() - self._t0
+                done = max(1, step - getattr(self, "_first_step", 0))
+                eta = elapsed / done * (self.total_steps - step)
+                self.print(f"epoch {record['epoch'] + 1}/{self.epochs} step {step}/"
+                           f"{self.total_steps} {stats} eta {_fmt_duration(eta)}")
+        elif record.get("event") == "eval" and self.mode != "off":
+            self.print(f"eval  epoch {record['epoch'] + 1}/{self.epochs} step {record['step']} "
+                       f"val/loss {record['val/loss']:.4f} val/top1 {record['val/top1']:.4f} "
+                       f"val/top5 {record['val/top5']:.4f}")
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False, markup=False)
+        else:
+            # Plain writes: no control characters in logs under Slurm or a pipe.
+            print(f"[distres] {line}", flush=True)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in summary.items()}
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(clean, indent=1) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
