@@ -19,7 +19,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distres.models.resnet import ARCHS
+from distres.models.archs import ARCHS
 
 
 class ConfigError(ValueError):
@@ -88,22 +88,30 @@ class DataConfig:
     dataset: str = doc("digits", "digits (built in, written to cache_dir once) | shards")
     train_shards: str = doc("", "dataset=shards: train shard dir (with manifest.json) or pattern")
     val_shards: str = doc("", "dataset=shards: val shard dir (with manifest.json) or pattern")
-    cache_dir: str = doc("", "where built-in datasets are written; empty: $DISTRES_CACHE or "
-                         "~/.cache/distres")
+    cache_dir: str = doc(
+        "", "where built-in datasets are written; empty: $DISTRES_CACHE or ~/.cache/distres"
+    )
     backend: str = doc("torch", "input pipeline: torch (webdataset + torchvision v2)")
     image_size: int = doc(32, "training crop size (pixels, square)")
-    val_resize: int = doc(0, "val: resize the shorter side to this, then center-crop "
-                          "image_size; 0 means round(image_size * 8/7), or none for digits")
+    val_resize: int = doc(
+        0,
+        "val: resize the shorter side to this, then center-crop "
+        "image_size; 0 means round(image_size * 8/7), or none for digits",
+    )
     random_resized_crop: bool = doc(False, "train: RandomResizedCrop (ImageNet recipe)")
     rrc_min_scale: float = doc(0.08, "train: smallest area fraction RandomResizedCrop takes")
-    crop_padding: int = doc(2, "train: random crop after padding by this many pixels (0: off; "
-                            "ignored with random_resized_crop)")
+    crop_padding: int = doc(
+        2,
+        "train: random crop after padding by this many pixels (0: off; "
+        "ignored with random_resized_crop)",
+    )
     hflip: bool = doc(False, "train: random horizontal flip (off for digits: a 2 is not a 5)")
     mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel mean for normalisation (0-1)")
     std: list[float] = doc([0.229, 0.224, 0.225], "per-channel std for normalisation (0-1)")
     shuffle_buffer: int = doc(2048, "train: samples in the in-memory shuffle buffer")
-    num_workers: int = doc(0, "DataLoader worker processes per rank (0: decode in the main "
-                           "process)")
+    num_workers: int = doc(
+        0, "DataLoader worker processes per rank (0: decode in the main process)"
+    )
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("digits", "shards"))
@@ -154,8 +162,9 @@ class OptimConfig:
     warmup_epochs: float = doc(2.0, "linear warm-up from warmup_start_factor*lr, in epochs")
     warmup_start_factor: float = doc(0.1, "warm-up starts at this fraction of lr")
     min_lr_factor: float = doc(0.0, "cosine: final lr as a fraction of lr")
-    step_milestones: list[float] = doc([0.5, 0.75], "step: epochs at which lr drops; values "
-                                       "below 1 are fractions of train.epochs")
+    step_milestones: list[float] = doc(
+        [0.5, 0.75], "step: epochs at which lr drops; values below 1 are fractions of train.epochs"
+    )
     step_gamma: float = doc(0.1, "step: lr multiplier at each milestone")
 
     def __post_init__(self) -> None:
@@ -323,7 +332,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, value = item.split("=", 1)
         if "." not in key:
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.epochs=5)")
+            raise ConfigError(
+                f"override {item!r}: expected section.key=value (e.g. train.epochs=5)"
+            )
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([f"{key}={value}"])))
     merged = schema
     for source, layer in layers:

@@ -53,7 +53,10 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10),
+        backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=10),
         device_id=device if device.type == "cuda" else None,
     )
     try:

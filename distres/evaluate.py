@@ -38,13 +38,18 @@ def evaluate(
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top1, top5 = topk_correct(logits, labels)
-        sums += torch.stack([loss.double(), top1.double(), top5.double(),
-                             torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        sums += torch.stack(
+            [
+                loss.double(),
+                top1.double(),
+                top5.double(),
+                torch.tensor(len(labels), dtype=torch.float64, device=device),
+            ]
+        )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)
     loss, top1, top5, n = sums.tolist()
     if n == 0:
         raise RuntimeError("validation set is empty")
-    return {"val/loss": loss / n, "val/top1": top1 / n, "val/top5": top5 / n,
-            "val/samples": int(n)}
+    return {"val/loss": loss / n, "val/top1": top1 / n, "val/top5": top5 / n, "val/samples": int(n)}

@@ -6,7 +6,6 @@ import contextlib
 import math
 import random
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,27 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class LossWindow:
+    """Train loss summed on the device between log records: the hot loop never syncs; the
+    window spans epoch ends, so every step lands in exactly one record."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.steps += 1
+
+    def drain(self) -> tuple[float, int, float]:
+        """(mean loss, steps, seconds) since the last drain; one host-device sync."""
+        mean = (self.total / max(1, self.steps)).item()
+        out = (mean, self.steps, time.perf_counter() - self.t0)
+        self.total.zero_()
+        self.steps, self.t0 = 0, time.perf_counter()
+        return out
 
 
 class Trainer:
@@ -80,13 +100,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.early_stopping = EarlyStopping(cfg.early_stop)
         self.tracker = Tracker(
-            run_dir, cfg.tracking.progress, self.total_steps, cfg.train.epochs,
-            cfg.tracking.log_every, enabled=env.is_main,
+            run_dir,
+            cfg.tracking.progress,
+            self.total_steps,
+            cfg.train.epochs,
+            cfg.tracking.log_every,
+            enabled=env.is_main,
         )
         self.step = self.epoch = self.samples_seen = 0
         self.best_top1 = -math.inf
         self.last_eval: dict[str, float] = {}
         self.stop_reason: str | None = None
+        self.window = LossWindow(device)
 
     # -- one step -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -170,16 +195,22 @@ class Trainer:
             if self.step % log_every == 0 or self.step == self.total_steps:
                 mean_loss = (loss_sum / window_steps).item()
                 elapsed = time.perf_counter() - window_t0
-                self.tracker.log({
-                    "event": "train", "step": self.step, "epoch": self.epoch,
-                    "samples": self.samples_seen, "lr": self.scheduler.get_last_lr()[0],
-                    "train/loss": mean_loss,
-                    "img_per_s": window_steps * self.global_batch / max(elapsed, 1e-9),
-                })
+                self.tracker.log(
+                    {
+                        "event": "train",
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "samples": self.samples_seen,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "train/loss": mean_loss,
+                        "img_per_s": window_steps * self.global_batch / max(elapsed, 1e-9),
+                    }
+                )
                 if not math.isfinite(mean_loss):
                     self.stop_reason = "non_finite_loss"
-                    self.tracker.print(f"non-finite training loss ({mean_loss}) at step "
-                                       f"{self.step}; stopping")
+                    self.tracker.print(
+                        f"non-finite training loss ({mean_loss}) at step {self.step}; stopping"
+                    )
                 loss_sum.zero_()
                 window_steps, window_t0 = 0, time.perf_counter()
             if self.step >= self.total_steps and self.stop_reason is None:
@@ -187,14 +218,34 @@ class Trainer:
             if self.stop_reason is not None:
                 return
 
+    def log_train(self) -> None:
+        mean_loss, steps, elapsed = self.window.drain()
+        self.tracker.log({
+            "event": "train", "step": self.step, "epoch": self.epoch,
+            "samples": self.samples_seen, "lr": self.scheduler.get_last_lr()[0],
+            "train/loss": mean_loss,
+            "img_per_s": steps * self.global_batch / max(elapsed, 1e-9),
+        })
+        if not math.isfinite(mean_loss):
+            self.stop_reason = "non_finite_loss"
+            self.tracker.print(f"non-finite training loss ({mean_loss}) at step {self.step}; "
+                               "stopping")
+
     def validate(self) -> dict[str, float]:
         self.val_data.set_epoch(self.epoch)
         metrics = evaluate(unwrap(self.model), self.val_data, self.device, self.autocast)
         self.best_top1 = max(self.best_top1, metrics["val/top1"])
         self.last_eval = {**metrics, "step": self.step}
-        self.tracker.log({"event": "eval", "step": self.step, "epoch": max(0, self.epoch - 1),
-                          "samples": self.samples_seen,
-                          "lr": self.scheduler.get_last_lr()[0], **metrics})
+        self.tracker.log(
+            {
+                "event": "eval",
+                "step": self.step,
+                "epoch": max(0, self.epoch - 1),
+                "samples": self.samples_seen,
+                "lr": self.scheduler.get_last_lr()[0],
+                **metrics,
+            }
+        )
         if self.early_stopping.update(metrics, self.step) and self.stop_reason is None:
             self.stop_reason = "early_stop"
             self.tracker.print(

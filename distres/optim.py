@@ -13,15 +13,21 @@ from distres.config import OptimConfig
 def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> list[dict]:
     """Two groups: decayed weights, and (when asked) BN/bias parameters without decay."""
     if not no_wd_bn_bias or weight_decay == 0:
-        return [{"params": [p for p in model.parameters() if p.requires_grad],
-                 "weight_decay": weight_decay}]
+        return [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": weight_decay,
+            }
+        ]
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             # Every conv/linear weight is >= 2-D; BN weights/biases and biases are 1-D.
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
@@ -29,8 +35,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     # NOTE: the fused kernels exist for CUDA; foreach is the fast multi-tensor path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               **fast)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), **fast)
 
 

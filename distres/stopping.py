@@ -32,8 +32,13 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "monitor": self.monitor, "mode": self.mode}
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]

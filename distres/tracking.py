@@ -34,7 +34,12 @@ class Tracker:
     """metrics.jsonl records, the progress display, and summary.json."""
 
     def __init__(
-        self, run_dir: Path, progress: str, total_steps: int, epochs: int, log_every: int,
+        self,
+        run_dir: Path,
+        progress: str,
+        total_steps: int,
+        epochs: int,
+        log_every: int,
         enabled: bool = True,
     ):
         self.run_dir, self.enabled = Path(run_dir), enabled
@@ -43,7 +48,9 @@ class Tracker:
         if progress == "auto":
             progress = "bar" if self.console.is_terminal else "log"
         self.mode = progress if enabled else "off"
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a") if enabled else None
+        # Held open for the run's lifetime (closed in close()); appended to, so a resumed run
+        # continues the same file.
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self._bar: Progress | None = None
         self._task = None
         self._t0 = time.perf_counter()
@@ -80,8 +87,10 @@ class Tracker:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if record.get("event") == "train":
-            stats = (f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "
-                     f"{record['img_per_s']:.0f} img/s")
+            stats = (
+                f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "
+                f"{record['img_per_s']:.0f} img/s"
+            )
             if self._bar is not None:
                 self._bar.update(self._task, stats=stats)
             elif self.mode == "log":
@@ -89,12 +98,16 @@ class Tracker:
                 elapsed = time.perf_counter() - self._t0
                 done = max(1, step - getattr(self, "_first_step", 0))
                 eta = elapsed / done * (self.total_steps - step)
-                self.print(f"epoch {record['epoch'] + 1}/{self.epochs} step {step}/"
-                           f"{self.total_steps} {stats} eta {_fmt_duration(eta)}")
+                self.print(
+                    f"epoch {record['epoch'] + 1}/{self.epochs} step {step}/"
+                    f"{self.total_steps} {stats} eta {_fmt_duration(eta)}"
+                )
         elif record.get("event") == "eval" and self.mode != "off":
-            self.print(f"eval  epoch {record['epoch'] + 1}/{self.epochs} step {record['step']} "
-                       f"val/loss {record['val/loss']:.4f} val/top1 {record['val/top1']:.4f} "
-                       f"val/top5 {record['val/top5']:.4f}")
+            self.print(
+                f"eval  epoch {record['epoch'] + 1}/{self.epochs} step {record['step']} "
+                f"val/loss {record['val/loss']:.4f} val/top1 {record['val/top1']:.4f} "
+                f"val/top5 {record['val/top5']:.4f}"
+            )
 
     def print(self, line: str) -> None:
         if not self.enabled:
@@ -108,8 +121,10 @@ class Tracker:
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in summary.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in summary.items()
+        }
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(clean, indent=1) + "\n")
         os.replace(tmp, self.run_dir / "summary.json")

@@ -58,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE if isinstance(e, ShardError) else EXIT_FAILED
     if env.is_main:
         top1 = summary["final_val_top1"]
-        print(f"final val top-1 {top1:.4f} (best {summary['best_val_top1']:.4f}) after "
-              f"{summary['steps']} steps in {summary['wall_s']:.1f} s; stop: "
-              f"{summary['stop_reason']}; outputs in {run_dir}" if top1 is not None else
-              f"stopped ({summary['stop_reason']}) after {summary['steps']} steps; "
-              f"outputs in {run_dir}")
+        print(
+            f"final val top-1 {top1:.4f} (best {summary['best_val_top1']:.4f}) after "
+            f"{summary['steps']} steps in {summary['wall_s']:.1f} s; stop: "
+            f"{summary['stop_reason']}; outputs in {run_dir}"
+            if top1 is not None
+            else f"stopped ({summary['stop_reason']}) after {summary['steps']} steps; "
+            f"outputs in {run_dir}"
+        )
     return EXIT_OK if summary["stop_reason"] in ("completed", "early_stop") else EXIT_FAILED
 
 

@@ -27,19 +27,32 @@ def build_loaders(
     train_set, val_set = resolve_shard_sets(cfg)
     d = cfg.data
     common = dict(
-        mean=d.mean, std=d.std, num_classes=cfg.model.num_classes, in_chans=cfg.model.in_chans,
-        device=device, channels_last=cfg.train.channels_last, num_workers=d.num_workers,
-        seed=cfg.run.seed, rank=rank, world_size=world_size,
+        mean=d.mean,
+        std=d.std,
+        num_classes=cfg.model.num_classes,
+        in_chans=cfg.model.in_chans,
+        device=device,
+        channels_last=cfg.train.channels_last,
+        num_workers=d.num_workers,
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world_size,
     )
     train = ShardLoader(
-        train_set, train=True, batch_size=cfg.train.batch_size, shuffle_buffer=d.shuffle_buffer,
+        train_set,
+        train=True,
+        batch_size=cfg.train.batch_size,
+        shuffle_buffer=d.shuffle_buffer,
         transform=train_transform(
             d.image_size, d.random_resized_crop, d.rrc_min_scale, d.crop_padding, d.hflip
         ),
         **common,
     )
     val = ShardLoader(
-        val_set, train=False, batch_size=cfg.train.batch_size,
-        transform=val_transform(d.image_size, d.val_resize), **common,
+        val_set,
+        train=False,
+        batch_size=cfg.train.batch_size,
+        transform=val_transform(d.image_size, d.val_resize),
+        **common,
     )
     return train, val

@@ -76,8 +76,12 @@ def write_shards(
         if writer is not None:
             writer.close()
             shards.append(
-                {"name": path.name, "samples": count, "bytes": path.stat().st_size,
-                 "sha256": _sha256(path)}
+                {
+                    "name": path.name,
+                    "samples": count,
+                    "bytes": path.stat().st_size,
+                    "sha256": _sha256(path),
+                }
             )
 
     for key, jpeg, label in samples:
@@ -104,8 +108,10 @@ def read_shard_set(spec: str | os.PathLike) -> ShardSet:
     path = Path(spec)
     manifest_path = path / MANIFEST if path.is_dir() else path
     if not manifest_path.is_file():
-        raise ShardError(f"{manifest_path}: no shard manifest (write shard sets with "
-                         "python -m distres.data.shards)")
+        raise ShardError(
+            f"{manifest_path}: no shard manifest (write shard sets with "
+            "python -m distres.data.shards)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -122,5 +128,6 @@ def read_shard_set(spec: str | os.PathLike) -> ShardSet:
         if not shard_path.is_file():
             raise ShardError(f"{shard_path}: listed in {manifest_path} but missing")
         urls.append(str(shard_path))
-    return ShardSet(root, tuple(urls), tuple(int(s["samples"]) for s in shards),
-                    dict(manifest["classes"]))
+    return ShardSet(
+        root, tuple(urls), tuple(int(s["samples"]) for s in shards), dict(manifest["classes"])
+    )

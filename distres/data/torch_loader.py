@@ -9,13 +9,15 @@ shares, then samples are mixed in a seeded buffer, so a run is reproducible.
 
 from __future__ import annotations
 
+import io
+import itertools
 import random
 from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from distres.data.batch import Batch
@@ -29,7 +31,10 @@ class DataError(RuntimeError):
 
 
 def train_transform(
-    image_size: int, random_resized_crop: bool, rrc_min_scale: float, crop_padding: int,
+    image_size: int,
+    random_resized_crop: bool,
+    rrc_min_scale: float,
+    crop_padding: int,
     hflip: bool,
 ) -> Callable:
     if random_resized_crop:
@@ -38,12 +43,17 @@ def train_transform(
         ops = [v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops)
+    # Geometry runs on the PIL image (cheaper than on a tensor); uint8 CHW comes out.
+    return v2.Compose([*ops, v2.PILToTensor()])
 
 
 def val_transform(image_size: int, resize: int) -> Callable:
     ops = [v2.Resize(resize, antialias=True)] if resize else []
-    return v2.Compose([*ops, v2.CenterCrop(image_size)])
+    transform = v2.Compose([*ops, v2.CenterCrop(image_size), v2.PILToTensor()])
+    # NOTE: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below
+    # the requested size, so a val image headed for a `resize` short side decodes cheaper.
+    transform.draft_size = resize or image_size
+    return transform
 
 
 def shard_order(shards: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -58,13 +68,20 @@ class _SampleStream(IterableDataset):
     """Decoded, augmented samples of this rank's shards, split further across workers."""
 
     def __init__(
-        self, shards: ShardSet, shard_ids: list[int], transform: Callable, shuffle_buffer: int,
-        seed: int, num_classes: int, in_chans: int,
+        self,
+        shards: ShardSet,
+        shard_ids: list[int],
+        transform: Callable,
+        shuffle_buffer: int,
+        seed: int,
+        num_classes: int,
+        in_chans: int,
     ):
         self.shards, self.shard_ids = shards, shard_ids
         self.transform, self.shuffle_buffer = transform, shuffle_buffer
         self.seed, self.num_classes = seed, num_classes
-        self.mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.draft_size = getattr(transform, "draft_size", None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -77,7 +94,9 @@ class _SampleStream(IterableDataset):
         samples = wds.tarfile_samples(urls)
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(
-                samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                samples,
+                bufsize=self.shuffle_buffer,
+                initial=self.shuffle_buffer,
                 rng=random.Random(seed),
             )
         images, labels = [], []
@@ -98,8 +117,12 @@ class _SampleStream(IterableDataset):
         if data is None:
             raise DataError(f"{self._where(sample)}: no .jpg/.jpeg/.png member")
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.mode)
-        except RuntimeError as e:
+            img = Image.open(io.BytesIO(data))
+            if self.draft_size and img.format == "JPEG":
+                img.draft(self.mode, (self.draft_size, self.draft_size))
+            img = img.convert(self.mode) if img.mode != self.mode else img
+            img.load()
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise DataError(f"{self._where(sample)}: cannot decode image ({e})") from None
         return self.transform(img)
 
@@ -110,11 +133,11 @@ class _SampleStream(IterableDataset):
         try:
             label = int(raw.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
-            raise DataError(f"{self._where(sample)}: .cls is not an integer: {raw[:20]!r}") from None
-        if not 0 <= label < self.num_classes:
             raise DataError(
-                f"{self._where(sample)}: label {label} outside [0, {self.num_classes})"
-            )
+                f"{self._where(sample)}: .cls is not an integer: {raw[:20]!r}"
+            ) from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{self._where(sample)}: label {label} outside [0, {self.num_classes})")
         return label
 
 
@@ -178,22 +201,27 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         stream = _SampleStream(
-            self.shards, self.my_shards(self.epoch), self.transform,
+            self.shards,
+            self.my_shards(self.epoch),
+            self.transform,
             self.shuffle_buffer if self.train else 0,
-            hash((self.seed, self.epoch, self.rank)), self.num_classes, self.in_chans,
+            hash((self.seed, self.epoch, self.rank)),
+            self.num_classes,
+            self.in_chans,
         )
         workers = min(self.num_workers, len(stream.shard_ids))
         chunks = DataLoader(
-            stream, batch_size=None, num_workers=workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
         )
-        steps = len(self)
-        yielded = 0
-        for images, labels in _rebatch(chunks, self.batch_size, drop_last=self.train):
-            if yielded == steps:
-                break
+        # Training stops at len(self) steps even if a rank could read more (every rank runs
+        # the same number of steps); validation reads everything.
+        batches = _rebatch(chunks, self.batch_size, drop_last=self.train)
+        for images, labels in itertools.islice(batches, len(self)):
             yield self._to_device(images, labels)
-            yielded += 1
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(self.device, non_blocking=True).contiguous(

@@ -17,11 +17,12 @@ which end in a conv) so each block starts as the identity (Goyal et al. 2017).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from distres.models.archs import ARCHS, ArchSpec
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -51,7 +52,11 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
         shortcut: bool = True,
     ):
         super().__init__()
@@ -78,7 +83,11 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
         shortcut: bool = True,
     ):
         super().__init__()
@@ -110,7 +119,11 @@ class PreActBottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
         shortcut: bool = True,
     ):
         super().__init__()
@@ -144,43 +157,6 @@ class PreActBottleneck(nn.Module):
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck, "preact_bottleneck": PreActBottleneck}
 BLOCKS_TUPLE = tuple(BLOCKS.values())
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What distinguishes one registered variant from another."""
-
-    block: str
-    layers: tuple[int, ...]
-    stem: str  # "imagenet": 7x7/2 conv + maxpool; "cifar": 3x3/1 conv
-    widths: tuple[int, ...]
-    stem_width: int
-    shortcut: str  # "B": 1x1 projection where shapes change; "A": zero-pad, parameter-free
-
-    @property
-    def depth(self) -> int:
-        per_block = 3 if "bottleneck" in self.block else 2
-        return per_block * sum(self.layers) + 2
-
-
-_IMAGENET_WIDTHS = (64, 128, 256, 512)
-ARCHS: dict[str, ArchSpec] = {
-    "resnet18": ArchSpec("basic", (2, 2, 2, 2), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
-    "resnet34": ArchSpec("basic", (3, 4, 6, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
-    "resnet50": ArchSpec("bottleneck", (3, 4, 6, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
-    "resnet101": ArchSpec("bottleneck", (3, 4, 23, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
-    "resnet152": ArchSpec("bottleneck", (3, 8, 36, 3), "imagenet", _IMAGENET_WIDTHS, 64, "B"),
-    **{
-        f"resnet{6 * n + 2}": ArchSpec("basic", (n, n, n), "cifar", (16, 32, 64), 16, "A")
-        for n in (3, 5, 7, 9, 18, 200)  # ResNet-20/32/44/56/110/1202
-    },
-    **{
-        f"preact_resnet{9 * n + 2}": ArchSpec(
-            "preact_bottleneck", (n, n, n), "cifar", (16, 32, 64), 16, "B"
-        )
-        for n in (18, 111)  # ResNet-164 / ResNet-1001
-    },
-}
 
 
 class ResNet(nn.Module):
@@ -246,9 +222,7 @@ class ResNet(nn.Module):
                 )
         layers = [block(self.inplanes, planes, stride, downsample, shortcut=not self.plain)]
         self.inplanes = out_planes
-        layers += [
-            block(self.inplanes, planes, shortcut=not self.plain) for _ in range(1, blocks)
-        ]
+        layers += [block(self.inplanes, planes, shortcut=not self.plain) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def stages(self) -> list[nn.Sequential]:

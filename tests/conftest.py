@@ -1,0 +1,40 @@
+"""Shared fixtures. Built-in datasets go to one per-session cache, so the build is tested too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("distres-cache")
+    os.environ["DISTRES_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def digits_dirs(data_cache) -> tuple[Path, Path]:
+    from distres.data.datasets import digits
+
+    return digits()
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, module: str = "distres.train"
+):
+    """Run `python -m <module> args...` as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

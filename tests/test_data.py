@@ -1,0 +1,146 @@
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from distres.config import load_config
+from distres.data import build_loaders, resolve_shard_sets
+from distres.data.datasets import DIGITS_VAL_SIZE
+from distres.data.shards import ShardError, read_shard_set, write_shards
+from distres.data.torch_loader import DataError, ShardLoader, shard_order, val_transform
+
+
+def make_loaders(*overrides, rank=0, world_size=1):
+    cfg = load_config(None, list(overrides))
+    return build_loaders(cfg, torch.device("cpu"), rank, world_size)
+
+
+def test_digits_shards_manifest(digits_dirs):
+    train_dir, val_dir = digits_dirs
+    train, val = read_shard_set(train_dir), read_shard_set(val_dir)
+    assert train.num_samples + val.num_samples == 1797
+    assert val.num_samples == DIGITS_VAL_SIZE
+    assert train.num_classes == val.num_classes == 10
+    manifest = json.loads((train_dir / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["shards"]) == manifest["num_samples"]
+    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    # Each tar holds .jpg + .cls pairs, and the counts agree with the manifest.
+    with tarfile.open(train.urls[0]) as tar:
+        names = tar.getnames()
+    assert len(names) == 2 * train.counts[0]
+    assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "cls"}
+
+
+def test_digits_build_is_reproducible(tmp_path, digits_dirs):
+    from distres.data.datasets import digits
+
+    again, _ = digits(tmp_path)
+    first = json.loads((digits_dirs[0] / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
+
+
+def test_batch_contract():
+    train, val = make_loaders()
+    batch = next(iter(train))
+    assert batch.images.shape == (64, 3, 32, 32)
+    assert batch.images.dtype == torch.float32
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == torch.int64
+    assert batch.labels.min() >= 0 and batch.labels.max() < 10
+    # Normalised: roughly zero-centred, not 0..255.
+    assert -3 < batch.images.mean() < 3 and batch.images.abs().max() < 10
+    nchw, _ = make_loaders("train.channels_last=false")
+    assert next(iter(nchw)).images.is_contiguous()
+
+
+def test_train_epoch_drops_partial_batch_and_val_counts_every_sample_once():
+    train, val = make_loaders("train.batch_size=100")
+    sizes = [len(b.labels) for b in train]
+    assert sizes == [100] * (1436 // 100) == [100] * len(train)
+    val_labels = torch.cat([b.labels for b in val])
+    assert len(val_labels) == DIGITS_VAL_SIZE
+    # The val set is read whole and in order: same labels as the manifest order every time.
+    assert torch.equal(val_labels, torch.cat([b.labels for b in val]))
+
+
+def test_order_is_deterministic_and_changes_with_epoch():
+    train, _ = make_loaders()
+    first = torch.cat([b.labels for b in train])
+    again = torch.cat([b.labels for b in make_loaders()[0]])
+    assert torch.equal(first, again)
+    train.set_epoch(1)
+    second = torch.cat([b.labels for b in train])
+    assert not torch.equal(first, second)
+    # Same samples, other order (the dropped remainder differs by at most one batch).
+    assert sum((Counter(first.tolist()) & Counter(second.tolist())).values()) >= len(first) - 64
+
+
+def test_shard_order_shared_by_ranks_and_split_disjoint(digits_dirs):
+    shards, _ = resolve_shard_sets(load_config())
+    for epoch in range(3):
+        order = shard_order(shards, epoch, seed=0, shuffle=True)
+        assert sorted(order) == list(range(len(shards.urls)))
+        parts = [
+            ShardLoader(shards, train=True, batch_size=8, transform=val_transform(32, 0),
+                        mean=[0.5], std=[0.5], num_classes=10, rank=r, world_size=3,
+                        seed=0).my_shards(epoch)
+            for r in range(3)
+        ]
+        flat = [i for p in parts for i in p]
+        assert sorted(flat) == list(range(len(shards.urls)))  # disjoint, covering
+    assert shard_order(shards, 0, 0, True) != shard_order(shards, 1, 0, True)
+
+
+def test_workers_give_the_same_batches_as_the_main_process():
+    main = [b.labels for b in make_loaders("data.num_workers=0")[1]]
+    workers = [b.labels for b in make_loaders("data.num_workers=2")[1]]
+    assert Counter(torch.cat(main).tolist()) == Counter(torch.cat(workers).tolist())
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _loader(shard_dir, num_classes=10):
+    return ShardLoader(read_shard_set(shard_dir), train=False, batch_size=4,
+                       transform=val_transform(32, 0), mean=[0.5], std=[0.5],
+                       num_classes=num_classes)
+
+
+def test_label_out_of_range_names_shard_and_key(tmp_path):
+    write_shards([("a", _jpeg(), 1), ("bad-key", _jpeg(), 12)], tmp_path, "x",
+                 {str(i): i for i in range(10)}, 10)
+    with pytest.raises(DataError, match=r"x-000000\.tar: sample 'bad-key': label 12 outside"):
+        list(_loader(tmp_path))
+
+
+def test_corrupt_image_names_shard_and_key(tmp_path):
+    write_shards([("ok", _jpeg(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)], tmp_path, "x",
+                 {str(i): i for i in range(10)}, 10)
+    with pytest.raises(DataError, match=r"sample 'broken': cannot decode"):
+        list(_loader(tmp_path))
+
+
+def test_missing_listed_shard_and_missing_manifest(tmp_path):
+    write_shards([(str(i), _jpeg(), 1) for i in range(4)], tmp_path, "x", {"a": 0, "b": 1}, 2)
+    (tmp_path / "x-000001.tar").unlink()
+    with pytest.raises(ShardError, match=r"x-000001\.tar: listed in .* but missing"):
+        read_shard_set(tmp_path)
+    with pytest.raises(ShardError, match="no shard manifest"):
+        read_shard_set(tmp_path / "elsewhere")
+
+
+def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
+    write_shards([(str(i), _jpeg(), 1) for i in range(4)], tmp_path, "x", {"a": 0, "b": 1}, 4)
+    with pytest.raises(DataError, match="1 shards for 2 ranks"):
+        ShardLoader(read_shard_set(tmp_path), train=True, batch_size=2,
+                    transform=val_transform(32, 0), mean=[0.5], std=[0.5], num_classes=2,
+                    world_size=2)
