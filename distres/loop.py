@@ -220,16 +220,22 @@ class Trainer:
 
     def log_train(self) -> None:
         mean_loss, steps, elapsed = self.window.drain()
-        self.tracker.log({
-            "event": "train", "step": self.step, "epoch": self.epoch,
-            "samples": self.samples_seen, "lr": self.scheduler.get_last_lr()[0],
-            "train/loss": mean_loss,
-            "img_per_s": steps * self.global_batch / max(elapsed, 1e-9),
-        })
+        self.tracker.log(
+            {
+                "event": "train",
+                "step": self.step,
+                "epoch": self.epoch,
+                "samples": self.samples_seen,
+                "lr": self.scheduler.get_last_lr()[0],
+                "train/loss": mean_loss,
+                "img_per_s": steps * self.global_batch / max(elapsed, 1e-9),
+            }
+        )
         if not math.isfinite(mean_loss):
             self.stop_reason = "non_finite_loss"
-            self.tracker.print(f"non-finite training loss ({mean_loss}) at step {self.step}; "
-                               "stopping")
+            self.tracker.print(
+                f"non-finite training loss ({mean_loss}) at step {self.step}; stopping"
+            )
 
     def validate(self) -> dict[str, float]:
         self.val_data.set_epoch(self.epoch)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 import yaml
-
 from conftest import run_cli
+
 from distres.export import load_weights
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -21,7 +21,10 @@ def read_jsonl(path):
 def test_short_run_leaves_every_output(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "train.epochs=2", "train.max_steps=30", "tracking.log_every=5", f"run.dir={run_dir}",
+        "train.epochs=2",
+        "train.max_steps=30",
+        "tracking.log_every=5",
+        f"run.dir={run_dir}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,8 +45,14 @@ def test_short_run_leaves_every_output(tmp_path):
         assert 0.0 <= r["val/top1"] <= 1.0 and r["val/loss"] > 0 and r["val/samples"] == 361
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"best_val_top1", "final_val_top1", "stop_reason", "steps", "samples_seen",
-            "wall_s"} <= summary.keys()
+    assert {
+        "best_val_top1",
+        "final_val_top1",
+        "stop_reason",
+        "steps",
+        "samples_seen",
+        "wall_s",
+    } <= summary.keys()
     assert summary["stop_reason"] == "completed" and summary["steps"] == 30
     assert summary["final_val_top1"] == evals[-1]["val/top1"]
     assert summary["best_val_top1"] == max(r["val/top1"] for r in evals)
@@ -65,8 +74,12 @@ def test_early_stop_ends_the_run_with_its_reason(tmp_path):
     run_dir = tmp_path / "run"
     # An improvement must beat 2.0 in top-1: impossible, so it stops after `patience` evals.
     proc = run_cli(
-        "train.epochs=10", "early_stop.patience=2", "early_stop.min_delta=2.0",
-        "train.batch_size=128", f"run.dir={run_dir}", timeout=300,
+        "train.epochs=10",
+        "early_stop.patience=2",
+        "early_stop.min_delta=2.0",
+        "train.batch_size=128",
+        f"run.dir={run_dir}",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -77,8 +90,14 @@ def test_early_stop_ends_the_run_with_its_reason(tmp_path):
 
 def test_non_finite_loss_stops_with_nonzero_exit(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("optim.lr=1e30", "train.epochs=1", "tracking.log_every=2",
-                   "optim.warmup_epochs=0", f"run.dir={run_dir}", timeout=300)
+    proc = run_cli(
+        "optim.lr=1e30",
+        "train.epochs=1",
+        "tracking.log_every=2",
+        "optim.warmup_epochs=0",
+        f"run.dir={run_dir}",
+        timeout=300,
+    )
     assert proc.returncode == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "non_finite_loss"
@@ -88,9 +107,15 @@ def test_non_finite_loss_stops_with_nonzero_exit(tmp_path):
 def test_imagenet_variant_run_exports_torchvision_weights(tmp_path, digits_dirs):
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "model.name=resnet18", "data.image_size=64", "train.max_steps=2", "train.batch_size=8",
-        "data.dataset=shards", f"data.train_shards={digits_dirs[0]}",
-        f"data.val_shards={digits_dirs[1]}", f"run.dir={run_dir}", timeout=300,
+        "model.name=resnet18",
+        "data.image_size=64",
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "data.dataset=shards",
+        f"data.train_shards={digits_dirs[0]}",
+        f"data.val_shards={digits_dirs[1]}",
+        f"run.dir={run_dir}",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file

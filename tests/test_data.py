@@ -44,7 +44,7 @@ def test_digits_build_is_reproducible(tmp_path, digits_dirs):
 
 
 def test_batch_contract():
-    train, val = make_loaders()
+    train, _val = make_loaders()
     batch = next(iter(train))
     assert batch.images.shape == (64, 3, 32, 32)
     assert batch.images.dtype == torch.float32
@@ -85,9 +85,18 @@ def test_shard_order_shared_by_ranks_and_split_disjoint(digits_dirs):
         order = shard_order(shards, epoch, seed=0, shuffle=True)
         assert sorted(order) == list(range(len(shards.urls)))
         parts = [
-            ShardLoader(shards, train=True, batch_size=8, transform=val_transform(32, 0),
-                        mean=[0.5], std=[0.5], num_classes=10, rank=r, world_size=3,
-                        seed=0).my_shards(epoch)
+            ShardLoader(
+                shards,
+                train=True,
+                batch_size=8,
+                transform=val_transform(32, 0),
+                mean=[0.5],
+                std=[0.5],
+                num_classes=10,
+                rank=r,
+                world_size=3,
+                seed=0,
+            ).my_shards(epoch)
             for r in range(3)
         ]
         flat = [i for p in parts for i in p]
@@ -110,21 +119,37 @@ def _jpeg() -> bytes:
 
 
 def _loader(shard_dir, num_classes=10):
-    return ShardLoader(read_shard_set(shard_dir), train=False, batch_size=4,
-                       transform=val_transform(32, 0), mean=[0.5], std=[0.5],
-                       num_classes=num_classes)
+    return ShardLoader(
+        read_shard_set(shard_dir),
+        train=False,
+        batch_size=4,
+        transform=val_transform(32, 0),
+        mean=[0.5],
+        std=[0.5],
+        num_classes=num_classes,
+    )
 
 
 def test_label_out_of_range_names_shard_and_key(tmp_path):
-    write_shards([("a", _jpeg(), 1), ("bad-key", _jpeg(), 12)], tmp_path, "x",
-                 {str(i): i for i in range(10)}, 10)
+    write_shards(
+        [("a", _jpeg(), 1), ("bad-key", _jpeg(), 12)],
+        tmp_path,
+        "x",
+        {str(i): i for i in range(10)},
+        10,
+    )
     with pytest.raises(DataError, match=r"x-000000\.tar: sample 'bad-key': label 12 outside"):
         list(_loader(tmp_path))
 
 
 def test_corrupt_image_names_shard_and_key(tmp_path):
-    write_shards([("ok", _jpeg(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)], tmp_path, "x",
-                 {str(i): i for i in range(10)}, 10)
+    write_shards(
+        [("ok", _jpeg(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)],
+        tmp_path,
+        "x",
+        {str(i): i for i in range(10)},
+        10,
+    )
     with pytest.raises(DataError, match=r"sample 'broken': cannot decode"):
         list(_loader(tmp_path))
 
@@ -141,6 +166,13 @@ def test_missing_listed_shard_and_missing_manifest(tmp_path):
 def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
     write_shards([(str(i), _jpeg(), 1) for i in range(4)], tmp_path, "x", {"a": 0, "b": 1}, 4)
     with pytest.raises(DataError, match="1 shards for 2 ranks"):
-        ShardLoader(read_shard_set(tmp_path), train=True, batch_size=2,
-                    transform=val_transform(32, 0), mean=[0.5], std=[0.5], num_classes=2,
-                    world_size=2)
+        ShardLoader(
+            read_shard_set(tmp_path),
+            train=True,
+            batch_size=2,
+            transform=val_transform(32, 0),
+            mean=[0.5],
+            std=[0.5],
+            num_classes=2,
+            world_size=2,
+        )

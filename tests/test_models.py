@@ -3,8 +3,7 @@ import torch
 import torchvision
 
 from distres.models import ARCHS, build_model
-from distres.models.resnet import count_params, resnet
-from distres.models.resnet import BasicBlock, ZeroPadShortcut, blocks_in
+from distres.models.resnet import BasicBlock, ZeroPadShortcut, blocks_in, count_params, resnet
 
 IMAGENET_PARAMS = {
     "resnet18": 11_689_512,

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,7 @@ def test_warmup_then_cosine_to_floor():
     assert lr_factor(60, cfg, spe, epochs) == pytest.approx(0.5)
     assert lr_factor(100, cfg, spe, epochs) == pytest.approx(0.0, abs=1e-12)
     values = [lr_factor(s, cfg, spe, epochs) for s in range(20, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_step_schedule_milestones_in_epochs_and_fractions():
