@@ -1,9 +1,9 @@
 """The degradation problem, made visible (He et al. 2015, Fig. 1 and 6).
 
 Trains plain-20 / plain-56 and ResNet-20 / ResNet-56 on the built-in digits set with the default
-recipe, then plots training loss against step (plain nets left, residual nets right) and prints
-the final losses. The deeper plain net trains worse than the shallower one; with shortcuts the
-deeper net is at least as good.
+recipe (residual nets with zero-init last BN), then plots training loss against step (plain
+nets left, residual nets right) and prints the final losses. The deeper plain net trains
+worse than the shallower one; with shortcuts the deeper net is at least as good.
 
     python3 bench/degradation.py [--epochs 5] [--out bench_out/degradation.png]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distres.config import load_config
+from distres.config import load_config, plan_batch
 from distres.dist import DistEnv
 from distres.loop import Trainer
 
@@ -46,7 +46,7 @@ def train_curve(model: str, plain: bool, epochs: int, seed: int, run_dir: Path) 
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = Trainer(cfg, run_dir, DistEnv(), torch.device("cpu")).fit()
+    summary = Trainer(cfg, run_dir, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1)).fit()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["event"] == "train"]
     return {

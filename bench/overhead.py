@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from distres.config import load_config
+from distres.config import load_config, plan_batch
 from distres.data import resolve_shard_sets
 from distres.dist import DistEnv
 from distres.evaluate import topk_correct
@@ -73,7 +73,7 @@ def bare_loop(cfg, train, val) -> tuple[float, float]:
 
 
 def distres_loop(cfg, tmp: Path) -> tuple[float, float]:
-    trainer = Trainer(cfg, tmp, DistEnv(), torch.device("cpu"))
+    trainer = Trainer(cfg, tmp, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1))
     t0 = time.perf_counter()
     summary = trainer.fit()
     return time.perf_counter() - t0, summary["final_val_top1"]

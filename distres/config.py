@@ -152,7 +152,11 @@ def _shard_source_exists(spec: str) -> bool:
 @dataclass
 class OptimConfig:
     name: str = doc("sgd", "sgd (momentum / Nesterov) | adamw")
-    lr: float = doc(0.1, "peak learning rate (after warm-up)")
+    lr: float = doc(0.1, "peak learning rate (after warm-up); per 256 samples if lr_scaling=linear")
+    lr_scaling: str = doc(
+        "none",
+        "none | linear: lr is per 256 samples, scaled to the global batch (Goyal et al. 2017)",
+    )
     momentum: float = doc(0.9, "sgd momentum; adamw beta1")
     nesterov: bool = doc(True, "sgd: Nesterov momentum")
     beta2: float = doc(0.999, "adamw beta2")
@@ -169,6 +173,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adamw"))
+        _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
         _choice("optim.schedule", self.schedule, ("cosine", "step", "constant"))
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
@@ -185,16 +190,30 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = doc(15, "passes over the training set")
     batch_size: int = doc(64, "micro-batch per rank")
+    grad_accum: int = doc(1, "micro-batches per optimizer step (ignored if global_batch is set)")
+    global_batch: int = doc(
+        0,
+        "samples per optimizer step over all ranks; 0: batch_size x "
+        "grad_accum x world size, else grad_accum is derived from it",
+    )
     label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
     precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     channels_last: bool = doc(True, "model and inputs in channels_last memory format")
     clip_grad_norm: float = doc(0.0, "clip the global grad norm to this; 0: off")
     max_steps: int = doc(0, "stop after this many optimizer steps; 0: run all epochs")
     eval_every_epochs: int = doc(1, "evaluate on the val set every N epochs (and at the end)")
+    stop_check_every: int = doc(
+        1,
+        "optimizer steps between stop-consensus all-reduces (signal, "
+        "non-finite loss); each is one host sync",
+    )
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.grad_accum", self.grad_accum, 1)
+        _at_least("train.global_batch", self.global_batch, 0)
+        _at_least("train.stop_check_every", self.stop_check_every, 1)
         _in_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0.0)
@@ -206,9 +225,12 @@ class TrainConfig:
 class EngineConfig:
     name: str = doc("ddp", "ddp (torch DistributedDataParallel; a plain module on one process)")
     compile: bool = doc(False, "torch.compile the model")
+    sync_bn: bool = doc(False, "SyncBatchNorm across ranks (GPU only; for small per-GPU batches)")
+    bucket_cap_mb: int = doc(25, "DDP gradient bucket size in MiB")
 
     def __post_init__(self) -> None:
         _choice("engine.name", self.name, ("ddp",))
+        _at_least("engine.bucket_cap_mb", self.bucket_cap_mb, 1)
 
 
 @dataclass
@@ -289,6 +311,35 @@ class Config:
                 f"data.mean/std have {len(self.data.mean)}/{len(self.data.std)} values for "
                 f"model.in_chans={self.model.in_chans}: give 1 or {self.model.in_chans}"
             )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits: micro_batch x grad_accum x world_size."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """Resolve gradient accumulation for this world size (checked before any group exists)."""
+    micro = cfg.train.batch_size
+    if not cfg.train.global_batch:
+        return BatchPlan(micro, cfg.train.grad_accum, world_size)
+    per_step = micro * world_size
+    if cfg.train.global_batch % per_step:
+        fits = [d * per_step for d in range(1, 9)]
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not a multiple of train.batch_size="
+            f"{micro} x {world_size} ranks = {per_step}; use one of {fits[:4]}..., or a "
+            "batch_size that divides global_batch / world size"
+        )
+    return BatchPlan(micro, cfg.train.global_batch // per_step, world_size)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -374,4 +425,13 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MISSING", "Config", "ConfigError", "help_text", "load_config", "save_config"]
+__all__ = [
+    "MISSING",
+    "BatchPlan",
+    "Config",
+    "ConfigError",
+    "help_text",
+    "load_config",
+    "plan_batch",
+    "save_config",
+]

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str = ""
+    """Set when the rendezvous address was derived (srun); torchrun exports its own."""
+    master_port: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -27,11 +31,37 @@ class DistEnv:
         return self.world_size > 1
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,010],cpu1" -> "gpu003"."""
+    head = nodelist.split(",", 1)[0] if "[" not in nodelist.split(",", 1)[0] else nodelist
+    if "[" not in head:
+        return head.strip()
+    prefix, rest = head.split("[", 1)
+    first = rest.split(",", 1)[0].split("]", 1)[0]
+    return prefix + first.split("-", 1)[0]
+
+
 def read_env(environ: dict[str, str] | None = None) -> DistEnv:
-    """Rank, world size and local rank as torchrun (or a single process) sets them."""
+    """Rank, world size and local rank from torchrun's variables, else from Slurm's (srun with
+    one task per GPU), else a single process.
+
+    Under srun the rendezvous is derived: the first node of the job, and a port picked from the
+    job id so that two jobs sharing a node do not collide (MASTER_ADDR/MASTER_PORT, when set,
+    win).
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        port = env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            master_port=int(port),
+        )
     return DistEnv()
 
 
@@ -52,8 +82,11 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # Derived (srun) rendezvous goes by TCP; torchrun's exported variables by env://.
+    init_method = f"tcp://{env.master_addr}:{env.master_port}" if env.master_addr else "env://"
     dist.init_process_group(
         backend,
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(minutes=10),
@@ -63,3 +96,12 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def shared_run_dir(run_dir: Path, env: DistEnv) -> Path:
+    """Rank 0's run directory on every rank (a default name holds rank 0's timestamp)."""
+    if not env.distributed:
+        return run_dir
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])

@@ -30,15 +30,17 @@ def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> 
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, lr: float | None = None
+):
+    """SGD or AdamW at `lr` (default cfg.lr; the engine passes the batch-scaled value)."""
+    lr = cfg.lr if lr is None else lr
     groups = param_groups(model, cfg.weight_decay, cfg.no_wd_bn_bias)
     # NOTE: the fused kernels exist for CUDA; foreach is the fast multi-tensor path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast
-        )
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), **fast)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), **fast)
 
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> float:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import signal
+
+import torch
+import torch.distributed as dist
 
 from distres.config import EarlyStopConfig
 
@@ -43,3 +47,57 @@ class EarlyStopping:
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]
         self.bad_evals = state["bad_evals"]
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopConsensus:
+    """One stop decision per step boundary, shared by every rank.
+
+    Three local flags travel in one small all-reduce (MAX): an early-stop decision, a stop
+    request from a signal (the handler only sets a Python flag), and a non-finite loss. The
+    loss flag is set on the device with no host sync; the only sync is the all-reduce's result,
+    read once per check. Every rank calls agree() at the same step boundaries, so every rank
+    leaves the loop at the same step.
+    """
+
+    REASONS = ("non_finite_loss", "preempted", "early_stop")  # by priority
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.non_finite = torch.zeros((), device=device)
+        self.early_stop = False
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install_signal_handlers(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        self.non_finite = torch.maximum(self.non_finite, (~torch.isfinite(loss)).float())
+
+    def agree(self) -> str | None:
+        """All-reduce the flags (when distributed); the agreed stop reason, or None."""
+        flags = torch.stack(
+            [
+                self.non_finite,
+                torch.tensor(float(self.signal is not None), device=self.device),
+                torch.tensor(float(self.early_stop), device=self.device),
+            ]
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for reason, raised in zip(self.REASONS, flags.tolist(), strict=True):
+            if raised:
+                return reason
+        return None

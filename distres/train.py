@@ -1,4 +1,9 @@
-"""`python -m distres.train [--config configs/NAME.yaml] [section.key=value ...]`"""
+"""`python -m distres.train [--config configs/NAME.yaml] [section.key=value ...]`
+
+Exit codes: 0 completed or stopped early; 1 failed (an error, or bad data mid-run);
+2 bad config or data found before training; 3 preempted (SIGUSR1/SIGTERM: every rank stopped
+at the same step, so the job may be requeued); 4 non-finite loss.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from distres.config import Config, ConfigError, help_text, load_config, save_config
+from distres.config import Config, ConfigError, help_text, load_config, plan_batch, save_config
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED, EXIT_NON_FINITE = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    "completed": EXIT_OK,
+    "early_stop": EXIT_OK,
+    "preempted": EXIT_PREEMPTED,
+    "non_finite_loss": EXIT_NON_FINITE,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,43 +42,60 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir)
 
 
+def run(cfg: Config) -> dict[str, Any]:
+    """Train on this process's rank (read from the launcher's environment); the summary."""
+    from distres.dist import pick_device, process_group, read_env, shared_run_dir
+    from distres.loop import Trainer
+
+    env = read_env()
+    plan = plan_batch(cfg, env.world_size)  # a ConfigError here: no process group yet
+    device = pick_device(cfg.run.device, env.local_rank)
+    with process_group(env, device):
+        # Every rank must write to the same run.dir: rank 0's timestamp wins.
+        run_dir = shared_run_dir(resolve_run_dir(cfg), env)
+        cfg.run.dir = str(run_dir)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        return Trainer(cfg, run_dir, env, device, plan).fit()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        # Heavy imports after the config is known to be good: a bad config fails in a blink.
+        from distres.data.shards import ShardError
+        from distres.data.torch_loader import DataError
+
+        summary = run(cfg)
     except ConfigError as e:
         print(f"distres: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-
-    # Heavy imports after the config is known to be good: a bad config fails in a blink.
-    from distres.data.shards import ShardError
-    from distres.data.torch_loader import DataError
-    from distres.dist import pick_device, process_group, read_env
-    from distres.loop import Trainer
-
-    env = read_env()
-    run_dir = resolve_run_dir(cfg)
-    device = pick_device(cfg.run.device, env.local_rank)
-    with process_group(env, device):
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        try:
-            summary = Trainer(cfg, run_dir, env, device).fit()
-        except (ShardError, DataError) as e:
-            print(f"distres: data error: {e}", file=sys.stderr)
-            return EXIT_USAGE if isinstance(e, ShardError) else EXIT_FAILED
-    if env.is_main:
-        top1 = summary["final_val_top1"]
+    except ShardError as e:
+        print(f"distres: data error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as e:
+        print(f"distres: data error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    top1 = summary["final_val_top1"]
+    if _is_main():
         print(
             f"final val top-1 {top1:.4f} (best {summary['best_val_top1']:.4f}) after "
             f"{summary['steps']} steps in {summary['wall_s']:.1f} s; stop: "
-            f"{summary['stop_reason']}; outputs in {run_dir}"
+            f"{summary['stop_reason']}; outputs in {cfg.run.dir}"
             if top1 is not None
             else f"stopped ({summary['stop_reason']}) after {summary['steps']} steps; "
-            f"outputs in {run_dir}"
+            f"outputs in {cfg.run.dir}",
+            flush=True,
         )
-    return EXIT_OK if summary["stop_reason"] in ("completed", "early_stop") else EXIT_FAILED
+    return EXIT_CODES.get(summary["stop_reason"], EXIT_FAILED)
+
+
+def _is_main() -> bool:
+    from distres.dist import read_env
+
+    return read_env().is_main
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -76,8 +77,13 @@ class _SampleStream(IterableDataset):
         seed: int,
         num_classes: int,
         in_chans: int,
+        stride: tuple[int, int] = (0, 1),
     ):
         self.shards, self.shard_ids = shards, shard_ids
+        # (rank, world): keep only the samples whose global index is rank mod world.
+        self.stride = stride
+        starts = itertools.accumulate((0, *shards.counts))
+        self.offsets = dict(zip(shards.urls, starts, strict=False))
         self.transform, self.shuffle_buffer = transform, shuffle_buffer
         self.seed, self.num_classes = seed, num_classes
         self.mode = "RGB" if in_chans == 3 else "L"
@@ -92,6 +98,8 @@ class _SampleStream(IterableDataset):
         torch.manual_seed(seed)
         urls = [{"url": self.shards.urls[i]} for i in self.shard_ids[worker::workers]]
         samples = wds.tarfile_samples(urls)
+        if self.stride[1] > 1:
+            samples = self._strided(samples)
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(
                 samples,
@@ -108,6 +116,16 @@ class _SampleStream(IterableDataset):
                 images, labels = [], []
         if images:
             yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+    def _strided(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rank, world = self.stride
+        position: dict[str, int] = {}
+        for sample in samples:
+            url = sample["__url__"]
+            index = self.offsets[url] + position.get(url, 0)
+            position[url] = position.get(url, 0) + 1
+            if index % world == rank:
+                yield sample
 
     def _where(self, sample: dict) -> str:
         return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
@@ -144,8 +162,17 @@ class _SampleStream(IterableDataset):
 class ShardLoader:
     """Batches of one rank's part of a shard set, one epoch per iteration.
 
-    Training drops the last partial batch (every step has the same size); validation keeps
-    it, so every sample is counted once.
+    Training splits whole shards across ranks after the per-epoch shuffle (rank r takes
+    order[r::world]). Every rank then runs the same number of batches, fixed for the whole run:
+    each rank holds at least floor(S/W) of the S shards, so the floor(S/W) smallest shards'
+    samples, divided by the batch size, is a count every rank reaches in every epoch. A rank
+    holding more stops there; what it leaves differs each epoch, as the shuffle moves shards
+    between ranks. Fewer shards than ranks is an error.
+
+    Validation counts every sample exactly once with no padding: whole shards per rank when
+    there are at least as many shards as ranks, otherwise every rank reads all shards and
+    keeps the samples whose index is its rank modulo the world size. Batch counts may differ
+    between ranks; evaluation has no collective until its final sums.
     """
 
     def __init__(
@@ -167,7 +194,7 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if len(shards.urls) < world_size:
+        if train and len(shards.urls) < world_size:
             raise DataError(
                 f"{shards.root}: {len(shards.urls)} shards for {world_size} ranks; every rank "
                 "needs at least one shard (write more, smaller shards)"
@@ -186,12 +213,22 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def strided(self) -> bool:
+        return not self.train and len(self.shards.urls) < self.world_size
+
     def my_shards(self, epoch: int) -> list[int]:
         order = shard_order(self.shards, epoch, self.seed, shuffle=self.train)
-        return order[self.rank :: self.world_size]
+        return order if self.strided else order[self.rank :: self.world_size]
 
     def num_samples(self, epoch: int | None = None) -> int:
-        """Samples this rank reads in the epoch."""
+        """Samples this rank reads in the epoch (train: the guaranteed count, see above)."""
+        if self.train:
+            per_rank = len(self.shards.urls) // self.world_size
+            return sum(sorted(self.shards.counts)[:per_rank])
+        if self.strided:
+            n, w = self.shards.num_samples, self.world_size
+            return (n - self.rank + w - 1) // w
         ids = self.my_shards(self.epoch if epoch is None else epoch)
         return sum(self.shards.counts[i] for i in ids)
 
@@ -208,6 +245,7 @@ class ShardLoader:
             hash((self.seed, self.epoch, self.rank)),
             self.num_classes,
             self.in_chans,
+            stride=(self.rank, self.world_size) if self.strided else (0, 1),
         )
         workers = min(self.num_workers, len(stream.shard_ids))
         chunks = DataLoader(
@@ -216,6 +254,7 @@ class ShardLoader:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
+            worker_init_fn=_ignore_stop_signals,
         )
         # Training stops at len(self) steps even if a rank could read more (every rank runs
         # the same number of steps); validation reads everything.
@@ -230,6 +269,14 @@ class ShardLoader:
         # Elementwise ops keep the channels_last strides.
         images = (images.float() - self.mean) * self.inv_std
         return Batch(images, labels.to(self.device, non_blocking=True))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A preemption signal is the training process's to handle (stop at a step boundary);
+    # Slurm may signal every process of the job, and a worker killed by it would crash the
+    # loader mid-step.
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _rebatch(

@@ -1,0 +1,133 @@
+"""Run under torchrun (or with Slurm's variables) by test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/dist_helper.py \
+        MODE OUT_DIR [section.key=value ...]
+
+MODE train: the real distres.train.run() on this rank; writes OUT_DIR/rank<r>.json with the
+summary, a hash of the final weights and the exit code main() would give. FAULT=nan:<rank>:<step>
+in the environment makes that rank's loss NaN at that optimizer step.
+MODE accum: one optimizer step over fixed data; rank 0 writes the updated weights.
+MODE eval: evaluate fixed weights on the digits val set; rank 0 writes the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from distres.config import load_config, plan_batch
+from distres.dist import pick_device, process_group, read_env
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def mode_train(out: Path, overrides: list[str]) -> int:
+    from distres import loop, train
+
+    env = read_env()
+    (out / f"pid.{env.rank}").write_text(str(os.getpid()))
+    fault = os.environ.get("FAULT", "")
+    if fault.startswith("nan:"):
+        _, fault_rank, fault_step = fault.split(":")
+        original = loop.Trainer.train_epoch
+
+        def patched(self):
+            real_step = self.engine.train_step
+
+            def step(micro_batches):
+                loss = real_step(micro_batches)
+                if self.env.rank == int(fault_rank) and self.step + 1 == int(fault_step):
+                    return loss * float("nan")
+                return loss
+
+            self.engine.train_step = step
+            return original(self)
+
+        loop.Trainer.train_epoch = patched
+
+    captured = {}
+    original_fit = loop.Trainer.fit
+
+    def fit(self):
+        summary = original_fit(self)
+        captured["hash"] = weights_hash(self.engine.module)
+        return summary
+
+    loop.Trainer.fit = fit
+    cfg = load_config(None, overrides)
+    summary = train.run(cfg)
+    code = train.EXIT_CODES[summary["stop_reason"]]
+    record = {"rank": env.rank, "summary": summary, "hash": captured["hash"], "exit": code}
+    (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+    return code
+
+
+def mode_accum(out: Path, overrides: list[str]) -> int:
+    from distres.data.batch import Batch
+    from distres.engine import build_engine
+
+    env = read_env()
+    cfg = load_config(None, overrides)
+    plan = plan_batch(cfg, env.world_size)
+    device = pick_device("cpu", env.local_rank)
+    with process_group(env, device):
+        torch.manual_seed(0)
+        engine = build_engine(cfg, env, device, plan, steps_per_epoch=10)
+        engine.module.eval()  # BN in eval mode: the update is independent of the split
+        gen = torch.Generator().manual_seed(1)
+        images = torch.randn(32, 3, 32, 32, generator=gen)
+        labels = torch.randint(0, 10, (32,), generator=gen)
+        per_rank = 32 // env.world_size
+        mine = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
+        x, y = images[mine], labels[mine]
+        micro = [
+            Batch(xs.contiguous(memory_format=torch.channels_last), ys)
+            for xs, ys in zip(x.split(plan.micro_batch), y.split(plan.micro_batch), strict=True)
+        ]
+        assert len(micro) == plan.grad_accum, (len(micro), plan)
+        engine.train_step(micro)
+        if env.is_main:
+            torch.save(engine.module.state_dict(), out / "accum.pt")
+    return 0
+
+
+def mode_eval(out: Path, overrides: list[str]) -> int:
+    from distres.data import build_loaders
+    from distres.engine.ddp import resolve_precision
+    from distres.evaluate import evaluate
+    from distres.models import build_model
+
+    env = read_env()
+    cfg = load_config(None, overrides)
+    device = pick_device("cpu", env.local_rank)
+    with process_group(env, device):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
+        _, val = build_loaders(cfg, device, env.rank, env.world_size)
+        assert resolve_precision(cfg.train.precision, device) is None
+        import contextlib
+
+        metrics = evaluate(model, val, device, contextlib.nullcontext)
+        metrics["local_samples"] = val.num_samples()
+        (out / f"eval{env.rank}.json").write_text(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    mode, out_dir, *rest = sys.argv[1:]
+    torch.set_num_threads(1)
+    sys.exit(
+        {"train": mode_train, "accum": mode_accum, "eval": mode_eval}[mode](Path(out_dir), rest)
+    )
