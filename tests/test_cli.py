@@ -1,13 +1,17 @@
 """End to end: the real CLI in a subprocess, checked through the files it leaves."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 import yaml
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from distres.export import load_weights
 
@@ -136,3 +140,24 @@ def test_default_run_reaches_99_percent(tmp_path):
     print(f"default run: val top-1 {summary['final_val_top1']:.4f}, wall {summary['wall_s']} s")
     assert summary["final_val_top1"] >= 0.99
     assert summary["stop_reason"] == "completed" and summary["epochs"] == 15
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="util-linux `script` not installed")
+def test_progress_bar_on_a_tty(tmp_path):
+    """Under a pseudo-terminal the default progress is a rich bar (cursor control, bar glyphs)."""
+    cmd = (
+        f"{sys.executable} -m distres.train train.max_steps=4 tracking.log_every=2 "
+        f"checkpoint.save_final=false run.dir={tmp_path / 'run'}"
+    )
+    log = tmp_path / "tty.log"
+    proc = subprocess.run(
+        ["script", "-qfec", cmd, str(log)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "TERM": "xterm"},
+    )
+    assert proc.returncode == 0
+    out = log.read_text(errors="replace")
+    assert "\x1b[" in out and "\u2501" in out  # ANSI control + the bar's line glyph
+    assert "epoch 1/15" in out and "final val top-1" in out
