@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_with_nonzero_exit(tmp_path):
         f"run.dir={run_dir}",
         timeout=300,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 4  # EXIT_NON_FINITE
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "non_finite_loss"
     assert "non-finite training loss" in proc.stdout
