@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distres.models.archs import ARCHS
@@ -426,7 +426,6 @@ def help_text() -> str:
 
 
 __all__ = [
-    "MISSING",
     "BatchPlan",
     "Config",
     "ConfigError",

@@ -54,6 +54,7 @@ class Tracker:
         self._bar: Progress | None = None
         self._task = None
         self._t0 = time.perf_counter()
+        self._first_step = 0
 
     def start(self, first_step: int = 0) -> None:
         self._t0 = time.perf_counter()
@@ -96,7 +97,7 @@ class Tracker:
             elif self.mode == "log":
                 step = record["step"]
                 elapsed = time.perf_counter() - self._t0
-                done = max(1, step - getattr(self, "_first_step", 0))
+                done = max(1, step - self._first_step)
                 eta = elapsed / done * (self.total_steps - step)
                 self.print(
                     f"epoch {record['epoch'] + 1}/{self.epochs} step {step}/"
