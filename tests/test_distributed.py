@@ -354,3 +354,45 @@ def test_rank_reading_from_torchrun_and_slurm_variables():
     both = read_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
     assert both == DistEnv(1, 2, 0)
     assert first_host("node1,node2") == "node1" and first_host("a[10-12,15]") == "a10"
+
+
+def test_two_node_rendezvous_on_localhost(tmp_path):
+    """Two torchrun agents, as on two nodes: --nnodes=2 with c10d rendezvous."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=twonode",
+                HELPER,
+                "train",
+                str(tmp_path),
+                *FAST,
+                "train.max_steps=6",
+                f"run.dir={tmp_path}/run",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outs = [a.communicate(timeout=240)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    records = rank_records(tmp_path, 2)
+    assert {r["summary"]["world_size"] for r in records} == {2}
+    assert {r["summary"]["steps"] for r in records} == {6}
+    assert len({r["hash"] for r in records}) == 1
