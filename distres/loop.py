@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distres.config import BatchPlan, Config
+from distres.config import BatchPlan, Config, ConfigError
 from distres.data import Batch, build_loaders
 from distres.dist import DistEnv
 from distres.engine import build_engine
@@ -70,7 +70,7 @@ class Trainer:
         self.train_data, self.val_data = build_loaders(cfg, device, env.rank, env.world_size)
         self.steps_per_epoch = len(self.train_data) // plan.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={plan.micro_batch} x grad_accum={plan.grad_accum} is more "
                 f"than the {self.train_data.num_samples()} training samples each of "
                 f"{env.world_size} rank(s) reads per epoch"

@@ -113,3 +113,11 @@ def test_help_lists_every_key_with_a_doc():
 def test_empty_overrides_give_defaults():
     assert load_config(None, []) == Config()
     assert Path(REPO / "configs").is_dir()
+
+
+def test_batch_larger_than_a_ranks_data_is_a_config_error(tmp_path):
+    proc = run_cli("train.batch_size=5000", f"run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "train.batch_size=5000" in line and "1436" in line

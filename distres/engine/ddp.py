@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distres.config import BatchPlan, Config
+from distres.config import BatchPlan, Config, ConfigError
 from distres.data.batch import Batch
 from distres.dist import DistEnv
 from distres.models import build_model
@@ -48,7 +48,7 @@ class DDPEngine:
         model = build_model(cfg.model)
         if cfg.engine.sync_bn and env.distributed:
             if device.type != "cuda":
-                raise ValueError(
+                raise ConfigError(
                     "engine.sync_bn=true needs CUDA devices (SyncBatchNorm has no "
                     "CPU kernel); set engine.sync_bn=false"
                 )
