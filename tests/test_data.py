@@ -130,26 +130,19 @@ def _loader(shard_dir, num_classes=10):
     )
 
 
+def _ten_class_shard(out, samples):
+    """One shard `x-000000.tar` holding `samples`, with digits' ten classes."""
+    write_shards(samples, out, "x", {str(i): i for i in range(10)}, 10)
+
+
 def test_label_out_of_range_names_shard_and_key(tmp_path):
-    write_shards(
-        [("a", _jpeg(), 1), ("bad-key", _jpeg(), 12)],
-        tmp_path,
-        "x",
-        {str(i): i for i in range(10)},
-        10,
-    )
+    _ten_class_shard(tmp_path, [("a", _jpeg(), 1), ("bad-key", _jpeg(), 12)])
     with pytest.raises(DataError, match=r"x-000000\.tar: sample 'bad-key': label 12 outside"):
         list(_loader(tmp_path))
 
 
 def test_corrupt_image_names_shard_and_key(tmp_path):
-    write_shards(
-        [("ok", _jpeg(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)],
-        tmp_path,
-        "x",
-        {str(i): i for i in range(10)},
-        10,
-    )
+    _ten_class_shard(tmp_path, [("ok", _jpeg(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)])
     with pytest.raises(DataError, match=r"sample 'broken': cannot decode"):
         list(_loader(tmp_path))
 

@@ -48,12 +48,25 @@ def torchrun(
     # PYTHONPATH: this checkout's distres, whatever another checkout installed.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     if not wait:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        return start(cmd, full_env)
     return subprocess.run(
         cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every process's output; all are killed on the way out, so a hang fails, not stalls."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def rank_records(out: Path, n: int) -> list[dict]:
@@ -255,29 +268,17 @@ def test_srun_style_launch_from_slurm_variables(tmp_path):
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    HELPER,
-                    "train",
-                    str(tmp_path),
-                    *FAST,
-                    "train.max_steps=4",
-                    f"run.dir={tmp_path}/run",
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+        cmd = [
+            sys.executable,
+            HELPER,
+            "train",
+            str(tmp_path),
+            *FAST,
+            "train.max_steps=4",
+            f"run.dir={tmp_path}/run",
+        ]
+        procs.append(start(cmd, env))
+    outs = wait_all(procs, timeout=180)
     assert [p.returncode for p in procs] == [0, 0], outs
     records = rank_records(tmp_path, 2)
     assert {r["summary"]["world_size"] for r in records} == {2}
@@ -360,37 +361,24 @@ def test_two_node_rendezvous_on_localhost(tmp_path):
     """Two torchrun agents, as on two nodes: --nnodes=2 with c10d rendezvous."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc_per_node=1",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}",
-                "--rdzv_id=twonode",
-                HELPER,
-                "train",
-                str(tmp_path),
-                *FAST,
-                "train.max_steps=6",
-                f"run.dir={tmp_path}/run",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=twonode",
+        HELPER,
+        "train",
+        str(tmp_path),
+        *FAST,
+        "train.max_steps=6",
+        f"run.dir={tmp_path}/run",
     ]
-    try:
-        outs = [a.communicate(timeout=240)[0] for a in agents]
-    finally:
-        for a in agents:
-            a.kill()
+    agents = [start(cmd, env) for _ in range(2)]
+    outs = wait_all(agents, timeout=240)
     assert [a.returncode for a in agents] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     records = rank_records(tmp_path, 2)
     assert {r["summary"]["world_size"] for r in records} == {2}
