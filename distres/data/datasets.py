@@ -12,7 +12,7 @@ import numpy as np
 
 from distres.data.shards import MANIFEST, read_shard_set, write_shards
 
-DIGITS_VERSION = "digits-v1"
+DIGITS_VERSION = "digits-v2"  # v2: DALI index files beside the shards
 DIGITS_VAL_SIZE = 361  # ~20% of 1,797; a prime-ish count that no world size divides evenly
 DIGITS_TRAIN_SHARDS = 6  # divisible by 1, 2, 3 and 6 ranks
 DIGITS_VAL_SHARDS = 2

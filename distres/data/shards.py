@@ -1,22 +1,45 @@
-"""WebDataset shard writing and the manifest that describes a shard set.
+"""WebDataset shards: the writer tool, the DALI index files, and the manifest.
 
-A shard set is a directory of `<prefix>-NNNNNN.tar` files plus `manifest.json`:
+    python -m distres.data.shards --src DIR_OR_LIST --out DIR [--shard-size 512MB] [--prefix train]
 
-    {"format": "distres-shards/1", "prefix": "train", "num_samples": 1436,
+A shard set is a directory of `<prefix>-NNNNNN.tar` files, a DALI index `<prefix>-NNNNNN.idx`
+beside each (made by DALI's own `wds2idx` tool where DALI is installed), and `manifest.json`:
+
+    {"format": "distres-shards/1", "prefix": "train", "num_samples": 1436, "num_skipped": 0,
      "classes": {"0": 0, ...},                      # class name -> index
-     "shards": [{"name": "train-000000.tar", "samples": 240, "bytes": ..., "sha256": ...}]}
+     "shards": [{"name": "train-000000.tar", "samples": 240, "bytes": ..., "sha256": ...,
+                 "index": "train-000000.idx"}],
+     "skipped": [{"path": ..., "error": ...}]}
 
-Each sample is `<key>.jpg` (RGB JPEG) and `<key>.cls` (the label as ASCII digits, which is how
-DALI's webdataset reader sees it too). Readers trust the manifest for sample counts, so every
-rank can agree on the number of steps per epoch before reading a byte.
+Each sample is `<key>.jpg` (RGB JPEG), `<key>.cls` (the label as ASCII digits, which is how
+DALI's webdataset reader sees it too) and `<key>.json` (source path and class name). Readers
+trust the manifest for sample counts, so every rank agrees on the steps per epoch before reading
+a byte.
+
+The source is an ImageFolder tree (one folder per class; class indices follow the sorted folder
+names) or a CSV/TSV list of `path,label` rows (label an integer or a class name; relative paths
+are taken from the list's folder). Inputs that are not RGB JPEG (PNG, CMYK, grayscale, palette,
+alpha) are re-encoded to RGB JPEG; RGB JPEGs are stored byte for byte. Unreadable files are
+reported, skipped and counted. Encoding runs on all cores.
+
+Interrupted runs resume: a shard is written under a temporary name and renamed when complete,
+and a journal records the completed shards and the next source item. Re-running the same
+command continues after the last complete shard, so no sample is written twice, and the
+result is byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import hashlib
+import io
 import json
+import multiprocessing as mp
 import os
-from collections.abc import Iterable
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +47,14 @@ import webdataset as wds
 
 MANIFEST = "manifest.json"
 FORMAT = "distres-shards/1"
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# Per member: a pax extended header (512 + 512), the member's own header (512) and up to 511
+# bytes of padding; a shard closes before the next sample could cross --shard-size.
+TAR_HEADER = 2048
 
 
 class ShardError(ValueError):
-    """A shard set that cannot be read as described; the message names the file."""
+    """A shard set or source that cannot be used as described; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,102 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def make_index(tar_path: Path) -> str | None:
+    """Write DALI's index for a shard with DALI's own tool; None where DALI is absent."""
+    try:
+        from wds2idx import IndexCreator  # installed with nvidia-dali
+    except ImportError:
+        return None
+    idx_path = tar_path.with_suffix(".idx")
+    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
+        creator.create_index()
+    return idx_path.name
+
+
+def _closed_size(offset: int) -> int:
+    """A tar's size on disk once closed: two zero blocks, padded to 10 KiB records."""
+    return -(-(offset + 1024) // 10240) * 10240
+
+
+class ShardWriter:
+    """Samples in, complete shards out: each shard is written as `.tmp`, then renamed, indexed
+    and checksummed, and reported to `on_shard` (which the resumable writer journals)."""
+
+    def __init__(
+        self,
+        out: Path,
+        prefix: str,
+        max_count: int = 0,
+        max_bytes: int = 0,
+        first_shard: int = 0,
+        on_shard: Callable[[dict], None] | None = None,
+    ):
+        self.out, self.prefix = out, prefix
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.next_shard, self.on_shard = first_shard, on_shard
+        self._tar: wds.TarWriter | None = None
+        self._count = self._bytes = 0
+
+    def _path(self) -> Path:
+        return self.out / f"{self.prefix}-{self.next_shard:06d}.tar"
+
+    def write(self, key: str, jpeg: bytes, label: int, meta: dict | None = None) -> None:
+        size = len(jpeg) + 3 * TAR_HEADER + 128  # this sample's upper bound in the tar
+        full = self._tar is not None and (
+            (self.max_count and self._count >= self.max_count)
+            or (self.max_bytes and _closed_size(self._bytes + size) > self.max_bytes)
+        )
+        if full:
+            self.close_shard()
+        if self._tar is None:
+            # mtime 0: the same input gives byte-identical shards (and checksums).
+            self._tar = wds.TarWriter(str(self._path()) + ".tmp", mtime=0.0)
+            self._count = self._bytes = 0
+        sample = {"__key__": key, "jpg": jpeg, "cls": str(int(label)).encode()}
+        if meta is not None:
+            sample["json"] = json.dumps(meta, ensure_ascii=False).encode()
+        self._tar.write(sample)
+        self._count += 1
+        self._bytes = self._tar.tarstream.offset  # the real size so far (headers included)
+
+    def close_shard(self) -> dict | None:
+        if self._tar is None:
+            return None
+        self._tar.close()
+        self._tar = None
+        path = self._path()
+        os.replace(str(path) + ".tmp", path)
+        entry = {
+            "name": path.name,
+            "samples": self._count,
+            "bytes": path.stat().st_size,
+            "sha256": _sha256(path),
+            "index": make_index(path),
+        }
+        self.next_shard += 1
+        if self.on_shard is not None:
+            self.on_shard(entry)
+        return entry
+
+
+def write_manifest(
+    out: Path, prefix: str, classes: dict[str, int], shards: list[dict], skipped: list[dict] = ()
+) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "prefix": prefix,
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_skipped": len(skipped),
+        "classes": classes,
+        "shards": shards,
+        "skipped": list(skipped),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
 def write_shards(
     samples: Iterable[tuple[str, bytes, int]],
     out_dir: str | os.PathLike,
@@ -63,44 +186,15 @@ def write_shards(
     classes: dict[str, int],
     samples_per_shard: int,
 ) -> dict:
-    """Write (key, jpeg_bytes, label) triples as tar shards, then the manifest.
-
-    Tar members get mtime 0 so the same input gives byte-identical shards (and checksums).
-    """
+    """Write already-encoded (key, jpeg_bytes, label) triples as shards plus the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
-    writer, path, count = None, None, 0
-
-    def close() -> None:
-        if writer is not None:
-            writer.close()
-            shards.append(
-                {
-                    "name": path.name,
-                    "samples": count,
-                    "bytes": path.stat().st_size,
-                    "sha256": _sha256(path),
-                }
-            )
-
+    writer = ShardWriter(out, prefix, max_count=samples_per_shard, on_shard=shards.append)
     for key, jpeg, label in samples:
-        if writer is None or count == samples_per_shard:
-            close()
-            path = out / f"{prefix}-{len(shards):06d}.tar"
-            writer, count = wds.TarWriter(str(path), mtime=0.0), 0
-        writer.write({"__key__": key, "jpg": jpeg, "cls": str(int(label)).encode()})
-        count += 1
-    close()
-    manifest = {
-        "format": FORMAT,
-        "prefix": prefix,
-        "num_samples": sum(s["samples"] for s in shards),
-        "classes": classes,
-        "shards": shards,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    return manifest
+        writer.write(key, jpeg, label)
+    writer.close_shard()
+    return write_manifest(out, prefix, classes, shards)
 
 
 def read_shard_set(spec: str | os.PathLike) -> ShardSet:
@@ -131,3 +225,274 @@ def read_shard_set(spec: str | os.PathLike) -> ShardSet:
     return ShardSet(
         root, tuple(urls), tuple(int(s["samples"]) for s in shards), dict(manifest["classes"])
     )
+
+
+# -- sources --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    label: int
+    class_name: str
+
+
+def list_image_folder(src: Path) -> tuple[list[Item], dict[str, int]]:
+    """One folder per class; indices follow the sorted folder names (torchvision's rule)."""
+    class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ShardError(f"{src}: no class folders (expected an ImageFolder tree or a CSV/TSV)")
+    classes = {d.name: i for i, d in enumerate(class_dirs)}
+    items = [
+        Item(str(f), classes[d.name], d.name)
+        for d in class_dirs
+        for f in sorted(d.rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    return items, classes
+
+
+def list_table(src: Path) -> tuple[list[Item], dict[str, int]]:
+    """`path,label` rows (tab-separated for .tsv); an optional header row is skipped."""
+    delimiter = "\t" if src.suffix.lower() == ".tsv" else ","
+    with open(src, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise ShardError(f"{src}: no rows")
+    for n, row in enumerate(rows, 1):
+        if len(row) < 2:
+            raise ShardError(f"{src}: row {n} {row!r}: expected path{delimiter}label")
+    labels = [r[1].strip() for r in rows]
+    if all(re.fullmatch(r"\d+", x) for x in labels):
+        classes = {str(i): i for i in range(max(int(x) for x in labels) + 1)}
+    else:
+        classes = {name: i for i, name in enumerate(sorted(set(labels)))}
+    items = []
+    for row, label in zip(rows, labels, strict=True):
+        path = Path(row[0].strip())
+        path = path if path.is_absolute() else src.parent / path
+        items.append(Item(str(path), classes[label], label))
+    return items, classes
+
+
+def list_source(src: Path) -> tuple[list[Item], dict[str, int]]:
+    if src.is_dir():
+        return list_image_folder(src)
+    if src.is_file() and src.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return list_table(src)
+    raise ShardError(f"--src {src}: not an ImageFolder directory or a .csv/.tsv list")
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+def encode_image(path: str, quality: int = 95) -> bytes:
+    """RGB JPEG bytes: RGB JPEGs as they are, anything else decoded and re-encoded."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        data = f.read()
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decodes fully: a corrupt or truncated file fails here, not at training
+    if img.format == "JPEG" and img.mode == "RGB":
+        return data
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        img = img.convert("RGB")  # CMYK, grayscale, palette, 16-bit...
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _encode_item(args: tuple[int, Item, int]) -> tuple[int, bytes | None, str | None]:
+    index, item, quality = args
+    try:
+        return index, encode_image(item.path, quality), None
+    except Exception as e:  # any decoder failure means an unusable file: report, skip, go on
+        return index, None, f"{type(e).__name__}: {e}"
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '1.5GiB', '100k', '4096' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"--shard-size {text!r}: expected a size such as 512MB or 1GiB")
+    number, unit, binary = m.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+# -- the resumable build --------------------------------------------------------------------
+
+
+def _fingerprint(
+    items: list[Item], classes: dict[str, int], prefix: str, max_bytes: int, quality: int
+) -> str:
+    h = hashlib.sha256(json.dumps([prefix, max_bytes, quality, classes]).encode())
+    for item in items:
+        h.update(f"{item.path}\0{item.label}\n".encode())
+    return h.hexdigest()
+
+
+def build_shard_set(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_size: int,
+    prefix: str = "train",
+    workers: int = 0,
+    quality: int = 95,
+    progress: bool = True,
+) -> dict:
+    """Write the source as a shard set (resuming an interrupted build); the manifest."""
+    src, out = Path(src), Path(out)
+    items, classes = list_source(src)
+    if not items:
+        raise ShardError(f"--src {src}: no image files found")
+    out.mkdir(parents=True, exist_ok=True)
+    journal_path = out / f".{prefix}-progress.json"
+    fingerprint = _fingerprint(items, classes, prefix, shard_size, quality)
+    state = {"fingerprint": fingerprint, "shards": [], "next_item": 0, "skipped": []}
+    if journal_path.is_file():
+        previous = json.loads(journal_path.read_text())
+        if previous.get("fingerprint") == fingerprint and all(
+            (out / s["name"]).is_file() and _sha256(out / s["name"]) == s["sha256"]
+            for s in previous["shards"]
+        ):
+            state = previous
+    elif (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("prefix") == prefix:
+            raise ShardError(
+                f"{out / MANIFEST}: a complete '{prefix}' set is already there; "
+                "use another --out or --prefix"
+            )
+    for stale in out.glob(f"{prefix}-*.tar.tmp"):
+        stale.unlink()  # the shard that was open when the last run stopped
+
+    pending: list[dict] = []  # skips not yet covered by a complete shard
+
+    def journal(entry: dict, next_item: int) -> None:
+        """A shard is complete: items before next_item (and their skips) are final."""
+        state["shards"].append(entry)
+        state["next_item"] = next_item
+        state["skipped"] += [p for p in pending if p["item"] < next_item]
+        pending[:] = [p for p in pending if p["item"] >= next_item]
+        tmp = journal_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, journal_path)
+
+    # The writer closes a full shard just before it writes the next sample, so at that moment
+    # the first item not in a complete shard is the one being written.
+    position = {"item": state["next_item"]}
+    writer = ShardWriter(
+        out,
+        prefix,
+        max_bytes=shard_size,
+        first_shard=len(state["shards"]),
+        on_shard=lambda entry: journal(entry, position["item"]),
+    )
+    root = src if src.is_dir() else src.parent
+    todo = [(i, items[i], quality) for i in range(state["next_item"], len(items))]
+    with _progress(progress, len(items), state["next_item"]) as advance:
+        for index, jpeg, error in _encode_all(todo, workers):
+            item = items[index]
+            if error is not None:
+                print(f"skipped {item.path}: {error}", file=sys.stderr)
+                pending.append({"path": item.path, "error": error, "item": index})
+            else:
+                position["item"] = index
+                meta = {"path": os.path.relpath(item.path, root), "class": item.class_name}
+                writer.write(f"{index:09d}", jpeg, item.label, meta)
+            advance()
+        position["item"] = len(items)
+        if writer.close_shard() is None:
+            state["skipped"] += pending  # nothing was open: the last skips end the source
+    manifest = write_manifest(
+        out,
+        prefix,
+        classes,
+        state["shards"],
+        [{"path": s["path"], "error": s["error"]} for s in state["skipped"]],
+    )
+    journal_path.unlink(missing_ok=True)
+    return manifest
+
+
+def _encode_all(todo: list, workers: int) -> Iterator[tuple[int, bytes | None, str | None]]:
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(todo) < 64:
+        yield from map(_encode_item, todo)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        # imap keeps source order, so keys, shard contents and checksums are deterministic.
+        yield from pool.imap(_encode_item, todo, chunksize=16)
+
+
+class _progress:
+    """A rich bar on stderr (a TTY), or nothing; used as `with _progress(...) as advance`."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True))
+        self.bar.start()
+        task = self.bar.add_task("writing shards", total=self.total, completed=self.done)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distres.data.shards",
+        description="Write an ImageFolder tree or a path,label list as WebDataset shards with "
+        "DALI index files and a manifest (run once for train, once for val).",
+    )
+    parser.add_argument("--src", required=True, help="ImageFolder root, or a .csv/.tsv list")
+    parser.add_argument("--out", required=True, help="output directory for this split")
+    parser.add_argument("--shard-size", default="512MB", help="upper bound per shard (512MB)")
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        help="shard name prefix (default: --out's folder name, e.g. train)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoding")
+    args = parser.parse_args(argv)
+    try:
+        size = parse_size(args.shard_size)
+        manifest = build_shard_set(
+            args.src,
+            args.out,
+            size,
+            prefix=args.prefix or Path(args.out).name,
+            workers=args.workers,
+            quality=args.quality,
+            progress=sys.stderr.isatty(),
+        )
+    except (ShardError, ValueError) as e:
+        print(f"distres.data.shards: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+        f"{len(manifest['classes'])} classes, {manifest['num_skipped']} skipped -> "
+        f"{Path(args.out) / MANIFEST}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
