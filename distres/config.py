@@ -91,7 +91,12 @@ class DataConfig:
     cache_dir: str = doc(
         "", "where built-in datasets are written; empty: $DISTRES_CACHE or ~/.cache/distres"
     )
-    backend: str = doc("torch", "input pipeline: torch (webdataset + torchvision v2)")
+    backend: str = doc(
+        "auto",
+        "input pipeline: dali | torch (webdataset + torchvision v2) | "
+        "auto (dali wherever it imports)",
+    )
+    dali_threads: int = doc(0, "dali: CPU threads per pipeline; 0: torch's thread count")
     image_size: int = doc(32, "training crop size (pixels, square)")
     val_resize: int = doc(
         0,
@@ -115,7 +120,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("digits", "shards"))
-        _choice("data.backend", self.backend, ("torch",))
+        _choice("data.backend", self.backend, ("auto", "dali", "torch"))
+        _at_least("data.dali_threads", self.dali_threads, 0)
+        if self.backend == "dali":
+            from distres.data.dali import dali_available
+
+            if not dali_available():
+                raise ConfigError(
+                    "data.backend=dali but nvidia.dali does not import (pip "
+                    "install nvidia-dali-cuda130, or set data.backend=torch)"
+                )
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.val_resize", self.val_resize, 0)
         if self.val_resize and self.val_resize < self.image_size:

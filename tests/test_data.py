@@ -14,7 +14,8 @@ from distres.data.torch_loader import DataError, ShardLoader, shard_order, val_t
 
 
 def make_loaders(*overrides, rank=0, world_size=1):
-    cfg = load_config(None, list(overrides))
+    """The torch backend's loaders (test_dali.py covers DALI and both side by side)."""
+    cfg = load_config(None, ["data.backend=torch", *overrides])
     return build_loaders(cfg, torch.device("cpu"), rank, world_size)
 
 
@@ -169,3 +170,20 @@ def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
             num_classes=2,
             world_size=2,
         )
+
+
+def test_torch_backend_position_resumes_mid_epoch_exactly():
+    train, _ = make_loaders("data.backend=torch", "train.batch_size=32")
+    train.set_epoch(2)
+    it = iter(train)
+    for _ in range(5):
+        next(it)
+    state = train.state_dict()
+    assert state == {"epoch": 2, "batches": 5}
+    rest = list(it)
+    restored, _ = make_loaders("data.backend=torch", "train.batch_size=32")
+    restored.load_state_dict(state)
+    replay = list(restored)
+    assert len(replay) == len(rest) == len(train) - 5
+    for a, b in zip(rest, replay, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distres.config import Config
+from distres.data.dali import DaliLoader
 from distres.data.datasets import digits
 from distres.data.shards import ShardSet, read_shard_set
 from distres.data.torch_loader import ShardLoader, train_transform, val_transform
@@ -18,9 +19,17 @@ def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
     return read_shard_set(cfg.data.train_shards), read_shard_set(cfg.data.val_shards)
 
 
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        from distres.data.dali import dali_available
+
+        return "dali" if dali_available() else "torch"
+    return name
+
+
 def build_loaders(
     cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1
-) -> tuple[ShardLoader, ShardLoader]:
+) -> tuple[ShardLoader | DaliLoader, ShardLoader | DaliLoader]:
     train_set, val_set = resolve_shard_sets(cfg)
     d = cfg.data
     common = dict(
@@ -30,11 +39,36 @@ def build_loaders(
         in_chans=cfg.model.in_chans,
         device=device,
         channels_last=cfg.train.channels_last,
-        num_workers=d.num_workers,
         seed=cfg.run.seed,
         rank=rank,
         world_size=world_size,
     )
+    if resolve_backend(d.backend) == "dali":
+        from distres.engine.ddp import resolve_precision
+
+        # Half-precision input halves the host->GPU and decode-output bytes; autocast casts.
+        half = device.type == "cuda" and resolve_precision(cfg.train.precision, device)
+        out_dtype = torch.float16 if half else torch.float32
+        dali = dict(
+            batch_size=cfg.train.batch_size,
+            image_size=d.image_size,
+            out_dtype=out_dtype,
+            threads=d.dali_threads,
+            **common,
+        )
+        train = DaliLoader(
+            train_set,
+            train=True,
+            random_resized_crop=d.random_resized_crop,
+            rrc_min_scale=d.rrc_min_scale,
+            crop_padding=d.crop_padding,
+            hflip=d.hflip,
+            shuffle_buffer=d.shuffle_buffer,
+            **dali,
+        )
+        val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
+        return train, val
+    common["num_workers"] = d.num_workers
     train = ShardLoader(
         train_set,
         train=True,

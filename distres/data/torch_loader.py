@@ -206,6 +206,7 @@ class ShardLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self._done = self._skip = 0  # batches delivered this epoch; batches to replay
         scale = 255.0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * scale
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
@@ -259,8 +260,20 @@ class ShardLoader:
         # Training stops at len(self) steps even if a rank could read more (every rank runs
         # the same number of steps); validation reads everything.
         batches = _rebatch(chunks, self.batch_size, drop_last=self.train)
-        for images, labels in itertools.islice(batches, len(self)):
+        skip, self._skip = self._skip, 0
+        # The order and the augmentation are functions of (seed, epoch, rank), so replaying
+        # the first `skip` batches on the host resumes the stream exactly where it stopped.
+        self._done = skip
+        for images, labels in itertools.islice(batches, skip, len(self)):
+            self._done += 1
             yield self._to_device(images, labels)
+
+    def state_dict(self) -> dict:
+        """The data position: the epoch and the batches already delivered in it."""
+        return {"epoch": self.epoch, "batches": self._done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._skip = state["epoch"], state["batches"]
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(self.device, non_blocking=True).contiguous(

@@ -1,0 +1,255 @@
+"""The DALI input pipeline over WebDataset shards (`data.backend=dali`).
+
+`fn.readers.webdataset` reads the tars through their DALI index files. Decoding runs on the GPU
+("mixed": nvJPEG, the hardware decoder where there is one) or on the CPU when there is no GPU
+(`device_id=None`); the same graph either way, only the device names differ. Augmentation ends
+in `crop_mirror_normalize` with HWC layout, so the NCHW view the model gets has channels_last
+strides with no extra copy.
+
+Epoch accounting is derived here, never configured: the pipeline is rebuilt each epoch with the
+shards in that epoch's order (a seed every rank shares; DALI's own shuffle only mixes within
+its buffer), and the reader splits the samples into `world_size` contiguous parts. Training
+runs floor(floor(N / W) / batch) batches on every rank, the count the smallest part reaches;
+validation pads the last batch (`pad_last_batch`) and trims the padding away, so each sample
+counts once. The data position is DALI's pipeline checkpoint plus the batch count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distres.data.batch import Batch
+from distres.data.shards import ShardSet
+from distres.data.torch_loader import DataError, shard_order
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DaliLoader:
+    """Batches of one rank's part of a shard set, one epoch per iteration; see the module doc."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        train: bool,
+        batch_size: int,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        num_classes: int,
+        in_chans: int = 3,
+        device: torch.device | str = "cpu",
+        out_dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        random_resized_crop: bool = False,
+        rrc_min_scale: float = 0.08,
+        crop_padding: int = 0,
+        hflip: bool = False,
+        val_resize: int = 0,
+        shuffle_buffer: int = 2048,
+        threads: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        missing = [
+            Path(u).with_suffix(".idx")
+            for u in shards.urls
+            if not Path(u).with_suffix(".idx").is_file()
+        ]
+        if missing:
+            raise DataError(
+                f"{missing[0]}: DALI index missing (re-write the shard set with "
+                "python -m distres.data.shards, or set data.backend=torch)"
+            )
+        self.shards, self.train, self.batch_size = shards, train, batch_size
+        self.image_size, self.num_classes, self.in_chans = image_size, num_classes, in_chans
+        self.device = torch.device(device)
+        self.out_dtype, self.channels_last = out_dtype, channels_last
+        self.rrc, self.rrc_min_scale = random_resized_crop, rrc_min_scale
+        self.crop_padding, self.hflip, self.val_resize = crop_padding, hflip, val_resize
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.threads = threads or max(1, (torch.get_num_threads()))
+        self.rank, self.world_size = rank, world_size
+        self.mean = [m * 255 for m in mean] * (in_chans if len(mean) == 1 else 1)
+        self.std = [s * 255 for s in std] * (in_chans if len(std) == 1 else 1)
+        self.epoch = 0
+        self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
+        self._pipe = None
+        self._done = 0
+
+    # -- accounting -----------------------------------------------------------------------
+    def part(self, rank: int | None = None) -> tuple[int, int]:
+        """[start, end) of the samples DALI's reader gives this rank (its sharding rule)."""
+        r = self.rank if rank is None else rank
+        n, w = self.shards.num_samples, self.world_size
+        return n * r // w, n * (r + 1) // w
+
+    def num_samples(self, epoch: int | None = None) -> int:
+        if self.train:
+            return self.shards.num_samples // self.world_size
+        start, end = self.part()
+        return end - start
+
+    def __len__(self) -> int:
+        n = self.num_samples()
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def _build(self, checkpoint: str | None = None):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+        order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
+        paths = [self.shards.urls[i] for i in order]
+        index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]
+        size = self.image_size
+        color = types.RGB if self.in_chans == 3 else types.GRAY
+        dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=(self.device.index or 0) if gpu else None,
+            seed=hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF,
+            enable_checkpointing=True,
+            prefetch_queue_depth=2,
+        )
+        def pipeline():
+            jpegs, labels = fn.readers.webdataset(
+                paths=paths,
+                index_paths=index_paths,
+                ext=["jpg", "cls"],
+                missing_component_behavior="error",
+                dtypes=[types.UINT8, types.UINT8],
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                random_shuffle=self.train,
+                initial_fill=min(self.shuffle_buffer, 1024),
+                pad_last_batch=not self.train,
+                name="reader",
+            )
+            where = fn.get_property(jpegs, key="source_info")
+            decoder = "mixed" if gpu else "cpu"
+            if self.train and self.rrc:
+                images = fn.decoders.image_random_crop(
+                    jpegs,
+                    device=decoder,
+                    output_type=color,
+                    random_area=[self.rrc_min_scale, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3],
+                )
+                images = fn.resize(images, size=[size, size], antialias=True)
+            else:
+                images = fn.decoders.image(jpegs, device=decoder, output_type=color)
+                if self.train:
+                    # Random translation by up to crop_padding pixels, zero-filled: the
+                    # padded random crop of the CIFAR recipe.
+                    p = self.crop_padding
+                    start = fn.cast(
+                        fn.random.uniform(values=[float(v) for v in range(-p, p + 1)], shape=2),
+                        dtype=types.INT32,
+                    )
+                    images = fn.slice(
+                        images,
+                        start=start,
+                        shape=[size, size],
+                        axis_names="HW",
+                        out_of_bounds_policy="pad",
+                        fill_values=0,
+                    )
+                elif self.val_resize:
+                    images = fn.resize(images, resize_shorter=self.val_resize, antialias=True)
+            mirror = fn.random.coin_flip() if self.train and self.hflip else 0
+            images = fn.crop_mirror_normalize(
+                images,
+                crop=[size, size],
+                out_of_bounds_policy="pad",
+                mirror=mirror,
+                mean=self.mean,
+                std=self.std,
+                output_layout="HWC",
+                dtype=dtype,
+            )
+            return images, labels, where
+
+        pipe = pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        resume, self._resume = self._resume, None
+        done, checkpoint = resume if resume else (0, None)
+        self._pipe = self._build(checkpoint)
+        self._done = done
+        total, remaining = len(self), self.num_samples() - done * self.batch_size
+        try:
+            while self._done < total:
+                images, labels, where = self._pipe.run()
+                batch = self._to_batch(images, labels, where, keep=min(self.batch_size, remaining))
+                self._done += 1
+                remaining -= self.batch_size
+                yield batch
+        finally:
+            self._pipe = None
+
+    def _to_batch(self, images, labels, where, keep: int) -> Batch:
+        if self.device.type == "cuda":
+            images = images.as_tensor()
+            x = torch.empty(images.shape(), dtype=self.out_dtype, device=self.device)
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream())
+        else:
+            # DALI reuses its output buffers on the next run(): copy out now.
+            x = torch.from_dlpack(images.as_tensor()).clone()
+        x = x[:keep].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        if not self.channels_last:
+            x = x.contiguous()
+        y = torch.tensor([self._label(labels[i], where[i]) for i in range(keep)], dtype=torch.int64)
+        return Batch(x, y.to(self.device, non_blocking=True))
+
+    def _label(self, raw, where) -> int:
+        text = bytes(np.asarray(raw))
+        try:
+            label = int(text.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(
+                f"{self._where(where)}: .cls is not an integer: {text[:20]!r}"
+            ) from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{self._where(where)}: label {label} outside [0, {self.num_classes})")
+        return label
+
+    @staticmethod
+    def _where(where) -> str:
+        # source_info is "<tar path>:<offset>:<member name>"
+        path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
+        return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
+
+    # -- data position ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The position mid-epoch: epoch, batches delivered, and DALI's pipeline checkpoint
+        (reader position, shuffle buffer and RNG state after the last delivered batch)."""
+        if self._pipe is None:
+            return {"epoch": self.epoch, "batches": 0, "dali": None}
+        return {"epoch": self.epoch, "batches": self._done, "dali": self._pipe.checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self._resume = (state["batches"], state["dali"]) if state["dali"] else None

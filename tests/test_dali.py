@@ -1,0 +1,124 @@
+"""The DALI backend on CPU (device_id=None), against the torch backend and its own rules."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from distres.config import load_config
+from distres.data import build_loaders
+from distres.data.dali import DaliLoader, dali_available
+
+pytestmark = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+
+
+def loaders(backend, *overrides, rank=0, world_size=1):
+    cfg = load_config(None, [f"data.backend={backend}", *overrides])
+    return build_loaders(cfg, torch.device("cpu"), rank, world_size)
+
+
+def labels_of(loader):
+    return Counter(torch.cat([b.labels for b in loader]).tolist())
+
+
+def test_auto_picks_dali_where_it_imports():
+    train, val = loaders("auto")
+    assert isinstance(train, DaliLoader) and isinstance(val, DaliLoader)
+
+
+def test_both_backends_honour_the_batch_contract():
+    for backend in ("dali", "torch"):
+        train, val = loaders(backend)
+        for loader, n in ((train, 64), (val, 64)):
+            batch = next(iter(loader))
+            assert batch.images.shape == (n, 3, 32, 32), backend
+            assert batch.images.dtype == torch.float32
+            assert batch.images.is_contiguous(memory_format=torch.channels_last), backend
+            assert batch.labels.dtype == torch.int64
+            assert -3 < float(batch.images.mean()) < 3
+    nchw, _ = loaders("dali", "train.channels_last=false")
+    assert next(iter(nchw)).images.is_contiguous()
+
+
+def test_both_backends_give_the_same_labels_per_epoch():
+    # Batch 4 divides the 1,436 training samples: nothing is dropped by either backend.
+    dali_train, dali_val = loaders("dali", "train.batch_size=4")
+    torch_train, torch_val = loaders("torch", "train.batch_size=4")
+    assert labels_of(dali_train) == labels_of(torch_train)
+    assert sum(labels_of(dali_train).values()) == 1436
+    assert labels_of(dali_val) == labels_of(torch_val)
+    assert sum(labels_of(dali_val).values()) == 361
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_parts_are_disjoint_and_cover_the_data(world):
+    full_train, full_val = loaders("dali", "train.batch_size=1")
+    want_train, want_val = labels_of(full_train), labels_of(full_val)
+    got_train, got_val, steps = Counter(), Counter(), set()
+    for rank in range(world):
+        train, val = loaders("dali", "train.batch_size=1", rank=rank, world_size=world)
+        starts_ends = [train.part(r) for r in range(world)]
+        assert starts_ends[0][0] == 0 and starts_ends[-1][1] == 1436
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(starts_ends))
+        if 1436 % world == 0:
+            got_train += labels_of(train)
+        steps.add(len(train))
+        got_val += labels_of(val)
+    assert len(steps) == 1  # every rank runs the same number of steps
+    assert got_val == want_val  # each val sample exactly once over the ranks
+    if 1436 % world == 0:
+        assert got_train == want_train
+
+
+def test_order_changes_with_epoch_and_is_reproducible():
+    first = [b.labels for b in loaders("dali")[0]]
+    again = [b.labels for b in loaders("dali")[0]]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    train, _ = loaders("dali")
+    train.set_epoch(1)
+    second = [b.labels for b in train]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_checkpoint_mid_epoch_reproduces_the_following_batches():
+    train, _ = loaders("dali", "train.batch_size=32")
+    train.set_epoch(3)
+    it = iter(train)
+    for _ in range(7):
+        next(it)
+    state = train.state_dict()
+    assert state["epoch"] == 3 and state["batches"] == 7 and state["dali"]
+    rest = list(it)
+    assert len(rest) == len(train) - 7
+
+    restored, _ = loaders("dali", "train.batch_size=32")
+    restored.load_state_dict(state)
+    replay = list(restored)
+    assert len(replay) == len(rest)
+    for a, b in zip(rest, replay, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_val_pads_nothing_into_the_counts():
+    _, val = loaders("dali", "train.batch_size=100")
+    sizes = [len(b.labels) for b in val]
+    assert sizes == [100, 100, 100, 61]
+
+
+def test_missing_index_is_a_clear_error(tmp_path, digits_dirs):
+    import shutil
+
+    from distres.data.torch_loader import DataError
+
+    shutil.copytree(digits_dirs[1], tmp_path / "val")
+    next((tmp_path / "val").glob("*.idx")).unlink()
+    with pytest.raises(DataError, match=r"\.idx: DALI index missing"):
+        loaders(
+            "dali",
+            "data.dataset=shards",
+            f"data.train_shards={digits_dirs[0]}",
+            f"data.val_shards={tmp_path / 'val'}",
+        )
