@@ -122,3 +122,63 @@ def test_missing_index_is_a_clear_error(tmp_path, digits_dirs):
             f"data.train_shards={digits_dirs[0]}",
             f"data.val_shards={tmp_path / 'val'}",
         )
+
+
+def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from distres.data.shards import read_shard_set, write_shards
+    from distres.data.torch_loader import DataError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="JPEG")
+    write_shards(
+        [("a", buf.getvalue(), 1), ("broken", b"\xff\xd8 not a jpeg", 2)],
+        tmp_path,
+        "x",
+        {str(i): i for i in range(10)},
+        10,
+    )
+    loader = DaliLoader(
+        read_shard_set(tmp_path),
+        train=False,
+        batch_size=4,
+        image_size=32,
+        mean=[0.5],
+        std=[0.5],
+        num_classes=10,
+    )
+    with pytest.raises(DataError, match=f"{tmp_path}: DALI pipeline failed in epoch 0"):
+        list(loader)
+
+
+def test_label_out_of_range_names_shard_and_key(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from distres.data.shards import read_shard_set, write_shards
+    from distres.data.torch_loader import DataError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="JPEG")
+    write_shards(
+        [("a", buf.getvalue(), 1), ("bad-key", buf.getvalue(), 12)],
+        tmp_path,
+        "x",
+        {str(i): i for i in range(10)},
+        10,
+    )
+    loader = DaliLoader(
+        read_shard_set(tmp_path),
+        train=False,
+        batch_size=4,
+        image_size=32,
+        mean=[0.5],
+        std=[0.5],
+        num_classes=10,
+    )
+    with pytest.raises(DataError, match=r"x-000000\.tar: sample 'bad-key': label 12 outside"):
+        list(loader)

@@ -200,13 +200,28 @@ class DaliLoader:
         total, remaining = len(self), self.num_samples() - done * self.batch_size
         try:
             while self._done < total:
-                images, labels, where = self._pipe.run()
+                images, labels, where = self._run()
                 batch = self._to_batch(images, labels, where, keep=min(self.batch_size, remaining))
                 self._done += 1
                 remaining -= self.batch_size
                 yield batch
         finally:
             self._pipe = None
+
+    def _run(self):
+        try:
+            return self._pipe.run()
+        except RuntimeError as e:
+            # DALI names the operator, not the sample: name the shard set and the way to find
+            # the culprit.
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            cause = next((x for x in lines if "failure" in x or "rror:" in x), lines[-1])
+            raise DataError(
+                f"{self.shards.root}: DALI pipeline failed in epoch {self.epoch} batch "
+                f"{self._done} ({cause}); a corrupt sample? shards written by "
+                "python -m distres.data.shards are decoded in full when written, and "
+                "data.backend=torch names the bad shard and key"
+            ) from None
 
     def _to_batch(self, images, labels, where, keep: int) -> Batch:
         if self.device.type == "cuda":
