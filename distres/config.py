@@ -97,6 +97,11 @@ class DataConfig:
         "auto (dali wherever it imports)",
     )
     dali_threads: int = doc(0, "dali: CPU threads per pipeline; 0: torch's thread count")
+    on_bad_sample: str = doc(
+        "error",
+        "error: stop every rank with the shard and key | skip: "
+        "report, count (data/skipped in metrics) and go on",
+    )
     image_size: int = doc(32, "training crop size (pixels, square)")
     val_resize: int = doc(
         0,
@@ -122,6 +127,7 @@ class DataConfig:
         _choice("data.dataset", self.dataset, ("digits", "shards"))
         _choice("data.backend", self.backend, ("auto", "dali", "torch"))
         _at_least("data.dali_threads", self.dali_threads, 0)
+        _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
         if self.backend == "dali":
             from distres.data.dali import dali_available
 

@@ -191,8 +191,18 @@ class Trainer:
                 "lr": self.engine.current_lr(),
                 "train/loss": mean_loss,
                 "img_per_s": steps * self.plan.global_batch / max(elapsed, 1e-9),
+                "data/skipped": self.skipped_samples(),
             }
         )
+
+    def skipped_samples(self) -> int:
+        """Bad samples skipped so far on all ranks (data.on_bad_sample=skip); log steps only."""
+        count = self.train_data.skipped + self.val_data.skipped
+        if not self.env.distributed:
+            return count
+        total = torch.tensor([count], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
 
     def validate(self) -> dict[str, float]:
         self.val_data.set_epoch(self.epoch)

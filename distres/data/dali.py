@@ -17,6 +17,7 @@ counts once. The data position is DALI's pipeline checkpoint plus the batch coun
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class DaliLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        skip_bad: bool = False,
     ):
         missing = [
             Path(u).with_suffix(".idx")
@@ -85,6 +87,7 @@ class DaliLoader:
         self.rank, self.world_size = rank, world_size
         self.mean = [m * 255 for m in mean] * (in_chans if len(mean) == 1 else 1)
         self.std = [s * 255 for s in std] * (in_chans if len(std) == 1 else 1)
+        self.skip_bad, self.skipped = skip_bad, 0
         self.epoch = 0
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._pipe = None
@@ -234,9 +237,23 @@ class DaliLoader:
             # DALI reuses its output buffers on the next run(): copy out now.
             x = torch.from_dlpack(images.as_tensor()).clone()
         x = x[:keep].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        good, ys = [], []
+        for i in range(keep):
+            try:
+                ys.append(self._label(labels[i], where[i]))
+                good.append(i)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"[distres] skipped bad data: {e}", file=sys.stderr, flush=True)
+                self.skipped += 1
+        if len(good) < keep:
+            # NOTE: DALI decodes a batch as a whole, so skipping covers label problems only
+            # (a bad image fails the batch); the batch shrinks by the skipped samples.
+            x = x[good]
         if not self.channels_last:
             x = x.contiguous()
-        y = torch.tensor([self._label(labels[i], where[i]) for i in range(keep)], dtype=torch.int64)
+        y = torch.tensor(ys, dtype=torch.int64)
         return Batch(x, y.to(self.device, non_blocking=True))
 
     def _label(self, raw, where) -> int:

@@ -42,6 +42,7 @@ def build_loaders(
         seed=cfg.run.seed,
         rank=rank,
         world_size=world_size,
+        skip_bad=d.on_bad_sample == "skip",
     )
     if resolve_backend(d.backend) == "dali":
         from distres.engine.ddp import resolve_precision

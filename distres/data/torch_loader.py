@@ -13,6 +13,7 @@ import io
 import itertools
 import random
 import signal
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -78,8 +79,10 @@ class _SampleStream(IterableDataset):
         num_classes: int,
         in_chans: int,
         stride: tuple[int, int] = (0, 1),
+        skip_bad: bool = False,
     ):
         self.shards, self.shard_ids = shards, shard_ids
+        self.skip_bad = skip_bad
         # (rank, world): keep only the samples whose global index is rank mod world.
         self.stride = stride
         starts = itertools.accumulate((0, *shards.counts))
@@ -96,8 +99,7 @@ class _SampleStream(IterableDataset):
         # NOTE: v2 transforms draw from torch's global RNG; seeding it here makes the
         # augmentation a function of (seed, epoch, rank, worker), in a worker or in main.
         torch.manual_seed(seed)
-        urls = [{"url": self.shards.urls[i]} for i in self.shard_ids[worker::workers]]
-        samples = wds.tarfile_samples(urls)
+        samples = self._read([self.shards.urls[i] for i in self.shard_ids[worker::workers]])
         if self.stride[1] > 1:
             samples = self._strided(samples)
         if self.shuffle_buffer > 1:
@@ -107,15 +109,48 @@ class _SampleStream(IterableDataset):
                 initial=self.shuffle_buffer,
                 rng=random.Random(seed),
             )
+        # Chunks are (images, labels, samples skipped since the last chunk); images is None
+        # for a chunk that only carries a skip count.
         images, labels = [], []
         for sample in samples:
-            images.append(self._image(sample))
-            labels.append(self._label(sample))
+            try:
+                image, label = self._image(sample), self._label(sample)
+            except DataError as e:
+                self._skip(e)
+                continue
+            images.append(image)
+            labels.append(label)
             if len(images) == CHUNK:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self._take()
                 images, labels = [], []
         if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self._take()
+        elif self.skipped:
+            yield None, None, self._take()
+
+    skipped = 0
+
+    def _skip(self, error: DataError) -> None:
+        """data.on_bad_sample: raise (error), or report and count (skip)."""
+        if not self.skip_bad:
+            raise error
+        print(f"[distres] skipped bad data: {error}", file=sys.stderr, flush=True)
+        self.skipped += 1
+
+    def _take(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
+
+    def _read(self, urls: list[str]) -> Iterator[dict]:
+        """Samples of each tar in turn; a tar that breaks off (truncated, unreadable) ends
+        with a DataError naming it, or, when skipping, is counted as one bad item."""
+        for url in urls:
+            try:
+                yield from wds.tarfile_samples([{"url": url}])
+            except DataError:
+                raise
+            except Exception as e:  # tarfile/webdataset raise several types for a bad tar
+                self._skip(DataError(f"{url}: unreadable tar ({type(e).__name__}: {e})"))
 
     def _strided(self, samples: Iterator[dict]) -> Iterator[dict]:
         rank, world = self.stride
@@ -193,6 +228,7 @@ class ShardLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        skip_bad: bool = False,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -207,6 +243,8 @@ class ShardLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self._done = self._skip = 0  # batches delivered this epoch; batches to replay
+        self.skip_bad = skip_bad
+        self.skipped = 0  # bad samples skipped so far (data.on_bad_sample=skip)
         scale = 255.0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * scale
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
@@ -237,19 +275,22 @@ class ShardLoader:
         n = self.num_samples()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _chunks(self, refill: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over this rank's shards (refill > 0: a re-read with its own seed)."""
+        seed = hash((self.seed, self.epoch, self.rank) + ((refill,) if refill else ()))
         stream = _SampleStream(
             self.shards,
             self.my_shards(self.epoch),
             self.transform,
             self.shuffle_buffer if self.train else 0,
-            hash((self.seed, self.epoch, self.rank)),
+            seed,
             self.num_classes,
             self.in_chans,
             stride=(self.rank, self.world_size) if self.strided else (0, 1),
+            skip_bad=self.skip_bad,
         )
         workers = min(self.num_workers, len(stream.shard_ids))
-        chunks = DataLoader(
+        loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
@@ -257,9 +298,31 @@ class ShardLoader:
             prefetch_factor=4 if workers else None,
             worker_init_fn=_ignore_stop_signals,
         )
+        delivered = 0
+        for images, labels, skipped in loader:
+            self.skipped += skipped
+            if images is not None:
+                delivered += len(labels)
+                yield images, labels
+        if delivered == 0 and self.train:
+            raise DataError(
+                f"{self.shards.root}: rank {self.rank} found no usable sample in "
+                f"its shards this epoch ({self.skipped} skipped)"
+            )
+
+    def _all_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._chunks(0)
+        if self.train:
+            # Only reached when skipped samples left this rank short of the step count every
+            # rank agreed on: re-read its shards (fresh order and augmentation) rather than
+            # run fewer steps, which would leave the other ranks waiting in an all-reduce.
+            for refill in itertools.count(1):
+                yield from self._chunks(refill)
+
+    def __iter__(self) -> Iterator[Batch]:
         # Training stops at len(self) steps even if a rank could read more (every rank runs
         # the same number of steps); validation reads everything.
-        batches = _rebatch(chunks, self.batch_size, drop_last=self.train)
+        batches = _rebatch(self._all_chunks(), self.batch_size, drop_last=self.train)
         skip, self._skip = self._skip, 0
         # The order and the augmentation are functions of (seed, epoch, rank), so replaying
         # the first `skip` batches on the host resumes the stream exactly where it stopped.
