@@ -28,6 +28,17 @@ from distres.data.batch import Batch
 from distres.data.shards import ShardSet
 from distres.data.torch_loader import DataError, shard_order
 
+PREFETCH = 2  # batches DALI works ahead of the consumer
+
+
+def _unshared(buf: torch.Tensor) -> bool:
+    """True when only `buf` itself uses its storage (views and slices would count too)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # private API gone: never reuse, allocate fresh each batch
+        return False
+    # one reference held by buf, one by the temporary UntypedStorage object
+    return use_count(buf.untyped_storage()._cdata) == 2
+
 
 def dali_available() -> bool:
     try:
@@ -92,6 +103,8 @@ class DaliLoader:
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._pipe = None
         self._done = 0
+        self._pool: list[torch.Tensor] = []  # reusable host batch buffers
+        self._next: tuple[int, object] | None = None  # (epoch, pipeline already prefetching)
 
     # -- accounting -----------------------------------------------------------------------
     def part(self, rank: int | None = None) -> tuple[int, int]:
@@ -131,7 +144,7 @@ class DaliLoader:
             device_id=(self.device.index or 0) if gpu else None,
             seed=hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF,
             enable_checkpointing=True,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=PREFETCH,
         )
         def pipeline():
             jpegs, labels = fn.readers.webdataset(
@@ -198,12 +211,32 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         resume, self._resume = self._resume, None
         done, checkpoint = resume if resume else (0, None)
-        self._pipe = self._build(checkpoint)
+        pipe, self._next = self._next, None
+        if pipe is not None and pipe[0] == self.epoch and not checkpoint:
+            fresh = False  # built and prefetching since the last epoch's end
+        else:
+            pipe, fresh = (self.epoch, self._build(checkpoint)), True
+        self._pipe = pipe = pipe[1]
         self._done = done
         total, remaining = len(self), self.num_samples() - done * self.batch_size
+        # NOTE: the scheduled API rather than run(): run() keeps PREFETCH batches in flight
+        # past the end of the epoch, work that is thrown away with the pipeline. Scheduling
+        # stops at the epoch's last batch, and the next epoch's pipeline (a new shard order
+        # needs a new reader) is built and starts prefetching then, so the epoch boundary
+        # costs no stall. Neither changes a sample: the next pipeline is exactly the one a
+        # fresh __iter__ would build.
         try:
+            scheduled = done + PREFETCH
             while self._done < total:
-                images, labels, where = self._run()
+                if fresh:
+                    pipe.schedule_run()  # the first call prefetches PREFETCH runs
+                    fresh = False
+                elif self._done > done and scheduled < total:
+                    pipe.schedule_run()
+                    scheduled += 1
+                if scheduled >= total and self._next is None and self.train:
+                    self._next = (self.epoch + 1, self._prefetched(self.epoch + 1))
+                images, labels, where = self._outputs(pipe)
                 batch = self._to_batch(images, labels, where, keep=min(self.batch_size, remaining))
                 self._done += 1
                 remaining -= self.batch_size
@@ -211,9 +244,18 @@ class DaliLoader:
         finally:
             self._pipe = None
 
-    def _run(self):
+    def _prefetched(self, epoch: int):
+        current, self.epoch = self.epoch, epoch
         try:
-            return self._pipe.run()
+            pipe = self._build()
+        finally:
+            self.epoch = current
+        pipe.schedule_run()
+        return pipe
+
+    def _outputs(self, pipe):
+        try:
+            return pipe.outputs()
         except RuntimeError as e:
             # DALI names the operator, not the sample: name the shard set and the way to find
             # the culprit.
@@ -234,8 +276,10 @@ class DaliLoader:
 
             feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream())
         else:
-            # DALI reuses its output buffers on the next run(): copy out now.
-            x = torch.from_dlpack(images.as_tensor()).clone()
+            # DALI reuses its output buffers on the next run(): copy out now, into a pooled
+            # buffer (see _host_buffer) rather than a fresh allocation.
+            src = torch.from_dlpack(images.as_tensor())
+            x = self._host_buffer(src.shape, src.dtype).copy_(src)
         x = x[:keep].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         good, ys = [], []
         for i in range(keep):
@@ -255,6 +299,23 @@ class DaliLoader:
             x = x.contiguous()
         y = torch.tensor(ys, dtype=torch.int64)
         return Batch(x, y.to(self.device, non_blocking=True))
+
+    def _host_buffer(self, shape, dtype) -> torch.Tensor:
+        """A CPU buffer for one batch that nothing outside the pool still references.
+
+        A fresh 38 MB tensor per batch (64x224x224x3 fp32) costs more than the copy itself:
+        glibc serves blocks this large by mmap and returns them on free, so every batch
+        page-faults its memory in again. Buffers are reused once the last tensor sharing their
+        storage is gone, so a batch the caller still holds (grad accumulation, a kept
+        reference) is never overwritten.
+        """
+        for buf in self._pool:
+            if buf.shape == shape and buf.dtype == dtype and _unshared(buf):
+                return buf
+        buf = torch.empty(shape, dtype=dtype)
+        if len(self._pool) < 8:
+            self._pool.append(buf)
+        return buf
 
     def _label(self, raw, where) -> int:
         text = bytes(np.asarray(raw))
