@@ -255,7 +255,26 @@ class EngineConfig:
 
 @dataclass
 class CheckpointConfig:
+    dir: str = doc("", "where checkpoints go; empty means <run.dir>/checkpoints")
+    every_steps: int = doc(0, "checkpoint every N optimizer steps; 0: off")
+    every_epochs: int = doc(1, "checkpoint at the end of every N epochs; 0: off")
+    on_stop: bool = doc(True, "checkpoint when the run stops: completed, early stop, signal")
+    keep_last: int = doc(2, "committed checkpoints kept, newest first (plus the best one)")
+    keep_best: bool = doc(True, "also keep the best checkpoint by early_stop.monitor")
+    async_save: bool = doc(False, "write in the background; training goes on meanwhile")
+    resume: str = doc("auto", "auto (latest complete one in the dir, if any) | none | PATH")
     save_final: bool = doc(True, "write final/model.safetensors and final/model.yaml")
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.every_steps", self.every_steps, 0)
+        _at_least("checkpoint.every_epochs", self.every_epochs, 0)
+        _at_least("checkpoint.keep_last", self.keep_last, 1)
+        if not self.resume:
+            raise ConfigError("checkpoint.resume='': use auto, none or a checkpoint path")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every_steps or self.every_epochs or self.on_stop)
 
 
 @dataclass

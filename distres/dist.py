@@ -94,6 +94,9 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     )
     try:
         yield
+        # A clean exit waits for every rank: a rank tearing gloo down while a peer still
+        # sends can abort that peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

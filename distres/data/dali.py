@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,15 +30,6 @@ from distres.data.shards import ShardSet
 from distres.data.torch_loader import DataError, shard_order
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
-
-
-def _unshared(buf: torch.Tensor) -> bool:
-    """True when only `buf` itself uses its storage (views and slices would count too)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # private API gone: never reuse, allocate fresh each batch
-        return False
-    # one reference held by buf, one by the temporary UntypedStorage object
-    return use_count(buf.untyped_storage()._cdata) == 2
 
 
 def dali_available() -> bool:
@@ -103,8 +95,11 @@ class DaliLoader:
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._pipe = None
         self._done = 0
-        self._pool: list[torch.Tensor] = []  # reusable host batch buffers
         self._next: tuple[int, object] | None = None  # (epoch, pipeline already prefetching)
+        # (epoch, shard paths, index paths, samples): the rest of an epoch resumed on another
+        # world size; see resume_from_ranks
+        self._subset: tuple[int, list[str], list[str], int] | None = None
+        self._subset_dir: tempfile.TemporaryDirectory | None = None
 
     # -- accounting -----------------------------------------------------------------------
     def part(self, rank: int | None = None) -> tuple[int, int]:
@@ -115,6 +110,9 @@ class DaliLoader:
 
     def num_samples(self, epoch: int | None = None) -> int:
         if self.train:
+            epoch = self.epoch if epoch is None else epoch
+            if self._subset is not None and self._subset[0] == epoch:
+                return self._subset[3] // self.world_size
             return self.shards.num_samples // self.world_size
         start, end = self.part()
         return end - start
@@ -131,9 +129,12 @@ class DaliLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
-        order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
-        paths = [self.shards.urls[i] for i in order]
-        index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]
+        if self._subset is not None and self._subset[0] == self.epoch:
+            _, paths, index_paths, _ = self._subset
+        else:
+            order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
+            paths = [self.shards.urls[i] for i in order]
+            index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]
         size = self.image_size
         color = types.RGB if self.in_chans == 3 else types.GRAY
         dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
@@ -144,6 +145,7 @@ class DaliLoader:
             device_id=(self.device.index or 0) if gpu else None,
             seed=hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF,
             enable_checkpointing=True,
+            exec_dynamic=True,
             prefetch_queue_depth=PREFETCH,
         )
         def pipeline():
@@ -276,10 +278,8 @@ class DaliLoader:
 
             feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream())
         else:
-            # DALI reuses its output buffers on the next run(): copy out now, into a pooled
-            # buffer (see _host_buffer) rather than a fresh allocation.
-            src = torch.from_dlpack(images.as_tensor())
-            x = self._host_buffer(src.shape, src.dtype).copy_(src)
+            # The dynamic executor hands out reference-counted buffers: zero copy.
+            x = torch.from_dlpack(images.as_tensor())
         x = x[:keep].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         good, ys = [], []
         for i in range(keep):
@@ -300,23 +300,6 @@ class DaliLoader:
         y = torch.tensor(ys, dtype=torch.int64)
         return Batch(x, y.to(self.device, non_blocking=True))
 
-    def _host_buffer(self, shape, dtype) -> torch.Tensor:
-        """A CPU buffer for one batch that nothing outside the pool still references.
-
-        A fresh 38 MB tensor per batch (64x224x224x3 fp32) costs more than the copy itself:
-        glibc serves blocks this large by mmap and returns them on free, so every batch
-        page-faults its memory in again. Buffers are reused once the last tensor sharing their
-        storage is gone, so a batch the caller still holds (grad accumulation, a kept
-        reference) is never overwritten.
-        """
-        for buf in self._pool:
-            if buf.shape == shape and buf.dtype == dtype and _unshared(buf):
-                return buf
-        buf = torch.empty(shape, dtype=dtype)
-        if len(self._pool) < 8:
-            self._pool.append(buf)
-        return buf
-
     def _label(self, raw, where) -> int:
         text = bytes(np.asarray(raw))
         try:
@@ -334,6 +317,48 @@ class DaliLoader:
         # source_info is "<tar path>:<offset>:<member name>"
         path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
         return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
+
+    def resume_from_ranks(
+        self, epoch: int, states: list[dict], micro_batch: int, world_size: int
+    ) -> int:
+        """Continue `epoch` after another world size stopped in it: the rest of the epoch is
+        the samples no old rank had consumed, split over this world size. Returns this rank's
+        batches left in the epoch.
+
+        Old rank r read its contiguous part of the epoch's sample sequence and had delivered
+        states[r]["batches"] x micro_batch samples; those are taken to be the first ones of its
+        part. DALI's shuffle draws them from a window of initial_fill samples ahead, so up to
+        initial_fill (1,024 at most) samples per old rank are repeated and as many skipped.
+        The rest is exact: index files listing only the unconsumed samples feed the reader.
+        """
+        self.epoch = epoch
+        order = shard_order(self.shards, epoch, self.seed, shuffle=True)
+        n = self.shards.num_samples
+        consumed = []
+        for r, state in enumerate(states):
+            start, end = n * r // world_size, n * (r + 1) // world_size
+            consumed.append((start, min(end, start + state["batches"] * micro_batch)))
+        self._subset_dir = tempfile.TemporaryDirectory(prefix="distres-resume-idx-")
+        out = Path(self._subset_dir.name)
+        paths, index_paths, pos, total = [], [], 0, 0
+        for i in order:
+            url = self.shards.urls[i]
+            header, *lines = Path(url).with_suffix(".idx").read_text().splitlines()
+            keep = [
+                line
+                for j, line in enumerate(lines)
+                if not any(a <= pos + j < b for a, b in consumed)
+            ]
+            pos += len(lines)
+            if keep:
+                index = out / f"{i:06d}.idx"
+                index.write_text(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
+                paths.append(url)
+                index_paths.append(str(index))
+                total += len(keep)
+        self._subset = (epoch, paths, index_paths, total)
+        self._resume, self._next = None, None
+        return len(self)
 
     # -- data position ----------------------------------------------------------------------
     def state_dict(self) -> dict:
