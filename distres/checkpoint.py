@@ -28,7 +28,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -259,16 +262,20 @@ class CheckpointWriter:
         _write_json(tmp / f"rank-{self.rank:05d}.json", rank_state)
         if self.rank == 0:
             _write_json(tmp / META, {"format_version": FORMAT_VERSION, **meta})
+        failpoint("checkpoint.write", step)
         kwargs = {"checkpoint_id": str(tmp), "process_group": self.group}
         if not self.distributed:
             kwargs["no_dist"] = True
-        if self.async_save:
-            future = dcp.async_save(tensors, **kwargs)
-            future = getattr(future, "upload_completion", future)  # AsyncSaveResponse or Future
-            self.pending = _Pending(future, tmp, final, metric)
-        else:
-            dcp.save(tensors, **kwargs)
-            self.pending = _Pending(None, tmp, final, metric)
+        with _quiet():
+            if self.async_save:
+                future = dcp.async_save(tensors, **kwargs)
+                # an AsyncSaveResponse (newer torch) or a Future
+                future = getattr(future, "upload_completion", future)
+                self.pending = _Pending(future, tmp, final, metric)
+            else:
+                dcp.save(tensors, **kwargs)
+                self.pending = _Pending(None, tmp, final, metric)
+        if not self.async_save:
             self.wait()
         return final
 
@@ -283,6 +290,7 @@ class CheckpointWriter:
         pending, self.pending = self.pending, None
         if pending.future is not None:
             pending.future.result()
+        failpoint("checkpoint.commit", _step(pending.final))
         self._barrier()  # every rank's shard and rank file is written
         if self.rank == 0:
             self._commit(pending)
@@ -328,16 +336,40 @@ def load_tensors(path: Path, tensors: dict[str, Any]) -> None:
     kwargs = {}
     if not (dist.is_available() and dist.is_initialized()):
         kwargs["no_dist"] = True
-    dcp.load(
-        tensors,
-        storage_reader=SafeFileSystemReader(path),
-        planner=SafeLoadPlanner(),
-        **kwargs,
-    )
+    with _quiet():
+        dcp.load(
+            tensors,
+            storage_reader=SafeFileSystemReader(path),
+            planner=SafeLoadPlanner(),
+            **kwargs,
+        )
 
 
 def read_rank_state(path: Path, rank: int) -> dict:
     return json.loads((path / f"rank-{rank:05d}.json").read_text())
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # DCP warns that a single process "assumes the intent" of a non-distributed save/load:
+    # it is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def failpoint(name: str, step: int) -> None:
+    """DISTRES_FAILPOINT=<name>@<step>[@<rank>] kills this process (SIGKILL, no cleanup) at
+    that point: how the tests crash a rank in the middle of a checkpoint write."""
+    spec = os.environ.get("DISTRES_FAILPOINT", "")
+    if not spec:
+        return
+    parts = spec.split("@")
+    if parts[0] != name or int(parts[1]) != step:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if len(parts) < 3 or int(parts[2]) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- small helpers --------------------------------------------------------------------------

@@ -46,3 +46,58 @@ def load_weights(path: str | os.PathLike, map_location: str = "cpu") -> nn.Modul
     model = build_model(ModelConfig(**yaml.safe_load(cfg_path.read_text())))
     model.load_state_dict(load_file(str(path), device=map_location))
     return model.to(torch.device(map_location))
+
+
+def checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The model weights of a sharded checkpoint (any world size), consolidated in this one
+    process, with the model config the checkpoint records."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from distres import checkpoint as ckpt
+
+    path = Path(path)
+    found = ckpt.find_resume(path, str(path)) if path.is_dir() else None
+    if found is None:
+        raise ckpt.CheckpointError(f"{path}: not a distres checkpoint directory")
+    path, meta = found
+    model_cfg = ModelConfig(**meta["model"])
+    model = build_model(model_cfg)
+    state = {"model": get_model_state_dict(model)}
+    ckpt.load_tensors(path, state)
+    return state["model"], model_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from distres import checkpoint as ckpt
+
+    parser = argparse.ArgumentParser(
+        prog="python -m distres.export",
+        description="Consolidate a sharded checkpoint into one safetensors file (plus "
+        "model.yaml beside it). ImageNet variants keep torchvision's key names.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint (step-N) or a directory of them")
+    parser.add_argument("--out", required=True, help="FILE.safetensors")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        parser.error(f"--out {out}: must end in .safetensors")
+    try:
+        weights, model_cfg = checkpoint_weights(args.checkpoint)
+    except (ckpt.CheckpointError, OSError) as e:
+        print(f"distres.export: {e}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    save_file(state, str(out), metadata={"format": "pt", "model": model_cfg.name})
+    (out.with_name(MODEL_CONFIG)).write_text(
+        yaml.safe_dump(dataclasses.asdict(model_cfg), sort_keys=False)
+    )
+    print(f"{out}: {len(state)} tensors of {model_cfg.name} from {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

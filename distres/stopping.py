@@ -69,6 +69,7 @@ class StopConsensus:
         self.non_finite = torch.zeros((), device=device)
         self.early_stop = False
         self.signal: int | None = None
+        self.peers_busy = False
         self._previous: dict[int, object] = {}
 
     def install_signal_handlers(self) -> None:
@@ -86,18 +87,25 @@ class StopConsensus:
     def note_loss(self, loss: torch.Tensor) -> None:
         self.non_finite = torch.maximum(self.non_finite, (~torch.isfinite(loss)).float())
 
-    def agree(self) -> str | None:
-        """All-reduce the flags (when distributed); the agreed stop reason, or None."""
+    def agree(self, busy: bool = False) -> str | None:
+        """All-reduce the flags (when distributed); the agreed stop reason, or None.
+
+        `busy` rides along: this rank's async checkpoint write is still running. After the
+        call, peers_busy says whether any rank's was, so a commit waits for none of them.
+        """
         flags = torch.stack(
             [
                 self.non_finite,
                 torch.tensor(float(self.signal is not None), device=self.device),
                 torch.tensor(float(self.early_stop), device=self.device),
+                torch.tensor(float(busy), device=self.device),
             ]
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        for reason, raised in zip(self.REASONS, flags.tolist(), strict=True):
+        *stops, busy_anywhere = flags.tolist()
+        self.peers_busy = bool(busy_anywhere)
+        for reason, raised in zip(self.REASONS, stops, strict=True):
             if raised:
                 return reason
         return None

@@ -56,6 +56,23 @@ class Tracker:
         self._t0 = time.perf_counter()
         self._first_step = 0
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint a run resumes from), so the
+        file reads as one uninterrupted history."""
+        if not self.enabled:
+            return
+        self._metrics.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self._metrics = open(path, "a")  # noqa: SIM115
+
     def start(self, first_step: int = 0) -> None:
         self._t0 = time.perf_counter()
         self._first_step = first_step

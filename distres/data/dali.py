@@ -16,6 +16,7 @@ counts once. The data position is DALI's pipeline checkpoint plus the batch coun
 
 from __future__ import annotations
 
+import base64
 import math
 import sys
 import tempfile
@@ -96,6 +97,7 @@ class DaliLoader:
         self._pipe = None
         self._done = 0
         self._next: tuple[int, object] | None = None  # (epoch, pipeline already prefetching)
+        self._stopped: dict | None = None  # the position an abandoned epoch had reached
         # (epoch, shard paths, index paths, samples): the rest of an epoch resumed on another
         # world size; see resume_from_ranks
         self._subset: tuple[int, list[str], list[str], int] | None = None
@@ -212,6 +214,7 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         resume, self._resume = self._resume, None
+        self._stopped = None
         done, checkpoint = resume if resume else (0, None)
         pipe, self._next = self._next, None
         if pipe is not None and pipe[0] == self.epoch and not checkpoint:
@@ -244,6 +247,10 @@ class DaliLoader:
                 remaining -= self.batch_size
                 yield batch
         finally:
+            # The caller may stop mid-epoch (a stop, max_steps) and checkpoint afterwards:
+            # keep the position the pipeline had reached before it goes.
+            if self._done < total:
+                self._stopped = self._position()
             self._pipe = None
 
     def _prefetched(self, epoch: int):
@@ -364,10 +371,20 @@ class DaliLoader:
     def state_dict(self) -> dict:
         """The position mid-epoch: epoch, batches delivered, and DALI's pipeline checkpoint
         (reader position, shuffle buffer and RNG state after the last delivered batch)."""
-        if self._pipe is None:
-            return {"epoch": self.epoch, "batches": 0, "dali": None}
-        return {"epoch": self.epoch, "batches": self._done, "dali": self._pipe.checkpoint()}
+        if self._pipe is not None:
+            return self._position()
+        if self._stopped is not None and self._stopped["epoch"] == self.epoch:
+            return self._stopped
+        return {"epoch": self.epoch, "batches": 0, "dali": None}
+
+    def _position(self) -> dict:
+        # DALI's checkpoint is a serialized protobuf: base64 keeps the state JSON.
+        dali_state = base64.b64encode(self._pipe.checkpoint()).decode("ascii")
+        return {"epoch": self.epoch, "batches": self._done, "dali": dali_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        self._resume = (state["batches"], state["dali"]) if state["dali"] else None
+        dali_state = state["dali"]
+        if isinstance(dali_state, str):
+            dali_state = base64.b64decode(dali_state)
+        self._resume = (state["batches"], dali_state) if dali_state else None

@@ -1,0 +1,302 @@
+"""Checkpoints and resume: real torchrun, real gloo ranks, real SIGKILLs, deterministic mode.
+
+Every launch has a timeout; a hang fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+from distres import checkpoint as ckpt
+
+# 2 ranks x 64 of the 1,436 digits: 11 steps per epoch, 22 in all.
+BASE = [
+    "run.threads=1",
+    "run.deterministic=true",
+    "train.epochs=2",
+    "checkpoint.every_steps=3",
+    "tracking.log_every=1",
+    "checkpoint.keep_last=50",
+]
+TIMING = {"img_per_s"}
+
+
+def torchrun_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "distres.train",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
+
+
+def env_with(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def train(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, **env):
+    proc = subprocess.run(
+        torchrun_cmd(nproc, run_dir, *overrides),
+        cwd=REPO,
+        env=env_with(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (torchrun starts its workers in their own sessions, so killing
+    the agent's process group would leave them running)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 300) -> int:
+    """Launch 2 ranks and SIGKILL the agent and every worker once rank 0 has logged step
+    `target`; the step reached when the kill landed."""
+    proc = subprocess.Popen(
+        torchrun_cmd(2, run_dir, *overrides),
+        cwd=REPO,
+        env=env_with(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    metrics, deadline, reached = run_dir / "metrics.jsonl", time.monotonic() + timeout, -1
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.exists():
+                steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x]
+                reached = max(steps, default=-1)
+                if reached >= target:
+                    for pid in [*children(proc.pid), proc.pid]:
+                        os.kill(pid, signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert reached >= target, f"the run ended (rc {proc.returncode}) before step {target}"
+    return reached
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines if x]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = (
+        load_file(str(a / "final" / "model.safetensors")),
+        load_file(str(b / "final" / "model.safetensors")),
+    )
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bitwise
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = train(2, run_dir, *BASE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_mid_epoch_then_resume_is_exact(uninterrupted, tmp_path, mode):
+    # A random step, never an epoch boundary (11), never a checkpoint step's own boundary.
+    target = random.choice([s for s in range(4, 21) if s not in (11, 12)])
+    overrides = [*BASE, f"checkpoint.async_save={mode == 'async'}"]
+    reached = kill_at_step(tmp_path, target, *overrides)
+    latest = ckpt.find_resume(tmp_path / "checkpoints", "auto")
+    assert latest is not None and latest[1]["step"] <= reached
+    proc = train(2, tmp_path, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {latest[0]}: step {latest[1]['step']}" in proc.stderr, (
+        f"killed at step {reached}: {proc.stderr[-2000:]}"
+    )
+    assert_same_weights(uninterrupted, tmp_path)
+    # The history reads as one run: records past the checkpoint were dropped on resume, and
+    # every value from the resume point on matches the uninterrupted run.
+    assert records(tmp_path) == records(uninterrupted), f"killed at step {reached}"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 22 and summary["samples_seen"] == 22 * 128
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous(uninterrupted, tmp_path):
+    # Rank 1 dies after writing its part of step 9, before the commit.
+    proc = train(2, tmp_path, *BASE, DISTRES_FAILPOINT="checkpoint.commit@9@1")
+    assert proc.returncode != 0
+    root = tmp_path / "checkpoints"
+    assert (root / ".tmp-step-00000009").is_dir() and not (root / "step-00000009").exists()
+    assert (root / "latest").read_text().strip() == "step-00000006"
+    proc = train(2, tmp_path, *BASE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-00000006: step 6" in proc.stderr
+    assert not (root / ".tmp-step-00000009").exists()  # the partial write was cleaned up
+    assert_same_weights(uninterrupted, tmp_path)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_resume_on_another_world_size(tmp_path, world):
+    # Global batch 192 = 32 x 3 accum x 2 ranks; 6 accum on 1 rank, 2 on 3 ranks.
+    common = ["run.threads=1", "train.batch_size=32", "train.grad_accum=3", "tracking.log_every=1"]
+    proc = train(2, tmp_path, *common, "train.epochs=2", "train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train(world, tmp_path, *common, "train.epochs=2", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accum = 192 // (32 * world)
+    assert f"grad_accum 3 -> {accum}" in proc.stderr
+    assert f"written by 2 rank(s), now {world}" in proc.stderr
+    train_records = [r for r in records(tmp_path) if r["event"] == "train"]
+    after = [r for r in train_records if r["step"] > 4]
+    assert after[0]["samples"] == 5 * 192  # continues from the saved samples-seen count
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == world and summary["global_batch"] == 192
+    assert summary["samples_seen"] == summary["steps"] * 192
+    assert summary["steps"] == 14  # 7 steps per epoch on every world size here
+
+
+def _short_run(run_dir: Path, *overrides: str):
+    return run_cli(
+        f"run.dir={run_dir}",
+        "run.threads=1",
+        "train.epochs=1",
+        "checkpoint.every_steps=3",
+        *overrides,
+    )
+
+
+def test_corrupt_latest_is_skipped_with_a_warning(tmp_path):
+    proc = _short_run(tmp_path, "checkpoint.keep_last=10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    root = tmp_path / "checkpoints"
+    newest = ckpt.committed(root)[0]
+    assert newest.name == "step-00000022"
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated, as by a full disk
+    proc = _short_run(tmp_path, "train.epochs=2", "checkpoint.keep_last=10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipping checkpoint: {shard}: truncated" in proc.stderr
+    assert "step-00000021: step 21" in proc.stderr
+
+
+def test_resume_none_and_resume_path(tmp_path):
+    assert _short_run(tmp_path, "checkpoint.keep_last=10").returncode == 0
+    picked = tmp_path / "checkpoints" / "step-00000009"
+    shutil.copytree(picked, tmp_path / "kept")
+    proc = _short_run(tmp_path / "other", f"checkpoint.resume={tmp_path / 'kept'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'kept'}: step 9" in proc.stderr
+    # none: a fresh start, which refuses to mix its checkpoints with an earlier run's
+    fresh = _short_run(tmp_path / "fresh", "checkpoint.resume=none", "train.max_steps=2")
+    assert fresh.returncode == 0 and "resumed from" not in fresh.stderr
+    mixed = _short_run(tmp_path, "checkpoint.resume=none")
+    assert mixed.returncode == 2 and "holds checkpoints of an earlier run" in mixed.stderr
+    missing = _short_run(tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+
+
+def test_retention_keeps_the_last_k_and_the_best(tmp_path):
+    proc = _short_run(tmp_path, "train.epochs=3", "checkpoint.keep_last=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    root = tmp_path / "checkpoints"
+    best = json.loads((root / "best.json").read_text())
+    names = {p.name for p in ckpt.committed(root)}
+    assert {"step-00000066", "step-00000063"} <= names
+    assert names <= {"step-00000066", "step-00000063", best["name"]}
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    top1 = max(r["val/top1"] for r in evals if r["event"] == "eval")
+    assert best["metric"] == pytest.approx(top1)
+
+
+def test_incompatible_resume_names_the_mismatch(tmp_path):
+    assert _short_run(tmp_path, "train.max_steps=3").returncode == 0
+    proc = _short_run(tmp_path, "model.name=resnet32")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "model.name='resnet20'" in lines[0] and "model.name='resnet32'" in lines[0]
+    # A checkpoint of a 12-class head (the built-in set has 10 classes, so the meta says so)
+    meta_file = tmp_path / "checkpoints" / "step-00000003" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model"]["num_classes"] = 12
+    meta_file.write_text(json.dumps(meta))
+    proc = _short_run(tmp_path)
+    assert proc.returncode == 2
+    assert "model.num_classes=12, this run has model.num_classes=10" in proc.stderr
+
+
+def test_export_of_an_imagenet_variant_loads_into_torchvision(tmp_path):
+    import torchvision
+
+    proc = _short_run(
+        tmp_path,
+        "model.name=resnet18",
+        "data.image_size=64",
+        "train.batch_size=16",
+        "train.max_steps=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "export" / "resnet18.safetensors"
+    proc = run_cli(str(tmp_path / "checkpoints"), "--out", str(out), module="distres.export")
+    assert proc.returncode == 0, proc.stderr
+    weights = load_file(str(out))
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.load_state_dict(weights, strict=True)
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    for k, v in final.items():
+        assert torch.equal(weights[k], v), k
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch BOOM",))
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    assert _short_run(tmp_path, "train.max_steps=3").returncode == 0
+    target = tmp_path / "checkpoints" / "step-00000003"
+    (target / ".metadata").write_bytes(pickle.dumps(Boom()))
+    proc = _short_run(tmp_path / "other", f"checkpoint.resume={target}")
+    assert proc.returncode == 2 and "refused to unpickle" in proc.stderr, proc.stderr
+    proc = run_cli(str(target), "--out", str(tmp_path / "x.safetensors"), module="distres.export")
+    assert proc.returncode == 2 and "refused to unpickle" in proc.stderr, proc.stderr
+    # The non-tensor items DCP stores (optimizer hyper-parameters) go through
+    # torch.load(weights_only=True) as well.
+    planner = ckpt.SafeLoadPlanner()
+    item = type("Item", (), {"dest_index": type("I", (), {"fqn": "optim.param_groups"})()})()
+    with pytest.raises(ckpt.CheckpointError, match="refused a non-tensor item"):
+        planner.load_bytes(item, io.BytesIO(pickle.dumps(Boom())))
+    assert not (REPO / "BOOM").exists() and not (tmp_path / "BOOM").exists()
