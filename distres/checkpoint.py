@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,10 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+
+# A single-process run saves and loads without a process group on purpose; DCP warns that it
+# "assumes the intent" each time (also from async_save's background thread).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -153,6 +157,8 @@ def validate(path: Path) -> dict:
         rank_file = path / f"rank-{rank:05d}.json"
         if not rank_file.is_file():
             raise CheckpointError(f"{path}: {rank_file.name} missing")
+    if meta.get("format") == "deepspeed":
+        return _validate_deepspeed(path, meta)
     metadata = SafeFileSystemReader(path).read_metadata()
     need: dict[str, int] = {}
     for info in metadata.storage_data.values():
@@ -162,6 +168,20 @@ def validate(path: Path) -> dict:
         if not f.is_file() or f.stat().st_size < size:
             have = f.stat().st_size if f.is_file() else "missing"
             raise CheckpointError(f"{f}: truncated ({have} of {size} bytes)")
+    return meta
+
+
+def _validate_deepspeed(path: Path, meta: dict) -> dict:
+    tag, stage, world = path / "deepspeed", meta.get("zero_stage", 0), meta["world_size"]
+    if stage == 3:  # parameters are partitioned too
+        files = [tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    else:
+        files = [tag / "mp_rank_00_model_states.pt"]
+    if stage > 0:
+        files += [tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    for f in files:
+        if not f.is_file() or f.stat().st_size == 0:
+            raise CheckpointError(f"{f}: missing or empty")
     return meta
 
 
@@ -244,13 +264,16 @@ class CheckpointWriter:
     def save(
         self,
         step: int,
-        tensors: dict[str, Any],
         meta: dict[str, Any],
         rank_state: dict[str, Any],
         metric: float | None,
+        tensors: dict[str, Any] | None = None,
+        write: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write checkpoint `step`. Synchronous mode returns after the commit; async mode
-        returns once the tensors are staged in host memory (the write goes on meanwhile)."""
+        """Write checkpoint `step`: `tensors` through DCP, or `write(directory)` (a collective
+        every rank calls, e.g. DeepSpeed's save_checkpoint). Synchronous mode returns after
+        the commit; async mode (DCP only) returns once the tensors are staged in host memory
+        and the write goes on meanwhile."""
         self.wait()  # one write in flight at a time; commits the previous async one
         final = self.root / step_name(step)
         tmp = self.root / f".tmp-{final.name}"
@@ -266,16 +289,18 @@ class CheckpointWriter:
         kwargs = {"checkpoint_id": str(tmp), "process_group": self.group}
         if not self.distributed:
             kwargs["no_dist"] = True
-        with _quiet():
-            if self.async_save:
-                future = dcp.async_save(tensors, **kwargs)
-                # an AsyncSaveResponse (newer torch) or a Future
-                future = getattr(future, "upload_completion", future)
-                self.pending = _Pending(future, tmp, final, metric)
-            else:
-                dcp.save(tensors, **kwargs)
-                self.pending = _Pending(None, tmp, final, metric)
-        if not self.async_save:
+        if write is not None:
+            write(tmp)
+            self.pending = _Pending(None, tmp, final, metric)
+            self.wait()
+        elif self.async_save:
+            future = dcp.async_save(tensors, **kwargs)
+            # an AsyncSaveResponse (newer torch) or a Future
+            future = getattr(future, "upload_completion", future)
+            self.pending = _Pending(future, tmp, final, metric)
+        else:
+            dcp.save(tensors, **kwargs)
+            self.pending = _Pending(None, tmp, final, metric)
             self.wait()
         return final
 
@@ -336,26 +361,16 @@ def load_tensors(path: Path, tensors: dict[str, Any]) -> None:
     kwargs = {}
     if not (dist.is_available() and dist.is_initialized()):
         kwargs["no_dist"] = True
-    with _quiet():
-        dcp.load(
-            tensors,
-            storage_reader=SafeFileSystemReader(path),
-            planner=SafeLoadPlanner(),
-            **kwargs,
-        )
+    dcp.load(
+        tensors,
+        storage_reader=SafeFileSystemReader(path),
+        planner=SafeLoadPlanner(),
+        **kwargs,
+    )
 
 
 def read_rank_state(path: Path, rank: int) -> dict:
     return json.loads((path / f"rank-{rank:05d}.json").read_text())
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # DCP warns that a single process "assumes the intent" of a non-distributed save/load:
-    # it is the intent.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def failpoint(name: str, step: int) -> None:

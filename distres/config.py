@@ -243,14 +243,47 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = doc("ddp", "ddp (torch DistributedDataParallel; a plain module on one process)")
+    name: str = doc("ddp", "ddp (DistributedDataParallel; plain on one process) | deepspeed")
     compile: bool = doc(False, "torch.compile the model")
     sync_bn: bool = doc(False, "SyncBatchNorm across ranks (GPU only; for small per-GPU batches)")
     bucket_cap_mb: int = doc(25, "DDP gradient bucket size in MiB")
+    zero_stage: int = doc(1, "deepspeed: ZeRO stage 0 | 1 | 2 | 3")
+    deepspeed_config: str = doc(
+        "",
+        "deepspeed: a JSON (e.g. configs/deepspeed/zero2_offload.json) adding settings only "
+        "DeepSpeed has; a value that contradicts this config is an error",
+    )
+    activation_checkpointing: str = doc(
+        "off",
+        "recompute activations in backward: off | stage (one group per residual stage) "
+        "| N (groups of N blocks)",
+    )
 
     def __post_init__(self) -> None:
-        _choice("engine.name", self.name, ("ddp",))
+        _choice("engine.name", self.name, ("ddp", "deepspeed"))
         _at_least("engine.bucket_cap_mb", self.bucket_cap_mb, 1)
+        _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _ = self.checkpoint_group  # raises on a bad value
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"engine.deepspeed_config={self.deepspeed_config}: no such file")
+        if self.name == "deepspeed" and self.compile:
+            raise ConfigError("engine.compile=true with engine.name=deepspeed: use the ddp engine")
+        if self.name == "deepspeed" and self.sync_bn:
+            raise ConfigError("engine.sync_bn=true with engine.name=deepspeed: use the ddp engine")
+
+    @property
+    def checkpoint_group(self) -> int | None:
+        """None: off; 0: one group per stage; N: groups of N blocks."""
+        value = str(self.activation_checkpointing)
+        if value == "off":
+            return None
+        if value == "stage":
+            return 0
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+        raise ConfigError(
+            f"engine.activation_checkpointing={value}: use off, stage or a block count >= 1"
+        )
 
 
 @dataclass

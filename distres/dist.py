@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,15 +76,18 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+def process_group(env: DistEnv, device: torch.device, always: bool = False) -> Iterator[None]:
     """Init the default group for a multi-rank run (nccl on GPU, gloo on CPU); always torn
-    down, also when training raises."""
-    if not env.distributed:
+    down, also when training raises. always=True makes a one-rank group for a single process
+    too (DeepSpeed needs one)."""
+    if not env.distributed and not always:
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Derived (srun) rendezvous goes by TCP; torchrun's exported variables by env://.
     init_method = f"tcp://{env.master_addr}:{env.master_port}" if env.master_addr else "env://"
+    if not env.distributed:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     dist.init_process_group(
         backend,
         init_method=init_method,
@@ -108,3 +112,9 @@ def shared_run_dir(run_dir: Path, env: DistEnv) -> Path:
     box = [str(run_dir)]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,13 +27,18 @@ def evaluate(
     batches: Iterable[Batch],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    input_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """val/loss, val/top1, val/top5 over every sample all ranks hold, plus val/samples."""
+    """val/loss, val/top1, val/top5 over every sample all ranks hold, plus val/samples.
+
+    input_dtype: cast the images first (a DeepSpeed bf16/fp16 module holds half weights)."""
     was_training = model.training
     model.eval()
     # loss sum, top-1 hits, top-5 hits, samples: accumulated on the device, one sync at the end.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels in batches:
+        if input_dtype is not None:
+            images = images.to(input_dtype)
         with autocast():
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -26,12 +26,15 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def save_weights(model: nn.Module, model_cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
+def save_weights(
+    model: nn.Module | dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | os.PathLike
+) -> Path:
     """Write `model.safetensors` (contiguous CPU tensors, torchvision key names for the
-    ImageNet variants) and `model.yaml` next to it."""
+    ImageNet variants) and `model.yaml` next to it, from a model or its state dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    weights = model if isinstance(model, dict) else unwrap(model).state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "model": model_cfg.name})
     (out / MODEL_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(model_cfg), sort_keys=False))
     return out / WEIGHTS
@@ -61,6 +64,11 @@ def checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         raise ckpt.CheckpointError(f"{path}: not a distres checkpoint directory")
     path, meta = found
     model_cfg = ModelConfig(**meta["model"])
+    if meta.get("format") == "deepspeed":
+        # DeepSpeed's own consolidation of the ZeRO partitions (its zero_to_fp32 tool)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed"), model_cfg
     model = build_model(model_cfg)
     state = {"model": get_model_state_dict(model)}
     ckpt.load_tensors(path, state)

@@ -184,8 +184,10 @@ class Trainer:
         self.report_stop()
         self.tracker.close()
         self.engine.sync_buffers()
-        if self.cfg.checkpoint.save_final and self.env.is_main:
-            save_weights(self.engine.module, self.cfg.model, self.run_dir / "final")
+        if self.cfg.checkpoint.save_final:
+            weights = self.engine.full_state_dict()  # a collective under ZeRO-3
+            if self.env.is_main:
+                save_weights(weights, self.cfg.model, self.run_dir / "final")
         summary = {
             "stop_reason": self.stop_reason,
             "final_val_top1": self.last_eval.get("val/top1"),
@@ -292,6 +294,8 @@ class Trainer:
             "last_eval": self.last_eval,
             "metric": {"name": es.monitor, "mode": es.mode, "value": metric},
             "wandb_id": self.wandb_id,
+            "format": self.engine.checkpoint_format,
+            "zero_stage": self.cfg.engine.zero_stage if self.cfg.engine.name == "deepspeed" else 0,
             "model": dataclasses.asdict(self.cfg.model),
             "config": to_yaml(self.cfg),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -303,7 +307,20 @@ class Trainer:
             "skipped": {"train": self.train_data.skipped, "val": self.val_data.skipped},
         }
         t0 = time.perf_counter()
-        path = self.writer.save(self.step, self.checkpoint_tensors(), meta, rank_state, metric)
+        if self.engine.checkpoint_format == "deepspeed":
+            # DeepSpeed's own format (ZeRO partitions, one file per rank); our state rides
+            # along as client state too.
+            path = self.writer.save(
+                self.step,
+                meta,
+                rank_state,
+                metric,
+                write=lambda d: self.engine.save_checkpoint(d, {"distres": meta}),
+            )
+        else:
+            path = self.writer.save(
+                self.step, meta, rank_state, metric, tensors=self.checkpoint_tensors()
+            )
         self.saved_step = self.step
         how = "staged (writing in the background)" if self.cfg.checkpoint.async_save else "saved"
         self.tracker.print(
@@ -363,14 +380,24 @@ class Trainer:
         return plan
 
     def restore(self, path: Path, meta: dict) -> None:
-        tensors = self.checkpoint_tensors()
-        ckpt.load_tensors(path, tensors)
-        set_state_dict(
-            self.engine.module,
-            self.engine.optimizer,
-            model_state_dict=tensors["model"],
-            optim_state_dict=tensors["optim"],
-        )
+        written_by = meta.get("format", "dcp")
+        if written_by != self.engine.checkpoint_format:
+            raise ConfigError(
+                f"checkpoint {path} was written by the {written_by} engine's format; this run "
+                f"has engine.name={self.cfg.engine.name}; resume with the same engine, or export "
+                "the weights (python -m distres.export) and start a new run"
+            )
+        if written_by == "deepspeed":
+            self.engine.load_checkpoint(path, meta)
+        else:
+            tensors = self.checkpoint_tensors()
+            ckpt.load_tensors(path, tensors)
+            set_state_dict(
+                self.engine.module,
+                self.engine.optimizer,
+                model_state_dict=tensors["model"],
+                optim_state_dict=tensors["optim"],
+            )
         self.engine.scheduler.load_state_dict(meta["scheduler"])
         if meta["scaler"]:
             self.engine.scaler.load_state_dict(meta["scaler"])
@@ -439,7 +466,13 @@ class Trainer:
     def validate(self, count: bool = True) -> dict[str, float]:
         self.val_data.set_epoch(self.epoch)
         self.engine.sync_buffers()
-        metrics = evaluate(self.engine.module, self.val_data, self.device, self.engine.autocast)
+        metrics = evaluate(
+            self.engine.module,
+            self.val_data,
+            self.device,
+            self.engine.autocast,
+            self.engine.input_dtype,
+        )
         self.engine.model.train()
         self.best_top1 = max(self.best_top1, metrics["val/top1"])
         self.last_eval = {**metrics, "step": self.step}

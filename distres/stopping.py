@@ -55,7 +55,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class StopConsensus:
     """One stop decision per step boundary, shared by every rank.
 
-    Three local flags travel in one small all-reduce (MAX): an early-stop decision, a stop
+    Three stop flags travel in one small all-reduce (MAX): an early-stop decision, a stop
     request from a signal (the handler only sets a Python flag), and a non-finite loss. The
     loss flag is set on the device with no host sync; the only sync is the all-reduce's result,
     read once per check. Every rank calls agree() at the same step boundaries, so every rank

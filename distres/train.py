@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML preset, e.g. configs/resnet50_imagenet.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    # DeepSpeed's launcher appends --local_rank=N; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -50,7 +52,7 @@ def run(cfg: Config) -> dict[str, Any]:
     env = read_env()
     plan = plan_batch(cfg, env.world_size)  # a ConfigError here: no process group yet
     device = pick_device(cfg.run.device, env.local_rank)
-    with process_group(env, device):
+    with process_group(env, device, always=cfg.engine.name == "deepspeed"):
         # Every rank must write to the same run.dir: rank 0's timestamp wins.
         run_dir = shared_run_dir(resolve_run_dir(cfg), env)
         cfg.run.dir = str(run_dir)

@@ -11,15 +11,12 @@ import os
 import pickle
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, run_cli
+from launch import assert_same_weights, kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
@@ -33,96 +30,6 @@ BASE = [
     "tracking.log_every=1",
     "checkpoint.keep_last=50",
 ]
-TIMING = {"img_per_s"}
-
-
-def torchrun_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "distres.train",
-        f"run.dir={run_dir}",
-        *overrides,
-    ]
-
-
-def env_with(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
-
-
-def train(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, **env):
-    proc = subprocess.run(
-        torchrun_cmd(nproc, run_dir, *overrides),
-        cwd=REPO,
-        env=env_with(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of pid (torchrun starts its workers in their own sessions, so killing
-    the agent's process group would leave them running)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 300) -> int:
-    """Launch 2 ranks and SIGKILL the agent and every worker once rank 0 has logged step
-    `target`; the step reached when the kill landed."""
-    proc = subprocess.Popen(
-        torchrun_cmd(2, run_dir, *overrides),
-        cwd=REPO,
-        env=env_with(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    metrics, deadline, reached = run_dir / "metrics.jsonl", time.monotonic() + timeout, -1
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if metrics.exists():
-                steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x]
-                reached = max(steps, default=-1)
-                if reached >= target:
-                    for pid in [*children(proc.pid), proc.pid]:
-                        os.kill(pid, signal.SIGKILL)
-                    break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert reached >= target, f"the run ended (rc {proc.returncode}) before step {target}"
-    return reached
-
-
-def records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines if x]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = (
-        load_file(str(a / "final" / "model.safetensors")),
-        load_file(str(b / "final" / "model.safetensors")),
-    )
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k  # bitwise
 
 
 @pytest.fixture(scope="module")

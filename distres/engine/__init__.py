@@ -14,11 +14,16 @@ if TYPE_CHECKING:
     from distres.config import BatchPlan, Config
     from distres.dist import DistEnv
     from distres.engine.ddp import DDPEngine
+    from distres.engine.deepspeed import DeepSpeedEngine
 
 
 def build_engine(
     cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, steps_per_epoch: int
-) -> DDPEngine:
+) -> DDPEngine | DeepSpeedEngine:
+    if cfg.engine.name == "deepspeed":
+        from distres.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, env, device, plan, steps_per_epoch)
     from distres.engine.ddp import DDPEngine
 
     return DDPEngine(cfg, env, device, plan, steps_per_epoch)

@@ -36,6 +36,10 @@ def scaled_lr(cfg: Config, plan: BatchPlan) -> float:
 
 
 class DDPEngine:
+    checkpoint_format = "dcp"
+    # autocast handles precision; inputs stay as the loader gives them
+    input_dtype: torch.dtype | None = None
+
     def __init__(
         self,
         cfg: Config,
@@ -46,6 +50,7 @@ class DDPEngine:
     ):
         self.cfg, self.env, self.device, self.plan = cfg, env, device, plan
         model = build_model(cfg.model)
+        model.set_grad_checkpointing(cfg.engine.checkpoint_group)
         if cfg.engine.sync_bn and env.distributed:
             if device.type != "cuda":
                 raise ConfigError(
@@ -121,6 +126,9 @@ class DDPEngine:
             if buf.is_floating_point():
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                 buf.div_(self.env.world_size)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

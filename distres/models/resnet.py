@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from distres.models.archs import ARCHS, ArchSpec
 
@@ -228,12 +229,36 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
+    def set_grad_checkpointing(self, group: int | None) -> None:
+        """Activation checkpointing (timm's name): keep only each group's input in training
+        and recompute the rest in backward. group=None turns it off; 0 makes each residual
+        stage one group; N>0 makes groups of N blocks within a stage.
+
+        NOTE: the recomputed forward runs BatchNorm in training mode again, so each running
+        statistic takes its momentum step twice per micro-batch (as with timm's
+        checkpoint_seq); batch statistics, hence the gradients, are unchanged.
+        """
+        self.grad_ckpt_group = group
+
+    grad_ckpt_group: int | None = None
+
+    def _run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
+        group = self.grad_ckpt_group
+        if group is None or not (self.training and torch.is_grad_enabled()):
+            return stage(x)
+        blocks = list(stage)
+        size = len(blocks) if group == 0 else group
+        for i in range(0, len(blocks), size):
+            chunk = nn.Sequential(*blocks[i : i + size])
+            x = checkpoint(chunk, x, use_reentrant=False)
+        return x
+
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
         if not self.preact:
             x = self.maxpool(self.relu(self.bn1(x)))
         for stage in self.stages():
-            x = stage(x)
+            x = self._run_stage(stage, x)
         if self.preact:
             x = self.relu(self.final_norm(x))
         return x

@@ -1,0 +1,226 @@
+"""The DeepSpeed engine: ZeRO 0-3, bf16 / fp16 / fp32, accumulation and clipping, all from
+distres's one config.
+
+The DeepSpeed config is derived (micro-batch, accumulation, global batch, ZeRO stage,
+precision, clipping); a JSON given as engine.deepspeed_config adds what only DeepSpeed has
+(offload, bucket sizes, ...). A key it sets that the derived config also sets must agree, or it
+is an error naming both values. Our optimizer and LR schedule are handed to DeepSpeed as client
+objects, so the schedule, weight-decay groups and LR scaling are those of the DDP engine.
+
+Checkpoints go through engine.save_checkpoint / load_checkpoint (ZeRO-sharded optimizer state,
+one file per rank) into the directory distres.checkpoint commits atomically; distres's own
+state rides along as client state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distres.config import BatchPlan, Config, ConfigError
+from distres.data.batch import Batch
+from distres.dist import DistEnv
+from distres.engine.ddp import resolve_precision, scaled_lr
+from distres.models import build_model
+from distres.models.resnet import count_params
+from distres.optim import build_optimizer, build_scheduler
+
+TAG = "deepspeed"  # the tag directory inside a distres checkpoint
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, amp_dtype: torch.dtype | None) -> dict:
+    """DeepSpeed's config from ours, merged with engine.deepspeed_config (conflicts fail)."""
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": cfg.train.clip_grad_norm,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": amp_dtype == torch.bfloat16},
+        "fp16": {"enabled": amp_dtype == torch.float16},
+        # our torch optimizer is a client optimizer; ZeRO partitions its state
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    where = {
+        "train_micro_batch_size_per_gpu": "train.batch_size",
+        "gradient_accumulation_steps": "train.grad_accum / train.global_batch",
+        "train_batch_size": "train.batch_size x grad_accum x world size",
+        "gradient_clipping": "train.clip_grad_norm",
+        "zero_optimization.stage": "engine.zero_stage",
+        "bf16.enabled": "train.precision",
+        "fp16.enabled": "train.precision",
+    }
+    path = cfg.engine.deepspeed_config
+    if not path:
+        return ours
+    try:
+        theirs = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"engine.deepspeed_config={path}: unreadable JSON ({e})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in theirs:
+            raise ConfigError(
+                f"engine.deepspeed_config={path}: sets {key!r}; the {key} comes from the optim "
+                "section (distres hands DeepSpeed its own), remove it from the JSON"
+            )
+    return _merge(ours, theirs, path, where)
+
+
+def _merge(ours: dict, theirs: dict, path: str, where: dict, prefix: str = "") -> dict:
+    merged = dict(ours)
+    for key, value in theirs.items():
+        name = f"{prefix}{key}"
+        if key not in ours:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(ours[key], dict):
+            merged[key] = _merge(ours[key], value, path, where, f"{name}.")
+        elif value != ours[key] and value != "auto":
+            raise ConfigError(
+                f"engine.deepspeed_config={path} sets {name}={value!r}, but the distres config "
+                f"gives {ours[key]!r} ({where.get(name, name)}); remove it from the JSON or "
+                "change the distres setting"
+            )
+    return merged
+
+
+class DeepSpeedEngine:
+    checkpoint_format = "deepspeed"
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        device: torch.device,
+        plan: BatchPlan,
+        steps_per_epoch: int,
+    ):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown ours
+
+        self.cfg, self.env, self.device, self.plan = cfg, env, device, plan
+        model = build_model(cfg.model)
+        model.set_grad_checkpointing(cfg.engine.checkpoint_group)
+        # NOTE: the weights stay in contiguous (NCHW) memory: DeepSpeed views every parameter as
+        # bytes to broadcast and flatten it. Inputs still arrive channels_last, and convolution
+        # picks the channels_last kernels when its input is channels_last.
+        model = model.to(device)
+        self.num_params = count_params(model)
+        self.lr = scaled_lr(cfg, plan)
+        optimizer = build_optimizer(model, cfg.optim, device, lr=self.lr)
+        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+        self.amp_dtype = resolve_precision(cfg.train.precision, device)
+        self.ds_config = deepspeed_config(cfg, plan, self.amp_dtype)
+        if cfg.checkpoint.async_save:
+            raise ConfigError(
+                "checkpoint.async_save=true with engine.name=deepspeed: DeepSpeed writes its "
+                "checkpoints synchronously here; set checkpoint.async_save=false"
+            )
+        # DeepSpeed reads the ranks from the environment; under srun or in one process
+        # nobody exported them (distres.dist read them from Slurm's variables or defaults).
+        for key, value in (
+            ("LOCAL_RANK", env.local_rank),
+            ("RANK", env.rank),
+            ("WORLD_SIZE", env.world_size),
+        ):
+            os.environ.setdefault(key, str(value))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.module = self.ds.module
+        self.model = self.ds
+        self.ddp = None
+        # DeepSpeed owns loss scaling (fp16) and converts the model to bf16/fp16 itself.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.input_dtype = {torch.bfloat16: torch.bfloat16, torch.float16: torch.half}.get(
+            self.amp_dtype, torch.float32
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # The module's weights are already in the training dtype; inputs are cast to it.
+        return contextlib.nullcontext()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.ds(images.to(self.input_dtype))
+
+    def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """k micro-batches, one optimizer step: DeepSpeed scales each loss by 1/k and steps
+        (optimizer, then LR schedule) at the accumulation boundary."""
+        k = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for images, labels in micro_batches:
+            logits = self.forward(images)
+            loss = F.cross_entropy(
+                logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
+            )
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach() / k
+        return total
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average BN running statistics over ranks (DeepSpeed never broadcasts buffers after
+        the start), as the DDP engine does before evaluation and saving."""
+        if not self.env.distributed:
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.env.world_size)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (a collective under ZeRO-3, whose
+        parameters are partitioned across ranks)."""
+        if self.cfg.engine.zero_stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, client_state: dict) -> None:
+        """A collective: every rank writes its ZeRO partition (one file per rank)."""
+        self.sync_buffers()
+        self.ds.save_checkpoint(
+            str(directory), tag=TAG, client_state=client_state, save_latest=False
+        )
+
+    def load_checkpoint(self, directory: Path, meta: dict) -> None:
+        if meta["world_size"] != self.env.world_size and self.cfg.engine.zero_stage > 0:
+            raise ConfigError(
+                f"checkpoint {directory} holds ZeRO-{self.cfg.engine.zero_stage} optimizer "
+                f"partitions of {meta['world_size']} rank(s); this run has "
+                f"{self.env.world_size}. Resume on {meta['world_size']} rank(s), or convert it "
+                "for any world size with DeepSpeed's tool: python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder {directory / TAG} "
+                f"--output_folder {directory / 'universal'}, then load that with "
+                '"checkpoint": {"load_universal": true} in engine.deepspeed_config'
+            )
+        path, _ = self.ds.load_checkpoint(
+            str(directory),
+            tag=TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise ConfigError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
