@@ -1,0 +1,185 @@
+"""The DeepSpeed engine on its CPU accelerator with gloo: real torchrun, real ZeRO, real
+checkpoints, DeepSpeed's own zero_to_fp32 tool."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from launch import kill_at_step, records, train
+from safetensors.torch import load_file
+
+from distres.config import ConfigError, load_config
+
+pytest.importorskip("deepspeed")
+
+FAST = ["run.threads=1", "tracking.log_every=1"]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in records(run_dir) if r["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def ddp_default(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp-default")
+    proc = train(2, run_dir, *FAST, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage):
+    proc = train(
+        2, tmp_path, *FAST, "engine.name=deepspeed", f"engine.zero_stage={stage}", timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ddp = train_losses(tmp_path), train_losses(ddp_default)
+    assert [s for s, _ in ours] == [s for s, _ in ddp] and len(ours) == 165
+    # Tolerance: both engines all-reduce fp32 gradients and average them; with two ranks a
+    # sum of two addends does not depend on the order, so the only freedom left is where the
+    # 1/world division happens (<= 1 ulp per step). 1e-4 relative over 165 SGD steps leaves
+    # room for that and nothing else; an accumulation or scaling bug is orders larger.
+    for (step, a), (_, b) in zip(ours, ddp, strict=True):
+        assert a == pytest.approx(b, rel=1e-4), f"step {step}"
+    s_ours = json.loads((tmp_path / "summary.json").read_text())
+    s_ddp = json.loads((ddp_default / "summary.json").read_text())
+    assert s_ours["final_val_top1"] == pytest.approx(s_ddp["final_val_top1"], abs=0.005)
+    assert s_ours["final_val_top1"] >= 0.98
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    overrides = [
+        *FAST,
+        "engine.name=deepspeed",
+        "engine.zero_stage=2",
+        "train.epochs=2",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=50",
+    ]
+    whole = tmp_path / "whole"
+    assert train(2, whole, *overrides).returncode == 0
+    part = tmp_path / "part"
+    reached = kill_at_step(
+        part, random.choice([4, 5, 7, 8, 10, 13, 14, 16, 17, 19, 20]), *overrides
+    )
+    proc = train(2, part, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed_at = int(proc.stderr.split("resumed from ")[1].split(": step ")[1].split(",")[0])
+    assert resumed_at <= reached
+    want = {r["step"]: r for r in records(whole) if r["event"] == "train"}
+    got = [r for r in records(part) if r["event"] == "train" and r["step"] > resumed_at]
+    assert got[0]["step"] == resumed_at + 1
+    for r in got:  # the same step, the same LR, the same samples seen
+        w = want[r["step"]]
+        assert (r["epoch"], r["lr"], r["samples"]) == (w["epoch"], w["lr"], w["samples"])
+        assert r["train/loss"] == pytest.approx(w["train/loss"], rel=1e-4)
+    s_part = json.loads((part / "summary.json").read_text())
+    s_whole = json.loads((whole / "summary.json").read_text())
+    assert (s_part["steps"], s_part["samples_seen"]) == (s_whole["steps"], s_whole["samples_seen"])
+
+
+def test_zero_to_fp32_loads_into_our_model_and_torchvision(tmp_path):
+    import torchvision
+
+    from distres.config import ModelConfig
+    from distres.models import build_model
+
+    proc = train(
+        2,
+        tmp_path,
+        *FAST,
+        "engine.name=deepspeed",
+        "engine.zero_stage=2",
+        "model.name=resnet18",
+        "data.image_size=64",
+        "train.batch_size=16",
+        "train.max_steps=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    out = tmp_path / "fp32"
+    tool = subprocess.run(
+        [
+            sys.executable,
+            str(checkpoint / "zero_to_fp32.py"),
+            str(checkpoint),
+            str(out),
+            "--tag",
+            "deepspeed",
+            "--safe_serialization",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    state = load_file(str(out / "model.safetensors"))
+    ours = build_model(ModelConfig(name="resnet18", num_classes=10))
+    ours.load_state_dict(state, strict=True)  # parameters and BN buffers, our key names
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.load_state_dict(state, strict=True)
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    for k, v in state.items():
+        assert torch.equal(v, final[k]), k
+    # distres.export goes through DeepSpeed's consolidation too, buffers included.
+    exported = tmp_path / "r18.safetensors"
+    proc = run_cli(str(checkpoint), "--out", str(exported), module="distres.export")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tv.load_state_dict(load_file(str(exported)), strict=True)
+
+
+def test_a_deepspeed_json_adds_settings_and_conflicts_name_both_values(tmp_path):
+    extra = REPO / "configs" / "deepspeed" / "zero2_overlap.json"
+    proc = run_cli(
+        f"run.dir={tmp_path / 'ok'}",
+        "engine.name=deepspeed",
+        "engine.zero_stage=2",
+        f"engine.deepspeed_config={extra}",
+        "train.max_steps=2",
+        "run.threads=1",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
+    proc = run_cli(
+        f"run.dir={tmp_path / 'bad'}", "engine.name=deepspeed", f"engine.deepspeed_config={bad}"
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "train_micro_batch_size_per_gpu=32" in line and "gives 64 (train.batch_size)" in line
+
+
+def test_engine_config_errors():
+    for override, words in (
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("engine.activation_checkpointing=some", "engine.activation_checkpointing"),
+        ("engine.deepspeed_config=/nope.json", "no such file"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["engine.name=deepspeed", override])
+
+
+@pytest.mark.parametrize("group", [0, 2])
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet164"])
+def test_activation_checkpointing_keeps_the_gradients(name, group):
+    from distres.config import ModelConfig
+    from distres.models import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name=name))
+    ckpt = build_model(ModelConfig(name=name))
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(group)
+    x = torch.randn(4, 3, 32, 32)
+    for model in (plain, ckpt):
+        model.train()
+        model(x).logsumexp(1).sum().backward()
+    for (k, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=k)
