@@ -334,13 +334,24 @@ class EarlyStopConfig:
 class TrackingConfig:
     progress: str = doc("auto", "auto (a bar on a TTY, log lines otherwise) | bar | log | off")
     log_every: int = doc(20, "optimizer steps between train log records and log lines")
+    wandb: str = doc(
+        "auto",
+        "auto (online when an API key is configured, offline otherwise) | online | "
+        "offline | off; rank 0 only, files under <run.dir>/wandb",
+    )
+    wandb_project: str = doc("distres", "W&B project")
+    wandb_entity: str = doc("", "W&B entity (team or user); empty: the key's default")
+    plots: bool = doc(True, "draw plots/curves.png (loss, lr, top-1 against step) at the end")
 
     def __post_init__(self) -> None:
         # NOTE: YAML 1.1 (OmegaConf's parser) reads a bare `off` as false, which a str field
         # then holds as "False"; take it back to the word the user wrote.
         if self.progress == "False":
             self.progress = "off"
+        if self.wandb == "False":
+            self.wandb = "off"
         _choice("tracking.progress", self.progress, ("auto", "bar", "log", "off"))
+        _choice("tracking.wandb", self.wandb, ("auto", "online", "offline", "off"))
         _at_least("tracking.log_every", self.log_every, 1)
 
 

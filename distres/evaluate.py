@@ -58,3 +58,69 @@ def evaluate(
     if n == 0:
         raise RuntimeError("validation set is empty")
     return {"val/loss": loss / n, "val/top1": top1 / n, "val/top5": top5 / n, "val/samples": int(n)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m distres.evaluate --checkpoint PATH [section.key=value ...]`: top-1, top-5 and
+    loss of a checkpoint on a validation set; one process, or every rank under torchrun."""
+    import argparse
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from distres import checkpoint as ckpt
+    from distres.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m distres.evaluate", description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a step-N checkpoint or a dir of them")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        found = ckpt.find_resume(Path(args.checkpoint), args.checkpoint)
+        path, meta = found
+        # The run's own config (data set, sizes, precision), then the overrides.
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(meta["config"])
+            f.flush()
+            cfg = load_config(f.name, args.overrides)
+        metrics = _evaluate_checkpoint(cfg, path)
+    except (ConfigError, ckpt.CheckpointError) as e:
+        print(f"distres.evaluate: {e}", file=sys.stderr)
+        return 2
+    if metrics is not None:
+        recorded = meta.get("last_eval", {})
+        same_step = recorded.get("step") == meta["step"]
+        print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
+        if same_step:
+            print(f"recorded at training time: val/top1 {recorded['val/top1']:.4f}")
+    return 0
+
+
+def _evaluate_checkpoint(cfg, path) -> dict[str, float] | None:
+    """Every rank evaluates its part of the val set; rank 0 gets the metrics."""
+    from distres.data import build_loaders
+    from distres.dist import pick_device, process_group, read_env
+    from distres.engine.ddp import resolve_precision
+    from distres.export import checkpoint_weights
+    from distres.models import build_model
+
+    env = read_env()
+    device = pick_device(cfg.run.device, env.local_rank)
+    with process_group(env, device):
+        weights, model_cfg = checkpoint_weights(path)
+        model = build_model(model_cfg)
+        model.load_state_dict(weights)
+        model = model.to(device, memory_format=torch.channels_last)
+        _, val = build_loaders(cfg, device, env.rank, env.world_size)
+        amp = resolve_precision(cfg.train.precision, device)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+        metrics = evaluate(model, val, device, autocast)
+    return metrics if env.is_main else None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

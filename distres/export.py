@@ -14,7 +14,7 @@ from torch import nn
 from distres.config import ModelConfig
 from distres.models import build_model
 
-WEIGHTS, MODEL_CONFIG = "model.safetensors", "model.yaml"
+WEIGHTS, MODEL_CONFIG, INFERENCE = "model.safetensors", "model.yaml", "inference.json"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -38,6 +38,27 @@ def save_weights(
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "model": model_cfg.name})
     (out / MODEL_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(model_cfg), sort_keys=False))
     return out / WEIGHTS
+
+
+def save_inference_info(out_dir: str | os.PathLike, cfg, classes: dict[str, int]) -> Path:
+    """`inference.json` beside the weights: class names by index (from the shard manifest)
+    and the validation preprocessing, all `python -m distres.predict` needs."""
+    import json
+
+    names = [""] * len(classes)
+    for name, index in classes.items():
+        names[index] = name
+    info = {
+        "classes": names,
+        "image_size": cfg.data.image_size,
+        "resize": cfg.data.val_resize,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "in_chans": cfg.model.in_chans,
+    }
+    path = Path(out_dir) / INFERENCE
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
 
 
 def load_weights(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:

@@ -24,9 +24,9 @@ from distres.data import Batch, build_loaders
 from distres.dist import DistEnv
 from distres.engine import build_engine
 from distres.evaluate import evaluate
-from distres.export import save_weights
+from distres.export import save_inference_info, save_weights
 from distres.stopping import EarlyStopping, StopConsensus
-from distres.tracking import Tracker
+from distres.tracking import Tracker, WandbRun, wandb_mode
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -47,6 +47,7 @@ class LossWindow:
     def __init__(self, device: torch.device):
         self.total = torch.zeros((), device=device)
         self.steps, self.t0 = 0, time.perf_counter()
+        self.data_wait = 0.0  # host seconds spent waiting for input in this window
 
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss
@@ -65,6 +66,7 @@ class LossWindow:
         out = (mean, self.steps, time.perf_counter() - self.t0)
         self.total.zero_()
         self.steps, self.t0 = 0, time.perf_counter()
+        self.data_wait = 0.0
         return out
 
 
@@ -130,6 +132,18 @@ class Trainer:
         self._data_state: dict | None = None  # a mid-epoch data position to restore
         if self.resume_from is not None:
             self.restore(*self.resume_from)
+        mode = wandb_mode(cfg.tracking.wandb) if env.is_main else None
+        if mode is not None:
+            self.tracker.wandb = WandbRun(
+                run_dir,
+                mode,
+                cfg.tracking.wandb_project,
+                cfg.tracking.wandb_entity,
+                cfg.run.name,
+                self.wandb_id,  # from the checkpoint: a resumed job continues its run
+                run_info(cfg, env, device, self.plan, self.engine.num_params),
+            )
+            self.wandb_id = self.tracker.wandb.id
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -187,7 +201,9 @@ class Trainer:
         if self.cfg.checkpoint.save_final:
             weights = self.engine.full_state_dict()  # a collective under ZeRO-3
             if self.env.is_main:
-                save_weights(weights, self.cfg.model, self.run_dir / "final")
+                final = self.run_dir / "final"
+                save_weights(weights, self.cfg.model, final)
+                save_inference_info(final, self.cfg, self.train_data.shards.classes)
         summary = {
             "stop_reason": self.stop_reason,
             "final_val_top1": self.last_eval.get("val/top1"),
@@ -205,6 +221,11 @@ class Trainer:
             "wall_s": round(time.perf_counter() - t0, 3),
         }
         self.tracker.summary(summary)
+        if self.env.is_main and self.cfg.tracking.plots:
+            from distres.report import plot_curves
+
+            plot_curves(self.run_dir)
+        self.tracker.finish(failed=self.stop_reason == "non_finite_loss")
         return summary
 
     def optimizer_steps(self) -> Iterator[list[Batch]]:
@@ -213,7 +234,9 @@ class Trainer:
         batches = iter(self.train_data)
         k = self.plan.grad_accum
         for _ in range(self.steps_per_epoch - self.epoch_step):
+            t0 = time.perf_counter()
             group = list(itertools.islice(batches, k))
+            self.window.data_wait += time.perf_counter() - t0
             if len(group) < k:
                 return
             yield group
@@ -228,7 +251,9 @@ class Trainer:
         check_every = self.cfg.train.stop_check_every
         save_every = self.cfg.checkpoint.every_steps
         for micro_batches in self.optimizer_steps():
-            loss = self.engine.train_step(micro_batches)
+            # the gradient norm only on steps that log it (it costs a pass over the grads)
+            logs = (self.step + 1) % log_every == 0 or self.step + 1 >= self.total_steps
+            loss = self.engine.train_step(micro_batches, grad_norm=logs)
             self.window.add(loss)
             self.consensus.note_loss(loss)
             self.step += 1
@@ -440,19 +465,29 @@ class Trainer:
             print(f"[distres] {line}", file=sys.stderr, flush=True)
 
     def log_train(self) -> None:
+        wait = self.window.data_wait
         mean_loss, steps, elapsed = self.window.drain()
-        self.tracker.log(
-            {
-                "event": "train",
-                "step": self.step,
-                "epoch": self.epoch,
-                "samples": self.samples_seen,
-                "lr": self.engine.current_lr(),
-                "train/loss": mean_loss,
-                "img_per_s": steps * self.plan.global_batch / max(elapsed, 1e-9),
-                "data/skipped": self.skipped_samples(),
-            }
-        )
+        record = {
+            "event": "train",
+            "step": self.step,
+            "epoch": self.epoch,
+            "samples": self.samples_seen,
+            "lr": self.engine.current_lr(),
+            "train/loss": mean_loss,
+            "img_per_s": steps * self.plan.global_batch / max(elapsed, 1e-9),
+            "step_time_s": elapsed / max(1, steps),
+            # time the loop waited for input / wall time (host clock; on a GPU the wait
+            # also absorbs queued kernels, so it reads high when the GPU is the bottleneck)
+            "data_wait_frac": min(1.0, wait / max(elapsed, 1e-9)),
+            "data/skipped": self.skipped_samples(),
+        }
+        norm = self.engine.last_grad_norm
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        if self.device.type == "cuda":
+            record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.log(record)
 
     def skipped_samples(self) -> int:
         """Bad samples skipped so far on all ranks (data.on_bad_sample=skip); log steps only."""
@@ -543,3 +578,38 @@ def _b64(t: torch.Tensor) -> str:
 
 def _unb64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def run_info(cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, params: int) -> dict:
+    """What W&B records once per run: the resolved config and where and how it ran."""
+    import os
+    import subprocess
+
+    import yaml
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    return {
+        **yaml.safe_load(to_yaml(cfg)),
+        "model_params": params,
+        "global_batch": plan.global_batch,
+        "grad_accum": plan.grad_accum,
+        "world_size": env.world_size,
+        "git_rev": rev or "unknown",
+        "hardware": {
+            "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if gpus else None,
+            "gpus_per_node": gpus,
+            "cpu_count": os.cpu_count(),
+        },
+        "torch": torch.__version__,
+    }

@@ -24,6 +24,76 @@ from rich.progress import (
 )
 
 
+def wandb_mode(setting: str) -> str | None:
+    """tracking.wandb resolved: online when asked, or on auto when an API key is configured
+    (WANDB_API_KEY or a netrc login); offline otherwise; None when off."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return os.environ["WANDB_MODE"].replace("disabled", "offline")
+    return "online" if os.environ.get("WANDB_API_KEY") or _netrc_key() else "offline"
+
+
+def _netrc_key() -> str | None:
+    """The key `wandb login` stores in ~/.netrc for the W&B host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
+class WandbRun:
+    """The job's one W&B run (rank 0 only). Its id is kept in every checkpoint, and a resumed
+    or requeued job passes it back with resume="allow", so the run continues."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        mode: str,
+        project: str,
+        entity: str,
+        name: str,
+        run_id: str,
+        config: dict,
+    ):
+        import wandb
+
+        if os.environ.get("WANDB_MODE") == "":
+            del os.environ["WANDB_MODE"]  # W&B rejects an empty mode; ours is passed below
+        self.run = wandb.init(
+            project=project,
+            entity=entity or None,
+            name=name,
+            id=run_id or None,  # None: W&B picks one; it is kept in every checkpoint
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(console="off", quiet=True, silent=True),
+        )
+        self.id = self.run.id
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "event"}
+        self.run.log(values)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        for k, v in summary.items():
+            if isinstance(v, int | float | str) or v is None:
+                self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)
@@ -53,6 +123,7 @@ class Tracker:
         self._metrics = open(self.run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self._bar: Progress | None = None
         self._task = None
+        self.wandb: WandbRun | None = None  # attached by the trainer on rank 0
         self._t0 = time.perf_counter()
         self._first_step = 0
 
@@ -99,11 +170,14 @@ class Tracker:
             self._bar.update(self._task, completed=step, epoch=f"{epoch + 1}/{self.epochs}")
 
     def log(self, record: dict[str, Any]) -> None:
-        """One metrics.jsonl record; train records also update the console."""
+        """One metrics.jsonl record (and W&B history row); train records also update the
+        console."""
         if not self.enabled:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
         if record.get("event") == "train":
             stats = (
                 f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "
@@ -146,6 +220,13 @@ class Tracker:
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(clean, indent=1) + "\n")
         os.replace(tmp, self.run_dir / "summary.json")
+        if self.wandb is not None:
+            self.wandb.summary(clean)
+
+    def finish(self, failed: bool = False) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
 
     def close(self) -> None:
         if self._bar is not None:

@@ -85,8 +85,11 @@ class DDPEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
+    last_grad_norm: torch.Tensor | None = None
+
+    def train_step(self, micro_batches: list[Batch], grad_norm: bool = False) -> torch.Tensor:
         """One optimizer step over k micro-batches; returns the mean loss (detached, on device).
+        grad_norm=True also leaves the (unscaled, pre-clip) gradient norm in last_grad_norm.
 
         Each micro-batch loss is divided by k, so the summed gradients equal those of one batch
         k times larger; all but the last backward skip DDP's all-reduce (no_sync).
@@ -106,9 +109,15 @@ class DDPEngine:
                 )
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if self.cfg.train.clip_grad_norm:
+        self.last_grad_norm = None
+        if self.cfg.train.clip_grad_norm or grad_norm:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad_norm)
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            if self.cfg.train.clip_grad_norm:
+                norm = nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad_norm)
+            else:
+                norm = nn.utils.get_total_norm([p.grad for p in params])
+            self.last_grad_norm = norm.detach()  # stays on the device until the log record
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

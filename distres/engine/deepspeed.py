@@ -158,7 +158,9 @@ class DeepSpeedEngine:
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.ds(images.to(self.input_dtype))
 
-    def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
+    last_grad_norm: torch.Tensor | float | None = None
+
+    def train_step(self, micro_batches: list[Batch], grad_norm: bool = False) -> torch.Tensor:
         """k micro-batches, one optimizer step: DeepSpeed scales each loss by 1/k and steps
         (optimizer, then LR schedule) at the accumulation boundary."""
         k = len(micro_batches)
@@ -171,6 +173,8 @@ class DeepSpeedEngine:
             self.ds.backward(loss)
             self.ds.step()
             total += loss.detach() / k
+        # DeepSpeed computes the global norm itself when it clips (None otherwise)
+        self.last_grad_norm = self.ds.get_global_grad_norm() if grad_norm else None
         return total
 
     @torch.no_grad()

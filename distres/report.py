@@ -1,0 +1,114 @@
+"""`python -m distres.report RUN_DIR`: redraw plots/curves.png and print a summary table.
+
+The curves come from metrics.jsonl (train loss and val loss, lr, val top-1 against the
+optimizer step); the table from summary.json and the evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PLOT = Path("plots") / "curves.png"
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a distres run dir?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: str | Path) -> Path:
+    """Loss, lr and top-1 against step, three panels, written to <run_dir>/plots/curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display under Slurm or in CI
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, (ax_loss, ax_lr, ax_top1) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
+    ax_loss.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "o-", label="val")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax_lr.set(xlabel="step", ylabel="lr", title="learning rate")
+    ax_top1.plot([r["step"] for r in evals], [r["val/top1"] for r in evals], "o-", label="top-1")
+    ax_top1.plot([r["step"] for r in evals], [r["val/top5"] for r in evals], "s--", label="top-5")
+    ax_top1.set(xlabel="step", ylabel="accuracy", title="validation", ylim=(0, 1))
+    ax_top1.legend()
+    fig.suptitle(run_dir.name)
+    out = run_dir / PLOT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def summary_table(run_dir: Path):
+    from rich.table import Table
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    evals = [r for r in read_records(run_dir) if r.get("event") == "eval"]
+    table = Table(title=f"{run_dir}", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+
+    def pct(v):
+        return f"{100 * v:.2f}%" if isinstance(v, float) else "-"
+
+    rows = [
+        ("model", summary.get("model", "-")),
+        ("stop", summary.get("stop_reason", "(running or killed)")),
+        ("steps / epochs", f"{summary.get('steps', '-')} / {summary.get('epochs', '-')}"),
+        ("samples seen", f"{summary.get('samples_seen', '-')}"),
+        (
+            "world size x global batch",
+            f"{summary.get('world_size', '-')} x {summary.get('global_batch', '-')}",
+        ),
+        ("final val top-1", pct(summary.get("final_val_top1"))),
+        ("best val top-1", pct(summary.get("best_val_top1"))),
+        ("final val top-5", pct(summary.get("final_val_top5"))),
+        (
+            "final val loss",
+            f"{summary['final_val_loss']:.4f}"
+            if summary.get("final_val_loss") is not None
+            else "-",
+        ),
+        ("evaluations", str(len(evals))),
+        ("wall time", f"{summary['wall_s']:.1f} s" if "wall_s" in summary else "-"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(prog="python -m distres.report", description=__doc__)
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        out = plot_curves(run_dir)
+        table = summary_table(run_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"distres.report: {e}", file=sys.stderr)
+        return 2
+    console = Console()
+    console.print(table)
+    console.print(f"curves: {out}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

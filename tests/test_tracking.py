@@ -1,0 +1,206 @@
+"""W&B (offline), telemetry, plots, report, evaluate and predict, through the real CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_cli
+from launch import train
+from PIL import Image
+
+pytest.importorskip("wandb")
+
+NO_KEY = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": "/dev/null"}
+
+
+def wandb_env() -> dict:
+    return {**os.environ, **NO_KEY}
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def history(run: Path) -> list[dict]:
+    """History rows read back with wandb's own reader of .wandb transaction logs."""
+    exe = shutil.which("wandb")
+    assert exe, "the wandb command line is not on PATH"
+    out = subprocess.run(
+        [exe, "leet", "inspect", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "history":
+            rows.append(record["history"]["item"])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("wandb-2rank")
+    proc = train(2, run_dir, "run.threads=1", "train.epochs=2", "tracking.log_every=5", **NO_KEY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_one_wandb_run_per_job_with_the_logged_keys(two_rank_run):
+    runs = offline_runs(two_rank_run)
+    assert len(runs) == 1, runs  # rank 0 only, never one per rank
+    assert not (REPO / "wandb").exists()  # nothing outside run.dir
+    rows = history(runs[0])
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "val/top1" in r]
+    for key in (
+        "step",
+        "epoch",
+        "lr",
+        "img_per_s",
+        "step_time_s",
+        "data_wait_frac",
+        "grad_norm",
+        "samples",
+    ):
+        assert all(key in r for r in train_rows), key
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 22]
+    assert [r["step"] for r in eval_rows] == [11, 22]
+    assert all({"val/loss", "val/top5"} <= r.keys() for r in eval_rows)
+    # the same values as metrics.jsonl
+    jsonl = [json.loads(x) for x in (two_rank_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in jsonl if r["event"] == "train"] == [
+        r["train/loss"] for r in train_rows
+    ]
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 for r in train_rows)
+
+
+def test_wandb_config_records_the_run(two_rank_run):
+    run = offline_runs(two_rank_run)[0]
+    exe = shutil.which("wandb")
+    out = subprocess.run(
+        [exe, "leet", "inspect", "--summary", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert '"world_size"' in out and '"global_batch"' in out and '"git_rev"' in out
+    assert '"cpu_count"' in out and '"model_params"' in out
+
+
+def test_plots_and_report(two_rank_run):
+    png = two_rank_run / "plots" / "curves.png"
+    with Image.open(png) as img:
+        img.verify()  # a valid PNG
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 500
+    png.unlink()
+    proc = run_cli(str(two_rank_run), module="distres.report")
+    assert proc.returncode == 0, proc.stderr
+    assert png.is_file() and "final val top-1" in proc.stdout and "completed" in proc.stdout
+    bad = run_cli(str(two_rank_run / "nope"), module="distres.report")
+    assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
+
+
+def test_a_resumed_job_continues_the_same_wandb_run(tmp_path):
+    common = [f"run.dir={tmp_path}", "run.threads=1", "train.epochs=2", "tracking.log_every=2"]
+    first = subprocess.run(
+        [sys.executable, "-m", "distres.train", *common, "train.max_steps=6"],
+        cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(
+        [sys.executable, "-m", "distres.train", *common],
+        cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 2
+    ids = {r.name.rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1  # one W&B run, continued
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000044" / "meta.json").read_text())
+    assert meta["wandb_id"] == ids.pop()
+    later = [r["step"] for r in history(runs[1]) if "train/loss" in r]
+    assert later and min(later) > 6  # the resumed part logs only steps after the checkpoint
+
+
+def test_evaluate_reproduces_the_recorded_top1(two_rank_run):
+    summary = json.loads((two_rank_run / "summary.json").read_text())
+    checkpoint = two_rank_run / "checkpoints"
+    proc = run_cli("--checkpoint", str(checkpoint), module="distres.evaluate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[0])
+    assert result["step"] == summary["steps"]
+    assert result["val/top1"] == summary["final_val_top1"]
+    assert result["val/samples"] == 361
+    # distributed, as training: the same numbers from two ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "distres.evaluate", "--checkpoint", str(checkpoint), "run.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    line = next(x for x in two.stdout.splitlines() if x.startswith("{"))
+    assert json.loads(line)["val/top1"] == summary["final_val_top1"]
+
+
+def test_predict_names_the_top5_classes(two_rank_run, digits_dirs, tmp_path):
+    val_dir = digits_dirs[1]
+    shard = sorted(val_dir.glob("*.tar"))[0]
+    images = []
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(members)[:6]:
+            if name.endswith(".jpg"):
+                out = tmp_path / Path(name).name
+                out.write_bytes(tar.extractfile(members[name]).read())
+                images.append(str(out))
+    manifest = json.loads((val_dir / "manifest.json").read_text())
+    names = {str(v): k for k, v in manifest["classes"].items()}
+    weights = two_rank_run / "final" / "model.safetensors"
+    proc = run_cli("--weights", str(weights), *images, module="distres.predict")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(images)
+    import torch
+
+    from distres.export import load_weights
+
+    model = load_weights(weights).eval()
+    info = json.loads(weights.with_name("inference.json").read_text())
+    for line, image in zip(lines, images, strict=True):
+        ranked = [x.rsplit(" ", 1)[0] for x in line.split(": ", 1)[1].split(", ")]
+        assert len(ranked) == 5 and set(ranked) <= set(names.values())
+        # the top class is the model's argmax under the val preprocessing (32 px: no resize)
+        pixels = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
+        x = torch.from_numpy(pixels).permute(2, 0, 1) / 255
+        mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+        x = (x - mean[:, None, None]) / std[:, None, None]
+        with torch.no_grad():
+            want = names[str(int(model(x[None]).argmax()))]
+        assert ranked[0] == want, (line, want)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    proc = run_cli("--weights", str(weights), str(broken), images[0], module="distres.predict")
+    assert proc.returncode == 1 and proc.stdout.count("\n") == 1
+    assert f"{broken}: cannot read image" in proc.stderr
+
+
+def test_wandb_off_and_bad_settings(tmp_path):
+    proc = run_cli(f"run.dir={tmp_path}", "tracking.wandb=off", "train.max_steps=2")
+    assert proc.returncode == 0 and not (tmp_path / "wandb").exists()
+    bad = run_cli("tracking.wandb=maybe")
+    assert bad.returncode == 2 and "tracking.wandb" in bad.stderr
