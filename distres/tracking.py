@@ -31,8 +31,11 @@ def wandb_mode(setting: str) -> str | None:
         return None
     if setting != "auto":
         return setting
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
-        return os.environ["WANDB_MODE"].replace("disabled", "offline")
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode == "disabled":
+        return None
+    if env_mode in ("offline", "online"):
+        return env_mode
     return "online" if os.environ.get("WANDB_API_KEY") or _netrc_key() else "offline"
 
 
@@ -83,15 +86,32 @@ class WandbRun:
 
     def log(self, record: dict[str, Any]) -> None:
         values = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "event"}
-        self.run.log(values)
+        self._guard(self.run.log, values)
 
     def summary(self, summary: dict[str, Any]) -> None:
-        for k, v in summary.items():
-            if isinstance(v, int | float | str) or v is None:
-                self.run.summary[k] = v
+        values = {k: v for k, v in summary.items() if isinstance(v, int | float | str) or v is None}
+        self._guard(self.run.summary.update, values)
 
     def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+        self._guard(self.run.finish, exit_code=exit_code)
+
+    broken = False
+
+    def _guard(self, fn, *args, **kwargs) -> None:
+        """A W&B failure never stops training: metrics.jsonl has every record anyway. (Slurm's
+        SIGTERM, for one, reaches W&B's service process too, and it may die first.)"""
+        if self.broken:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # wandb raises many types once its service is gone
+            self.broken = True
+            print(
+                f"[distres] W&B stopped ({type(e).__name__}: {e}); training goes on, "
+                "metrics.jsonl keeps every record",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -19,6 +19,13 @@ def data_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_wandb_unless_asked():
+    # W&B's start-up costs seconds per run; the tests about W&B (test_tracking, test_slurm)
+    # clear this for their own runs, the others train without it.
+    os.environ["WANDB_MODE"] = "disabled"
+
+
 @pytest.fixture(scope="session")
 def digits_dirs(data_cache) -> tuple[Path, Path]:
     from distres.data.datasets import digits

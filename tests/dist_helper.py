@@ -45,8 +45,8 @@ def mode_train(out: Path, overrides: list[str]) -> int:
         def patched(self):
             real_step = self.engine.train_step
 
-            def step(micro_batches):
-                loss = real_step(micro_batches)
+            def step(micro_batches, **kwargs):
+                loss = real_step(micro_batches, **kwargs)
                 if self.env.rank == int(fault_rank) and self.step + 1 == int(fault_step):
                     return loss * float("nan")
                 return loss
