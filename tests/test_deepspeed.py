@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from launch import kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres.config import ConfigError, load_config
+from launch import kill_at_step, records, train
 
 pytest.importorskip("deepspeed")
 
@@ -213,3 +213,32 @@ def test_deepspeeds_own_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+
+
+def test_accumulation_matches_ddp_and_another_world_size_says_how(tmp_path):
+    # 2 ranks x 32 x 2 accumulation steps: the same optimizer steps as the DDP engine's.
+    common = [*FAST, "train.batch_size=32", "train.grad_accum=2", "train.max_steps=6"]
+    ddp = train(2, tmp_path / "ddp", *common)
+    ds = train(2, tmp_path / "ds", *common, "engine.name=deepspeed", "engine.zero_stage=2")
+    assert ddp.returncode == 0 and ds.returncode == 0, ds.stderr[-3000:]
+    ds_losses = [x for _, x in train_losses(tmp_path / "ds")]
+    ddp_losses = [x for _, x in train_losses(tmp_path / "ddp")]
+    # With accumulation the two engines sum in another order (DeepSpeed reduces each
+    # micro-batch's gradients, DDP the accumulated sum once), so the first update agrees to
+    # float32 rounding only: step 2's loss within 1e-6 (a missing 1/k, or a double reduction,
+    # would be off by far more). Training at lr 0.1 then amplifies those last bits (measured:
+    # 2e-7, 1e-5, 1e-4, 2e-4, 9e-4 at steps 2-6), hence 1e-2 for the rest.
+    assert ds_losses[0] == ddp_losses[0]
+    assert ds_losses[1] == pytest.approx(ddp_losses[1], rel=1e-6)
+    assert ds_losses == pytest.approx(ddp_losses, rel=1e-2)
+    # ZeRO partitions of 2 ranks on 1: a clear error with DeepSpeed's conversion command
+    proc = run_cli(
+        f"run.dir={tmp_path / 'ds'}",
+        *common,
+        "train.max_steps=8",
+        "engine.name=deepspeed",
+        "engine.zero_stage=2",
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "ZeRO-2 optimizer partitions of 2 rank(s)" in line and "ds_to_universal" in line
