@@ -1,0 +1,232 @@
+"""Training-step throughput over a grid: model x batch x precision x memory format x compile.
+
+    python3 bench/train_throughput.py                       # CPU: small, a couple of minutes
+    python3 bench/train_throughput.py --preset gpu          # ResNet-50, 224, batch 256, bf16,
+                                                            # channels_last, eager vs compile
+    python3 bench/train_throughput.py --models resnet50 --batches 128,256 --precisions bf16,fp32
+
+For each setting it times full SGD training steps (forward, backward, optimizer) and prints
+img/s, step time, peak memory and MFU, twice:
+
+  synthetic   one batch already on the device, reused: the model's ceiling
+  real        batches from distres's input pipeline (shards of JPEGs written here from
+              scikit-learn's sample photos, the DALI backend where it imports, else torch):
+              what a user gets
+
+MFU = achieved model FLOP/s over the device's peak. The FLOPs are counted, not assumed: one
+forward pass is run under torch.utils.flop_counter.FlopCounterMode, and a training step is
+taken as 3x that (backward ~ 2x forward). The peak comes from --peak-tflops, or a table of
+known GPUs (dense bf16/fp16 tensor-core figures), or is left out on CPU.
+
+Only torch and torchvision are needed for the synthetic part (the model code is distres's
+own, which imports only torch); the real-data part needs distres's data dependencies and is
+skipped with a note where they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distres.models.resnet import resnet
+
+# dense tensor-core peaks in TFLOP/s for bf16/fp16 (fp32 runs use TF32 figures)
+PEAKS = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 495.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 495.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def step_flops(model: torch.nn.Module, batch: int, size: int, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3, size, size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    model.train()
+    return 3.0 * counter.get_total_flops() / 2 * batch
+
+
+def make_step(model, opt, precision: str, device: torch.device):
+    dtype = DTYPES[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step, after warm-up (compile, cudnn autotune); one sync at each end."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(it))
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def real_batches(args, device: torch.device, model_name: str, batch: int, size: int, tmp: str):
+    """An endless stream of (images, labels) from distres's loader over written shards."""
+    try:
+        from distres.config import load_config
+        from distres.data import build_loaders
+        from distres.data.shards import build_shard_set
+    except ImportError as e:
+        raise RuntimeError(f"real-data part skipped: {e}") from None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data_pipeline import make_photos
+
+    root = Path(tmp)
+    if not (root / "train").exists():
+        make_photos(root / "src", args.images)
+        build_shard_set(root / "src", root / "train", 8 * 10**6, workers=os.cpu_count() or 1,
+                        progress=False)  # fmt: skip
+    overrides = [
+        "data.dataset=shards",
+        f"data.train_shards={root / 'train'}",
+        f"data.val_shards={root / 'train'}",
+        f"data.image_size={size}",
+        f"data.val_resize={size}",
+        "data.random_resized_crop=true",
+        "data.hflip=true",
+        f"train.batch_size={batch}",
+        f"model.name={model_name}",
+        "model.num_classes=10",
+        "data.mean=[0.485,0.456,0.406]",
+        "data.std=[0.229,0.224,0.225]",
+    ]
+    cfg = load_config(None, overrides)
+    train, _ = build_loaders(cfg, device, 0, 1)
+
+    def stream():
+        for epoch in itertools.count():
+            train.set_epoch(epoch)
+            for b in train:
+                yield b.images, b.labels
+
+    return stream()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["cpu", "gpu"], default=None)
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--batches", default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--precisions", default=None)
+    parser.add_argument("--formats", default="channels_last")
+    parser.add_argument("--compile", default=None, help="off,on")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--images", type=int, default=512, help="JPEGs for the real-data run")
+    parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    gpu = preset == "gpu"
+    models = (args.models or ("resnet50" if gpu else "resnet18,resnet50")).split(",")
+    batches = [int(b) for b in (args.batches or ("256" if gpu else "16")).split(",")]
+    size = args.size or (224 if gpu else 112)
+    precisions = (args.precisions or ("bf16" if gpu else "fp32,bf16")).split(",")
+    compiles = (args.compile or ("off,on" if gpu else "off")).split(",")
+    steps, warmup = args.steps or (50 if gpu else 3), args.warmup or (15 if gpu else 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
+    print(
+        f"{card}, torch {torch.__version__}, {size}x{size}, {steps} timed steps after "
+        f"{warmup} warm-up, SGD momentum, {time.strftime('%Y-%m-%d')}\n",
+        flush=True,
+    )
+    header = (
+        f"{'data':9s} {'model':9s} {'batch':>5s} {'prec':4s} {'format':13s} {'compile':7s} "
+        f"{'img/s':>8s} {'step ms':>8s} {'peak GiB':>8s} {'MFU':>6s}"
+    )
+    print(header)
+    print("-" * len(header), flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    grid = itertools.product(models, batches, precisions, args.formats.split(","), compiles)
+    for name, batch, precision, fmt, comp in grid:
+        memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        torch.manual_seed(0)
+        model = resnet(name, num_classes=1000 if gpu else 10).to(
+            device, memory_format=memory_format
+        )
+        flops = step_flops(model, batch, size, device)
+        opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **opt_kwargs)
+        net = torch.compile(model) if comp == "on" else model
+        step = make_step(net, opt, precision, device)
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, 10, (batch,), device=device)
+        runs = [("synthetic", itertools.repeat((x, y)))]
+        if not args.no_real:
+            try:
+                runs.append(("real", real_batches(args, device, name, batch, size, tmp.name)))
+            except RuntimeError as e:
+                print(f"  ({e})")
+        for label, stream in runs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = time_steps(step, stream, warmup, steps, device)
+            peak_mem = (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+            )
+            peak = peak_tflops(device, precision, args.peak_tflops)
+            mfu = f"{100 * flops / seconds / (peak * 1e12):5.1f}%" if peak else "    -"
+            mem = f"{peak_mem:8.1f}" if peak_mem else "       -"
+            print(
+                f"{label:9s} {name:9s} {batch:5d} {precision:4s} {fmt:13s} {comp:7s} "
+                f"{batch / seconds:8.1f} {seconds * 1e3:8.1f} {mem} {mfu}",
+                flush=True,
+            )
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
