@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from launch import assert_same_weights, kill_at_step, records, train
+from multiproc import assert_same_weights, kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from multiproc import kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres.config import ConfigError, load_config
-from launch import kill_at_step, records, train
 
 pytest.importorskip("deepspeed")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run_cli
-from launch import train
+from multiproc import train
 from PIL import Image
 
 pytest.importorskip("wandb")
