@@ -118,3 +118,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Average the floating-point buffers (BN running statistics) over all ranks, in one
+    all-reduce of their concatenation rather than one per buffer."""
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs or world_size == 1:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size)
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distres.config import BatchPlan, Config, ConfigError
 from distres.data.batch import Batch
-from distres.dist import DistEnv
+from distres.dist import DistEnv, average_buffers
 from distres.models import build_model
 from distres.models.resnet import count_params
 from distres.optim import build_optimizer, build_scheduler
@@ -129,12 +128,8 @@ class DDPEngine:
         """Average BN running statistics over ranks (timm's distribute_bn), so evaluation and
         the saved weights see one model, not one per rank. DDP's per-forward broadcast of rank
         0's buffers would otherwise leave each rank with stats from its own last batch."""
-        if self.ddp is None:
-            return
-        for buf in self.module.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(self.env.world_size)
+        if self.ddp is not None:
+            average_buffers(self.module, self.env.world_size)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

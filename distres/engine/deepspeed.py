@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from distres.config import BatchPlan, Config, ConfigError
 from distres.data.batch import Batch
-from distres.dist import DistEnv
+from distres.dist import DistEnv, average_buffers
 from distres.engine.ddp import resolve_precision, scaled_lr
 from distres.models import build_model
 from distres.models.resnet import count_params
@@ -181,12 +180,8 @@ class DeepSpeedEngine:
     def sync_buffers(self) -> None:
         """Average BN running statistics over ranks (DeepSpeed never broadcasts buffers after
         the start), as the DDP engine does before evaluation and saving."""
-        if not self.env.distributed:
-            return
-        for buf in self.module.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(self.env.world_size)
+        if self.env.distributed:
+            average_buffers(self.module, self.env.world_size)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (a collective under ZeRO-3, whose
