@@ -135,3 +135,9 @@ def job_field(job: str, key: str) -> str:
     proc = _run(["scontrol", "show", "job", job, "-o"], check=False, timeout=30)
     fields = dict(x.split("=", 1) for x in proc.stdout.split() if "=" in x)
     return fields.get(key, "")
+
+
+def steps_alive(job: str) -> bool:
+    """Whether any step daemon of the job (its batch script included) still runs here."""
+    proc = subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job}\\."], capture_output=True)
+    return proc.returncode == 0

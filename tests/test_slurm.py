@@ -79,14 +79,15 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     while slurm_cluster.job_field(job, "Restarts") != "1":
         assert time.monotonic() < deadline, log(tmp_path, job)
         time.sleep(0.5)
-    # Slurm holds a requeued job for a while before it is eligible again; skip the wait
-    # (retried: the update is refused while the job is still completing its first run).
-    while slurm_cluster.job_field(job, "JobState") == "PENDING" or "COMPLETING" in (
-        slurm_cluster.job_field(job, "JobState")
-    ):
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
+    # Slurm holds a requeued job ~2 min before it is eligible again, long enough for the first
+    # attempt to be cleaned up. Skip the wait, but only once that attempt is gone: no step
+    # daemon of the job left and the job pending on its begin time (starting it earlier
+    # races the cleanup and the new attempt fails at launch).
+    while slurm_cluster.steps_alive(job) or slurm_cluster.job_field(job, "Reason") != "BeginTime":
         assert time.monotonic() < deadline + 120, log(tmp_path, job)
         time.sleep(1)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
     assert slurm_cluster.wait_job(job, timeout=300) == "COMPLETED", log(tmp_path, job)
     out = log(tmp_path, job)
     assert "asking every rank to checkpoint and stop" in out
