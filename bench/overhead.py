@@ -92,6 +92,12 @@ def main() -> None:
                 f"run.dir={tmp}",
                 "tracking.progress=off",
                 "checkpoint.save_final=false",
+                # The step loop is what is compared: no per-epoch checkpoint, no W&B start-up
+                # and no end-of-run plot in the timed region (bench/checkpoint.py times saves).
+                "checkpoint.every_epochs=0",
+                "checkpoint.on_stop=false",
+                "tracking.wandb=off",
+                "tracking.plots=false",
             ],
         )
         train_set, val_set = resolve_shard_sets(cfg)
