@@ -9,6 +9,7 @@ For each setting it times full SGD training steps (forward, backward, optimizer)
 img/s, step time, peak memory and MFU, twice:
 
   synthetic   one batch already on the device, reused: the model's ceiling
+  pipeline    the input pipeline alone, no training step: the data ceiling
   real        batches from distres's input pipeline (shards of JPEGs written here from
               scikit-learn's sample photos, the DALI backend where it imports, else torch):
               what a user gets
@@ -119,9 +120,11 @@ def real_batches(args, device: torch.device, model_name: str, batch: int, size: 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data_pipeline import make_photos
 
-    root = Path(tmp)
+    root = Path(args.data_dir or tmp)
     if not (root / "train").exists():
+        t0 = time.perf_counter()
         make_photos(root / "src", args.images)
+        print(f"  ({args.images} JPEGs written in {time.perf_counter() - t0:.1f} s)", flush=True)
         build_shard_set(root / "src", root / "train", 8 * 10**6, workers=os.cpu_count() or 1,
                         progress=False)  # fmt: skip
     overrides = [
@@ -137,9 +140,11 @@ def real_batches(args, device: torch.device, model_name: str, batch: int, size: 
         "model.num_classes=10",
         "data.mean=[0.485,0.456,0.406]",
         "data.std=[0.229,0.224,0.225]",
+        f"data.num_workers={args.workers}",
     ]
     cfg = load_config(None, overrides)
     train, _ = build_loaders(cfg, device, 0, 1)
+    print(f"  (real data: {type(train).__name__}, {args.workers} workers)", flush=True)
 
     def stream():
         for epoch in itertools.count():
@@ -162,6 +167,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--images", type=int, default=512, help="JPEGs for the real-data run")
+    parser.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+        help="decode workers of the real-data run (data.num_workers)",
+    )  # fmt: skip
+    parser.add_argument("--data-dir", default=None, help="keep the real-data shards here")
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args()
@@ -190,6 +200,7 @@ def main() -> None:
     print(header)
     print("-" * len(header), flush=True)
     tmp = tempfile.TemporaryDirectory()
+    piped: set[int] = set()
     grid = itertools.product(models, batches, precisions, args.formats.split(","), compiles)
     for name, batch, precision, fmt, comp in grid:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -207,9 +218,19 @@ def main() -> None:
         runs = [("synthetic", itertools.repeat((x, y)))]
         if not args.no_real:
             try:
-                runs.append(("real", real_batches(args, device, name, batch, size, tmp.name)))
+                real = real_batches(args, device, name, batch, size, tmp.name)
             except RuntimeError as e:
                 print(f"  ({e})")
+            else:
+                if batch not in piped:  # the input pipeline alone, once per batch size
+                    piped.add(batch)
+                    seconds = time_steps(lambda x, y: None, real, warmup, steps, device)
+                    print(
+                        f"{'pipeline':9s} {'-':9s} {batch:5d} {'-':4s} {fmt:13s} {'-':7s} "
+                        f"{batch / seconds:8.1f} {seconds * 1e3:8.1f}",
+                        flush=True,
+                    )
+                runs.append(("real", real))
         for label, stream in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -59,6 +60,16 @@ class LossWindow:
     def load_state_dict(self, state: dict) -> None:
         self.total.fill_(state["total"])
         self.steps = state["steps"]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, a checkpoint) is not training time: leave it out
+        of the window's img/s and step time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t0
 
     def drain(self) -> tuple[float, int, float]:
         """(mean loss, steps, seconds) since the last drain; one host-device sync."""
@@ -175,14 +186,16 @@ class Trainer:
                     self.epoch == self.cfg.train.epochs
                     or self.epoch % self.cfg.train.eval_every_epochs == 0
                 ):
-                    self.validate()
+                    with self.window.paused():
+                        self.validate()
                     self.stop_reason = self.agree()
                 if (
                     self.stop_reason is None
                     and ck.every_epochs
                     and self.epoch % ck.every_epochs == 0
                 ):
-                    self.save_checkpoint()
+                    with self.window.paused():
+                        self.save_checkpoint()
         finally:
             self.consensus.restore_signal_handlers()
         self.stop_reason = self.stop_reason or "completed"
@@ -274,7 +287,8 @@ class Trainer:
                 and self.step % save_every == 0
                 and self.epoch_step < self.steps_per_epoch
             ):
-                self.save_checkpoint()
+                with self.window.paused():
+                    self.save_checkpoint()
 
     def agree(self) -> str | None:
         """The stop consensus; it also tells whether every rank's async checkpoint write has

@@ -187,3 +187,63 @@ def test_torch_backend_position_resumes_mid_epoch_exactly():
     assert len(replay) == len(rest) == len(train) - 5
     for a, b in zip(rest, replay, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rebatch_cuts_uneven_chunks_into_exact_batches(drop_last):
+    """Workers hand over chunks of any size (the last of a shard is short); batches straddle
+    them, keep the order, and the tail is dropped only for training."""
+    from distres.data.torch_loader import _rebatch
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 45, (40,), generator=gen).tolist()
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    chunks = [
+        (
+            torch.arange(a, a + n).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).clone(),
+            torch.arange(a, a + n),
+        )
+        for a, n in zip(starts, sizes, strict=True)
+    ]
+    batches = list(_rebatch(iter(chunks), 32, drop_last=drop_last))
+    total = sum(sizes)
+    kept = total // 32 * 32 if drop_last else total
+    assert [len(y) for _, y in batches[:-1]] == [32] * (len(batches) - 1)
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(kept))
+    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in batches]), torch.arange(kept))
+    # each batch owns its memory: no view into a worker's chunk outlives the hand-over
+    storages = {x.untyped_storage().data_ptr() for x, _ in batches}
+    assert len(storages) == len(batches)
+
+
+def test_jpeg_decoder_falls_back_to_torchvision_without_torchcodec(monkeypatch):
+    """A cluster image whose torch differs from the one torchcodec was built for cannot load
+    torchcodec; the torch backend still decodes, through torchvision.io, to the same pixels."""
+    import builtins
+
+    from PIL import Image
+
+    from distres.data import torch_loader
+
+    real_import = builtins.__import__
+
+    def no_torchcodec(name, *args, **kwargs):
+        if name.startswith("torchcodec"):
+            raise ImportError("torchcodec cannot load here")
+        return real_import(name, *args, **kwargs)
+
+    buf = io.BytesIO()
+    pixels = torch.randint(
+        0, 255, (24, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    Image.fromarray(pixels.numpy()).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    expected = torch_loader.decode_jpeg(data, mode="RGB")
+    monkeypatch.setattr(builtins, "__import__", no_torchcodec)
+    fallback = torch_loader._jpeg_decoder()
+    assert fallback is not torch_loader.decode_jpeg
+    got = fallback(data, mode="RGB")
+    assert got.shape == (3, 24, 40) and got.dtype == torch.uint8
+    # both are libjpeg-turbo; allow an IDCT rounding difference of one level
+    assert (got.int() - expected.int()).abs().max() <= 1
+    assert fallback(data, mode="GRAY").shape == (1, 24, 40)

@@ -20,11 +20,35 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import v2
 
 from distres.data.batch import Batch, BufferPool
 from distres.data.shards import ShardSet
+
+
+def _jpeg_decoder() -> Callable:
+    """torchcodec's decode_jpeg; torchvision.io's where torchcodec will not load.
+
+    torchcodec wheels are built against one torch release, so an image whose torch differs
+    (a cluster's own PyTorch container) cannot load them; torchvision.io's decoder (the same
+    libjpeg-turbo, deprecated from torchvision 0.29) keeps the backend working there.
+    """
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg
+    except (ImportError, OSError, RuntimeError):
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as tv_decode_jpeg
+
+        def decode(data: bytes, mode: str) -> torch.Tensor:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return tv_decode_jpeg(raw, mode=getattr(ImageReadMode, mode))
+
+        return decode
+
+
+decode_jpeg = _jpeg_decoder()
 
 CHUNK = 32  # samples per worker->main hand-over; amortises IPC without holding back a batch
 
@@ -264,6 +288,7 @@ class ShardLoader:
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
         self.bias = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * scale * self.inv_std
         self._pool = BufferPool()
+        self.pin_batches = self.device.type == "cuda"  # see _rebatch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -310,7 +335,9 @@ class ShardLoader:
             stream,
             batch_size=None,
             num_workers=workers,
-            pin_memory=self.device.type == "cuda",
+            # batches are assembled in pinned memory by _rebatch: pinning the chunks first
+            # would only add a copy
+            pin_memory=False,
             prefetch_factor=4 if workers else None,
             worker_init_fn=_ignore_stop_signals,
         )
@@ -338,7 +365,12 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         # Training stops at len(self) steps even if a rank could read more (every rank runs
         # the same number of steps); validation reads everything.
-        batches = _rebatch(self._all_chunks(), self.batch_size, drop_last=self.train)
+        batches = _rebatch(
+            self._all_chunks(),
+            self.batch_size,
+            drop_last=self.train,
+            pin=self.pin_batches,
+        )
         skip, self._skip = self._skip, 0
         # The order and the augmentation are functions of (seed, epoch, rank), so replaying
         # the first `skip` batches on the host resumes the stream exactly where it stopped.
@@ -397,19 +429,45 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def _rebatch(
-    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int, drop_last: bool
+    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    drop_last: bool,
+    pin: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a stream of variable-size chunks into batches of exactly batch_size."""
-    images, labels, held = [], [], 0
+    """Cut a stream of variable-size chunks into batches of exactly batch_size, each copied
+    once into a tensor of its own.
+
+    pin=True puts the batch in pinned memory (torch's caching host allocator), so the copy to
+    the GPU is truly asynchronous: from pageable memory CUDA stages the copy and waits for the
+    stream's queued kernels first, which stalls the host once per step and leaves the GPU
+    idle while the next step is launched. The allocator does not hand a block out again
+    until the copy that read it has finished.
+    """
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    held = 0
     for x, y in chunks:
         images.append(x)
         labels.append(y)
         held += len(y)
-        if held >= batch_size:
-            x_all, y_all = torch.cat(images), torch.cat(labels)
-            full = held // batch_size * batch_size
-            for i in range(0, full, batch_size):
-                yield x_all[i : i + batch_size], y_all[i : i + batch_size]
-            images, labels, held = [x_all[full:]], [y_all[full:]], held - full
+        while held >= batch_size:
+            parts_x, parts_y, need = [], [], batch_size
+            while need:
+                x0, y0 = images[0], labels[0]
+                if len(y0) <= need:
+                    parts_x.append(images.pop(0))
+                    parts_y.append(labels.pop(0))
+                    need -= len(y0)
+                else:
+                    parts_x.append(x0[:need])
+                    parts_y.append(y0[:need])
+                    images[0], labels[0], need = x0[need:], y0[need:], 0
+            held -= batch_size
+            yield _cat(parts_x, pin), _cat(parts_y, pin)
     if held and not drop_last:
-        yield torch.cat(images), torch.cat(labels)
+        yield _cat(images, pin), _cat(labels, pin)
+
+
+def _cat(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (see docs/performance.md): the throughput grid of
+# bench/train_throughput.py (ResNet-50, 224, batch 256, bf16, channels_last, eager vs
+# torch.compile; synthetic and real data), then the trainer itself on the GPU over the same
+# shards, then the embedded default run with fp16 (GradScaler). Logs go to $OUT.
+#
+#   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
+#
+# Python packages missing there travel as wheels in .whl/ (omegaconf, antlr4, webdataset,
+# braceexpand): nothing beyond torch and torchvision is assumed.
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+data=/tmp/distres_bench_data
+workers=$(( $(nproc) - 2 ))
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== bench/train_throughput.py --preset gpu"
+timeout "${T_BENCH:-300}" python3 bench/train_throughput.py --preset gpu --images 6144 \
+    --workers "$workers" --data-dir "$data" 2>&1 | tee "$OUT/throughput.txt"
+
+for compile in false ${TRAIN_COMPILE:-}; do
+    echo "== distres.train: ResNet-50 on the GPU over the same shards, engine.compile=$compile"
+    timeout "${T_TRAIN:-120}" torchrun --standalone --nproc_per_node=1 -m distres.train \
+        model.name=resnet50 model.num_classes=10 data.dataset=shards \
+        "data.train_shards=$data/train" "data.val_shards=$data/train" data.image_size=224 \
+        data.val_resize=256 data.random_resized_crop=true data.hflip=true \
+        "data.num_workers=$workers" train.batch_size=256 train.epochs=3 tracking.log_every=8 \
+        engine.compile=$compile tracking.wandb=off tracking.progress=log \
+        run.dir=/tmp/gpu_train_$compile 2>&1 | tee "$OUT/train_compile_$compile.txt"
+    cp /tmp/gpu_train_$compile/metrics.jsonl "$OUT/train_compile_$compile.jsonl" 2>/dev/null
+done
+
+echo "== distres.train: the embedded default run, fp16 with GradScaler"
+timeout "${T_DEFAULT:-60}" python3 -m distres.train train.precision=fp16 train.epochs=2 \
+    tracking.wandb=off tracking.progress=false run.dir=/tmp/gpu_default 2>&1 | tail -n 15 | tee "$OUT/default.txt"
+echo "== done"
