@@ -102,7 +102,18 @@ class DataConfig:
         "error: stop every rank with the shard and key | skip: "
         "report, count (data/skipped in metrics) and go on",
     )
-    image_size: int = doc(32, "training crop size (pixels, square)")
+    image_size: int = doc(32, "training crop size (pixels, square); also the val crop")
+    progressive_min_size: int = doc(
+        0,
+        "progressive resizing (FFCV): train at this size first, growing to image_size over "
+        "progressive_epochs; 0: off",
+    )
+    progressive_epochs: list[int] = doc(
+        [0, 0], "progressive resizing: [first, last] epoch of the linear ramp"
+    )
+    progressive_step: int = doc(
+        32, "progressive resizing: sizes are multiples of this (few shapes for cuDNN/compile)"
+    )
     val_resize: int = doc(
         0,
         "val: resize the shorter side to this, then center-crop "
@@ -147,6 +158,16 @@ class DataConfig:
         _at_least("data.crop_padding", self.crop_padding, 0)
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
         _at_least("data.num_workers", self.num_workers, 0)
+        if self.progressive_min_size:
+            _in_range("data.progressive_min_size", self.progressive_min_size, 8, self.image_size)
+            _at_least("data.progressive_step", self.progressive_step, 1)
+            ramp = self.progressive_epochs
+            if len(ramp) != 2 or not 0 <= ramp[0] < ramp[1]:
+                raise ConfigError(
+                    f"data.progressive_epochs={list(ramp)}: expected [first, last] with "
+                    "0 <= first < last"
+                )
+
         for key in ("mean", "std"):
             if len(getattr(self, key)) not in (1, 3):
                 raise ConfigError(f"data.{key}={getattr(self, key)}: needs 1 or 3 values")
@@ -160,6 +181,18 @@ class DataConfig:
                 if not _shard_source_exists(value):
                     raise ConfigError(f"data.{key}={value!r}: no such shard directory or file")
 
+    def train_size(self, epoch: int) -> int:
+        """The training crop size in `epoch` (0-based): progressive_min_size up to
+        progressive_epochs[0], a linear ramp to image_size at progressive_epochs[1], rounded to
+        a multiple of progressive_step (FFCV's schedule)."""
+        if not self.progressive_min_size:
+            return self.image_size
+        lo, hi = self.progressive_min_size, self.image_size
+        first, last = self.progressive_epochs
+        t = min(1.0, max(0.0, (epoch - first) / (last - first)))
+        size = round((lo + t * (hi - lo)) / self.progressive_step) * self.progressive_step
+        return min(hi, max(lo, size))
+
 
 def _shard_source_exists(spec: str) -> bool:
     """A directory, a tar file, or a brace pattern whose first expansion exists."""
@@ -171,30 +204,38 @@ def _shard_source_exists(spec: str) -> bool:
 
 @dataclass
 class OptimConfig:
-    name: str = doc("sgd", "sgd (momentum / Nesterov) | adamw")
+    name: str = doc(
+        "sgd",
+        "sgd (momentum / Nesterov) | adamw | lars (SGD with layer-wise trust ratios) | lamb; "
+        "lars/lamb are timm's, for global batches over ~4k",
+    )
     lr: float = doc(0.1, "peak learning rate (after warm-up); per 256 samples if lr_scaling=linear")
     lr_scaling: str = doc(
         "none",
         "none | linear: lr is per 256 samples, scaled to the global batch (Goyal et al. 2017)",
     )
-    momentum: float = doc(0.9, "sgd momentum; adamw beta1")
-    nesterov: bool = doc(True, "sgd: Nesterov momentum")
-    beta2: float = doc(0.999, "adamw beta2")
-    weight_decay: float = doc(5e-4, "decoupled for adamw, L2 for sgd")
+    momentum: float = doc(0.9, "sgd/lars momentum; adamw/lamb beta1")
+    nesterov: bool = doc(True, "sgd/lars: Nesterov momentum")
+    beta2: float = doc(0.999, "adamw/lamb beta2")
+    weight_decay: float = doc(5e-4, "decoupled for adamw/lamb, L2 for sgd/lars")
+    trust_coeff: float = doc(
+        0.001, "lars: trust coefficient (eta); a layer's lr is lr * eta * |w| / |g + wd w|"
+    )
     no_wd_bn_bias: bool = doc(True, "exclude BN and bias parameters from weight decay")
-    schedule: str = doc("cosine", "cosine | step | constant, after the warm-up")
+    schedule: str = doc("cosine", "cosine | poly | step | constant, after the warm-up")
     warmup_epochs: float = doc(2.0, "linear warm-up from warmup_start_factor*lr, in epochs")
     warmup_start_factor: float = doc(0.1, "warm-up starts at this fraction of lr")
-    min_lr_factor: float = doc(0.0, "cosine: final lr as a fraction of lr")
+    min_lr_factor: float = doc(0.0, "cosine/poly: final lr as a fraction of lr")
+    poly_power: float = doc(2.0, "poly: lr falls as (1 - progress) ** power (MLPerf's LARS)")
     step_milestones: list[float] = doc(
         [0.5, 0.75], "step: epochs at which lr drops; values below 1 are fractions of train.epochs"
     )
     step_gamma: float = doc(0.1, "step: lr multiplier at each milestone")
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, ("sgd", "adamw"))
+        _choice("optim.name", self.name, ("sgd", "adamw", "lars", "lamb"))
         _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
-        _choice("optim.schedule", self.schedule, ("cosine", "step", "constant"))
+        _choice("optim.schedule", self.schedule, ("cosine", "poly", "step", "constant"))
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
         _in_range("optim.momentum", self.momentum, 0.0, 0.9999)
@@ -204,6 +245,9 @@ class OptimConfig:
         _in_range("optim.warmup_start_factor", self.warmup_start_factor, 0.0, 1.0)
         _in_range("optim.min_lr_factor", self.min_lr_factor, 0.0, 1.0)
         _in_range("optim.step_gamma", self.step_gamma, 0.0, 1.0)
+        _in_range("optim.trust_coeff", self.trust_coeff, 1e-6, 1.0)
+        if not self.poly_power > 0:
+            raise ConfigError(f"optim.poly_power={self.poly_power}: must be > 0")
 
 
 @dataclass
@@ -246,7 +290,16 @@ class EngineConfig:
     name: str = doc("ddp", "ddp (DistributedDataParallel; plain on one process) | deepspeed")
     compile: bool = doc(False, "torch.compile the model")
     sync_bn: bool = doc(False, "SyncBatchNorm across ranks (GPU only; for small per-GPU batches)")
-    bucket_cap_mb: int = doc(25, "DDP gradient bucket size in MiB")
+    bucket_cap_mb: int = doc(
+        25,
+        "DDP gradient bucket size in MiB (25: ResNet-50's 102 MB of gradients in ~5 buckets, "
+        "the last one's all-reduce exposed after backward; docs/performance.md)",
+    )
+    static_graph: bool = doc(
+        True,
+        "DDP static_graph: the same parameters take part in every step (true of every ResNet "
+        "here), so DDP skips its per-step search for unused parameters; off under grad_accum",
+    )
     zero_stage: int = doc(1, "deepspeed: ZeRO stage 0 | 1 | 2 | 3")
     deepspeed_config: str = doc(
         "",
@@ -449,18 +502,7 @@ def _known_keys(section: str | None) -> list[str]:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML preset <- `section.key=value` overrides, then every check."""
     schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"{path}: must hold a mapping of sections, got {type(raw).__name__}")
-        layers.append((str(path), OmegaConf.create(raw or {})))
+    layers = _preset_layers(Path(path)) if path is not None else []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected section.key=value")
@@ -485,6 +527,30 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(_one_line(e)) from None
+
+
+def _preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    """A preset and, first, the presets it builds on: a top-level `base: other.yaml` (relative
+    to the file) is loaded underneath it, so a variant states only what it changes."""
+    if not path.is_file():
+        where = f"{seen[-1]}: base" if seen else "--config"
+        raise ConfigError(f"{where} {path}: no such file")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base presets form a cycle ({' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw or {})
+    base = raw.pop("base", None)
+    layers = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+        layers = _preset_layers(path.parent / base, (*seen, path.resolve()))
+    return [*layers, (str(path), OmegaConf.create(raw))]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -494,6 +494,7 @@ class Trainer:
             # also absorbs queued kernels, so it reads high when the GPU is the bottleneck)
             "data_wait_frac": min(1.0, wait / max(elapsed, 1e-9)),
             "data/skipped": self.skipped_samples(),
+            "image_size": self.cfg.data.train_size(self.epoch),
         }
         norm = self.engine.last_grad_norm
         if norm is not None:

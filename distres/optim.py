@@ -40,7 +40,24 @@ def build_optimizer(
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), **fast)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), **fast)
+    # Large-batch optimizers: timm's (multi-tensor foreach kernels). Both adapt only the
+    # parameters that are decayed (always_adapt=False), so with no_wd_bn_bias BN weights and
+    # biases take plain steps, as in You et al. and MLPerf's LARS.
+    from timm.optim import Lamb, Lars
+
+    if cfg.name == "lars":
+        return Lars(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            trust_coeff=cfg.trust_coeff,
+            foreach=True,
+        )
+    # LAMB's own clipping of the global gradient norm is left to train.clip_grad_norm
+    return Lamb(groups, lr=lr, betas=(cfg.momentum, cfg.beta2), max_grad_norm=None, foreach=True)
 
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> float:
@@ -56,9 +73,11 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, epochs: int) ->
         epoch = step / steps_per_epoch
         milestones = [m * epochs if m < 1 else m for m in cfg.step_milestones]
         return cfg.step_gamma ** sum(epoch >= m for m in milestones)
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = cfg.min_lr_factor
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "poly":
+        return floor + (1.0 - floor) * (1.0 - progress) ** cfg.poly_power
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(

@@ -207,3 +207,32 @@ def test_untrusted_pickles_are_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="refused a non-tensor item"):
         planner.load_bytes(item, io.BytesIO(pickle.dumps(Boom())))
     assert not (REPO / "BOOM").exists() and not (tmp_path / "BOOM").exists()
+
+
+def test_fast_recipe_pieces_resume_exactly(tmp_path):
+    """LARS (timm's, its momentum in the DCP checkpoint), the poly schedule, label smoothing
+    and progressive resizing (16 px in epoch 0, 32 in epoch 1): a run SIGKILLed in the second
+    epoch resumes at the right size and ends bitwise equal to one never interrupted."""
+    recipe = [
+        *BASE,
+        "optim.name=lars",
+        "optim.lr=1.0",
+        "optim.schedule=poly",
+        "train.label_smoothing=0.1",
+        "data.random_resized_crop=true",
+        "data.progressive_min_size=16",
+        "data.progressive_epochs=[0,1]",
+        "data.progressive_step=16",
+    ]
+    whole = tmp_path / "whole"
+    proc = train(2, whole, *recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = {r["epoch"]: r["image_size"] for r in records(whole) if r["event"] == "train"}
+    assert sizes == {0: 16, 1: 32}
+    killed = tmp_path / "killed"
+    kill_at_step(killed, random.choice([14, 16, 19]), *recipe)
+    proc = train(2, killed, *recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    assert_same_weights(whole, killed)
+    assert records(killed) == records(whole)

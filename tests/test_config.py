@@ -68,9 +68,10 @@ def test_default_preset_is_the_embedded_default():
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_validates(preset, digits_dirs):
-    raw = yaml.safe_load(preset.read_text())
+    layers = [yaml.safe_load(Path(src).read_text()) for src in _preset_files(preset)]
     overrides = []
-    if raw.get("data", {}).get("dataset") == "shards":  # point the paths at real shards
+    if any(raw.get("data", {}).get("dataset") == "shards" for raw in layers):
+        # point the paths at real shards
         overrides = [f"data.train_shards={digits_dirs[0]}", f"data.val_shards={digits_dirs[1]}"]
     cfg = load_config(preset, overrides)
     assert isinstance(cfg, Config)
@@ -121,3 +122,56 @@ def test_batch_larger_than_a_ranks_data_is_a_config_error(tmp_path):
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "train.batch_size=5000" in line and "1436" in line
+
+
+def _preset_files(preset: Path) -> list[Path]:
+    """The preset and the presets it builds on (`base:`), base first."""
+    raw = yaml.safe_load(preset.read_text()) or {}
+    base = raw.get("base")
+    return [*(_preset_files(preset.parent / base) if base else []), preset]
+
+
+def test_a_variant_preset_builds_on_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  name: resnet56\ntrain:\n  epochs: 7\n  batch_size: 16\n"
+    )
+    (tmp_path / "mid.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 9\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ntrain:\n  batch_size: 32\n")
+    cfg = load_config(tmp_path / "top.yaml", ["optim.lr=0.2"])
+    assert (cfg.model.name, cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (
+        "resnet56",
+        9,
+        32,
+        0.2,
+    )
+
+
+def test_base_preset_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: base .*missing.yaml: no such file"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "b.yaml")
+
+
+def test_imagenet_presets_keep_their_recipes(digits_dirs):
+    """The variants change the batch and what goes with it, not the recipe they cite."""
+    shards = [f"data.train_shards={digits_dirs[0]}", f"data.val_shards={digits_dirs[1]}"]
+    get = {n: load_config(REPO / "configs" / f"{n}.yaml", shards) for n in (
+        "resnet50_imagenet", "resnet50_imagenet_8gpu", "resnet50_imagenet_multinode",
+        "resnet50_imagenet_fast", "resnet50_imagenet_fast_multinode",
+    )}  # fmt: skip
+    classic = get["resnet50_imagenet"]
+    assert (classic.train.epochs, classic.optim.lr, classic.optim.warmup_epochs) == (90, 0.1, 5)
+    for name in ("resnet50_imagenet_8gpu", "resnet50_imagenet_multinode"):
+        c = get[name]
+        assert c.optim == classic.optim and c.model == classic.model and c.train.epochs == 90
+    assert get["resnet50_imagenet_multinode"].train.global_batch == 8192
+    fast, large = get["resnet50_imagenet_fast"], get["resnet50_imagenet_fast_multinode"]
+    assert 16 <= fast.train.epochs <= 40 and fast.train.label_smoothing == 0.1
+    assert fast.data.train_size(0) < fast.data.train_size(fast.train.epochs - 1)
+    # over a 4k global batch the fast recipe switches to a large-batch optimizer
+    assert large.train.global_batch > 4096 and large.optim.name in ("lars", "lamb")
+    assert fast.train.global_batch <= 4096 and fast.optim.name == "sgd"

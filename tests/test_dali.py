@@ -207,3 +207,26 @@ def test_released_batch_memory_is_reused(backend):
         seen.add(batch.images.data_ptr())
         del batch
     assert len(seen) < 12  # no fresh allocation (and page faults) per batch
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_progressive_resizing_changes_the_training_size_per_epoch(backend):
+    """Each epoch trains at data.train_size(epoch) (both backends build a new pipeline or
+    worker pool per epoch); validation stays at data.image_size."""
+    train, val = loaders(
+        backend,
+        "data.random_resized_crop=true",
+        "data.progressive_min_size=16",
+        "data.progressive_epochs=[1,3]",
+        "data.progressive_step=8",
+    )
+    sizes = []
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        batches = list(train)
+        assert len(batches) == len(train)
+        assert len({b.images.shape for b in batches}) == 1
+        sizes.append(batches[0].images.shape[-1])
+        assert batches[0].images.is_contiguous(memory_format=torch.channels_last)
+    assert sizes == [16, 16, 24, 32]
+    assert next(iter(val)).images.shape[-1] == 32

@@ -38,7 +38,7 @@ def test_no_weight_decay_on_bn_and_bias():
     assert len(param_groups(model, 5e-4, no_wd_bn_bias=False)) == 1
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars", "lamb"])
 def test_optimizers_step(name):
     model = resnet("resnet20", num_classes=10)
     opt = build_optimizer(model, OptimConfig(name=name, lr=0.01), torch.device("cpu"))
@@ -67,3 +67,33 @@ def test_early_stopping_on_loss_minimises_and_zero_patience_never_stops():
     assert es.update({"val/loss": 0.6}, 3)
     off = EarlyStopping(EarlyStopConfig(patience=0))
     assert not any(off.update({"val/top1": 0.1}, s) for s in range(10))
+
+
+def test_poly_schedule_decays_to_the_floor():
+    cfg = OptimConfig(schedule="poly", poly_power=2.0, warmup_epochs=1, min_lr_factor=0.0)
+    spe, epochs = 10, 11  # 10 warm-up steps, then 100 decay steps
+    assert lr_factor(10, cfg, spe, epochs) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, spe, epochs) == pytest.approx(0.25)  # (1 - 0.5) ** 2
+    assert lr_factor(110, cfg, spe, epochs) == pytest.approx(0.0)
+    linear = OptimConfig(schedule="poly", poly_power=1.0, warmup_epochs=1)
+    assert lr_factor(35, linear, spe, epochs) == pytest.approx(0.75)
+
+
+def test_lars_scales_each_decayed_layer_by_its_trust_ratio():
+    """LARS's update of a decayed weight has norm lr * eta * |w| whatever the gradient's scale;
+    BN weights and biases (not decayed) take plain SGD steps."""
+    torch.manual_seed(0)
+    model = resnet("resnet20", num_classes=10)
+    cfg = OptimConfig(name="lars", lr=2.0, momentum=0.0, nesterov=False, weight_decay=1e-4,
+                      trust_coeff=0.001)  # fmt: skip
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (1000.0 * model(torch.randn(8, 3, 32, 32)).logsumexp(1).mean()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        step = (p.detach() - before[name]).norm()
+        if p.ndim > 1:  # decayed: |step| = lr * eta * |w|, with the gradient 1000x scaled up
+            assert step == pytest.approx(2.0 * 0.001 * before[name].norm(), rel=1e-3), name
+        else:  # BN / bias: plain SGD
+            assert step == pytest.approx(2.0 * grads[name].norm(), rel=1e-4), name

@@ -20,7 +20,7 @@ import base64
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class DaliLoader:
         rank: int = 0,
         world_size: int = 1,
         skip_bad: bool = False,
+        size_at: Callable[[int], int] | None = None,
     ):
         missing = [
             Path(u).with_suffix(".idx")
@@ -82,6 +83,8 @@ class DaliLoader:
             )
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.image_size, self.num_classes, self.in_chans = image_size, num_classes, in_chans
+        # progressive resizing: the crop size of each epoch (every epoch builds its pipeline)
+        self.size_at = size_at
         self.device = torch.device(device)
         self.out_dtype, self.channels_last = out_dtype, channels_last
         self.rrc, self.rrc_min_scale = random_resized_crop, rrc_min_scale
@@ -137,7 +140,7 @@ class DaliLoader:
             order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
             paths = [self.shards.urls[i] for i in order]
             index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]
-        size = self.image_size
+        size = self.size_at(self.epoch) if self.size_at else self.image_size
         color = types.RGB if self.in_chans == 3 else types.GRAY
         dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
 

@@ -65,6 +65,7 @@ def build_loaders(
             crop_padding=d.crop_padding,
             hflip=d.hflip,
             shuffle_buffer=d.shuffle_buffer,
+            size_at=d.train_size if d.progressive_min_size else None,
             **dali,
         )
         val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
@@ -77,6 +78,19 @@ def build_loaders(
         shuffle_buffer=d.shuffle_buffer,
         transform=train_transform(
             d.image_size, d.random_resized_crop, d.rrc_min_scale, d.crop_padding, d.hflip
+        ),
+        transform_at=(
+            (
+                lambda epoch: train_transform(
+                    d.train_size(epoch),
+                    d.random_resized_crop,
+                    d.rrc_min_scale,
+                    d.crop_padding,
+                    d.hflip,
+                )
+            )
+            if d.progressive_min_size
+            else None
         ),
         **common,
     )

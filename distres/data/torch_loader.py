@@ -268,6 +268,7 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
         skip_bad: bool = False,
+        transform_at: Callable[[int], Callable] | None = None,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -276,6 +277,7 @@ class ShardLoader:
             )
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.transform, self.num_classes, self.in_chans = transform, num_classes, in_chans
+        self.transform_at = transform_at  # progressive resizing: each epoch's transform
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -322,7 +324,7 @@ class ShardLoader:
         stream = _SampleStream(
             self.shards,
             self.my_shards(self.epoch),
-            self.transform,
+            self.transform_at(self.epoch) if self.transform_at else self.transform,
             self.shuffle_buffer if self.train else 0,
             seed,
             self.num_classes,

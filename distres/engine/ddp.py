@@ -66,7 +66,12 @@ class DDPEngine:
                 self.module,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=cfg.engine.bucket_cap_mb,
+                # gradients live in the buckets: no copy between param.grad and the bucket
                 gradient_as_bucket_view=True,
+                # NOTE: not with gradient accumulation: a static graph is recorded on the first
+                # backward, and one under no_sync() trips DDP's reducer (an internal assert in
+                # torch 2.14)
+                static_graph=cfg.engine.static_graph and plan.grad_accum == 1,
             )
         wrapped = self.ddp or self.module
         self.model = torch.compile(wrapped) if cfg.engine.compile else wrapped
