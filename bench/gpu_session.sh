@@ -7,7 +7,11 @@
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
 #
 # Python packages missing there travel as wheels in .whl/ (omegaconf, antlr4, webdataset,
-# braceexpand): nothing beyond torch and torchvision is assumed.
+# braceexpand): nothing beyond torch and torchvision is assumed. Fill it on a machine with pip:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0 \
+#       antlr4-python3-runtime==4.13.2 webdataset==1.0.2 braceexpand==0.1.7
+# (the versions this was run with; the target's Python version goes in --python-version).
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

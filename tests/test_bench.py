@@ -1,0 +1,56 @@
+"""The CPU benchmarks run end to end in CI-sized settings and print their tables (the figures
+themselves are recorded in docs/performance.md, never asserted as timings)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rate(line: str) -> float:
+    return float(line.split()[6])
+
+
+def test_train_throughput_prints_synthetic_pipeline_and_real_rows(tmp_path):
+    out = bench(
+        "train_throughput.py",
+        *("--models", "resnet18", "--batches", "8", "--size", "64", "--precisions", "fp32"),
+        *("--steps", "2", "--warmup", "1", "--images", "96", "--workers", "1"),
+        *("--data-dir", str(tmp_path)),
+    )
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1]}
+    assert {"synthetic", "pipeline", "real"} <= rows.keys(), out
+    assert rate(rows["synthetic"]) > 0 and rate(rows["real"]) > 0
+    assert rows["synthetic"].split()[1:5] == ["resnet18", "8", "fp32", "channels_last"]
+    assert (tmp_path / "train" / "manifest.json").is_file()  # --data-dir keeps the shards
+
+
+def test_overhead_prints_the_ratio():
+    out = bench("overhead.py", "--epochs", "1")
+    m = re.search(r"overhead ratio \(distres / bare\): ([0-9.]+)", out)
+    assert m and float(m.group(1)) > 0, out
+
+
+def test_torch_loader_probe_prints_every_stage():
+    out = bench("torch_loader_probe.py", "--images", "128", "--batch", "32")
+    names = [line.split("  ")[0].strip() for line in out.splitlines()[1:]]
+    assert names[0] == "decode x1" and any(n.startswith("loader pinned") for n in names), out
+    assert all(float(line.split()[-7]) > 0 for line in out.splitlines()[1:]), out
