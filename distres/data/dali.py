@@ -28,7 +28,7 @@ import torch
 
 from distres.data.batch import Batch
 from distres.data.shards import ShardSet
-from distres.data.torch_loader import DataError, shard_order
+from distres.data.torch_loader import DataError, parse_label, shard_order
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
 
@@ -311,16 +311,7 @@ class DaliLoader:
         return Batch(x, y.to(self.device, non_blocking=True))
 
     def _label(self, raw, where) -> int:
-        text = bytes(np.asarray(raw))
-        try:
-            label = int(text.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(
-                f"{self._where(where)}: .cls is not an integer: {text[:20]!r}"
-            ) from None
-        if not 0 <= label < self.num_classes:
-            raise DataError(f"{self._where(where)}: label {label} outside [0, {self.num_classes})")
-        return label
+        return parse_label(bytes(np.asarray(raw)), self._where(where), self.num_classes)
 
     @staticmethod
     def _where(where) -> str:

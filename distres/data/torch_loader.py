@@ -92,6 +92,18 @@ def shard_order(shards: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[
     return order
 
 
+def parse_label(raw: bytes, where: str, num_classes: int) -> int:
+    """A sample's .cls member (ASCII digits) as a class index; DataError naming `where`
+    (shard and key) when it is not one. Both backends use it, so their messages agree."""
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: .cls is not an integer: {raw[:20]!r}") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} outside [0, {num_classes})")
+    return label
+
+
 class _SampleStream(IterableDataset):
     """Decoded, augmented samples of this rank's shards, split further across workers."""
 
@@ -222,15 +234,7 @@ class _SampleStream(IterableDataset):
         raw = sample.get("cls")
         if raw is None:
             raise DataError(f"{self._where(sample)}: no .cls member")
-        try:
-            label = int(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(
-                f"{self._where(sample)}: .cls is not an integer: {raw[:20]!r}"
-            ) from None
-        if not 0 <= label < self.num_classes:
-            raise DataError(f"{self._where(sample)}: label {label} outside [0, {self.num_classes})")
-        return label
+        return parse_label(raw, self._where(sample), self.num_classes)
 
 
 class ShardLoader:
