@@ -6,7 +6,8 @@ Times, over the same shards (ImageNet-shaped JPEGs, 224 train augmentation):
   decode x1     one process decoding + augmenting (per-core rate)
   workers N     N DataLoader workers, chunks counted in the main process (no batching)
   loader ...    the ShardLoader, batches assembled in pageable or pinned memory, copied to
-                the device (synchronised at the end)
+                the device (synchronised at the end); last, with the main process's
+                intra-op threads cut as distres.train does on a GPU rank
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def main() -> None:
     rows += [(f"workers {w}", workers(w)) for w in sorted({max(1, k // 2), k, cpus})]
     rows += [(f"loader pageable {k}", loader(False, k)), (f"loader pinned {k}", loader(True, k))]
     rows += [(f"loader pageable {k} (again)", loader(False, k))]
+    # the main process with the intra-op threads distres.train gives it on a GPU rank
+    # (distres.data.loaders.host_threads: the cores the workers leave)
+    main_threads = max(1, cpus - k)
+
+    def few_threads(fn):
+        def run() -> int:
+            before = torch.get_num_threads()
+            torch.set_num_threads(main_threads)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(before)
+
+        return run
+
+    rows += [(f"loader pinned {k}, {main_threads} threads", few_threads(loader(True, k)))]
     for name, fn in rows:
         r, s = rate(fn)
         print(f"{name:28s} {r:8.1f} img/s  ({s:.1f} s, worker start-up included)", flush=True)

@@ -114,6 +114,7 @@ def real_batches(args, device: torch.device, model_name: str, batch: int, size: 
     try:
         from distres.config import load_config
         from distres.data import build_loaders
+        from distres.data.loaders import host_threads
         from distres.data.shards import build_shard_set
     except ImportError as e:
         raise RuntimeError(f"real-data part skipped: {e}") from None
@@ -143,6 +144,9 @@ def real_batches(args, device: torch.device, model_name: str, batch: int, size: 
         f"data.num_workers={args.workers}",
     ]
     cfg = load_config(None, overrides)
+    threads = host_threads(cfg, device)  # as the trainer does: see host_threads
+    if threads:
+        torch.set_num_threads(threads)
     train, _ = build_loaders(cfg, device, 0, 1)
     print(f"  (real data: {type(train).__name__}, {args.workers} workers)", flush=True)
 

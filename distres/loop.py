@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from distres import checkpoint as ckpt
 from distres.config import BatchPlan, Config, ConfigError, to_yaml
 from distres.data import Batch, build_loaders
+from distres.data.loaders import host_threads
 from distres.dist import DistEnv
 from distres.engine import build_engine
 from distres.evaluate import evaluate
@@ -88,8 +89,9 @@ class Trainer:
         self, cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, plan: BatchPlan
     ):
         self.cfg, self.run_dir, self.env, self.device, self.plan = cfg, run_dir, env, device, plan
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        threads = cfg.run.threads or host_threads(cfg, device)
+        if threads:
+            torch.set_num_threads(threads)
         # The same seed on every rank: identical initial weights (DDP also broadcasts them).
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"

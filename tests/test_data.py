@@ -247,3 +247,25 @@ def test_jpeg_decoder_falls_back_to_torchvision_without_torchcodec(monkeypatch):
     # both are libjpeg-turbo; allow an IDCT rounding difference of one level
     assert (got.int() - expected.int()).abs().max() <= 1
     assert fallback(data, mode="GRAY").shape == (1, 24, 40)
+
+
+def test_gpu_rank_main_process_leaves_the_cores_to_its_decode_workers(monkeypatch):
+    """On a GPU rank whose DataLoader workers decode (data.backend=torch), the main process's
+    intra-op threads are cut to the cores the workers leave; explicit settings win."""
+    from distres.data.loaders import host_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    cuda = torch.device("cuda", 0)
+    cfg = load_config(None, ["data.backend=torch", "data.num_workers=14"])
+    assert host_threads(cfg, cuda) == 2
+    assert host_threads(cfg, torch.device("cpu")) is None  # the main process trains there
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 8 cores per rank, 14 workers: at least 1
+    assert host_threads(cfg, cuda) == 1
+    assert host_threads(load_config(None, ["data.backend=torch", "run.threads=6",
+                                           "data.num_workers=14"]), cuda) is None  # fmt: skip
+    assert host_threads(load_config(None, ["data.backend=torch"]), cuda) is None  # no workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert host_threads(cfg, cuda) is None

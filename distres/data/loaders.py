@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from distres.config import Config
@@ -25,6 +27,28 @@ def resolve_backend(name: str) -> str:
 
         return "dali" if dali_available() else "torch"
     return name
+
+
+def host_threads(cfg: Config, device: torch.device) -> int | None:
+    """Intra-op threads for a GPU rank's main process when DataLoader workers decode on the
+    same cores (data.backend=torch), or None to leave torch's default.
+
+    The main process then only assembles batches (memory copies), but torch's default is one
+    OpenMP thread per core, and every copy wakes all of them to spin on cores the workers
+    need (13% fewer img/s with 2 threads than 1 on a 2-core machine with 2 workers; on a GPU
+    host 16 threads meet 14 workers). An explicit run.threads or OMP_NUM_THREADS wins.
+    """
+    if (
+        device.type != "cuda"
+        or cfg.run.threads
+        or "OMP_NUM_THREADS" in os.environ
+        or resolve_backend(cfg.data.backend) != "torch"
+        or not cfg.data.num_workers
+    ):
+        return None
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = (os.cpu_count() or 1) // local
+    return max(1, min(torch.get_num_threads(), cores - cfg.data.num_workers))
 
 
 def build_loaders(
