@@ -161,3 +161,32 @@ def test_progress_bar_on_a_tty(tmp_path):
     out = log.read_text(errors="replace")
     assert "\x1b[" in out and "\u2501" in out  # ANSI control + the bar's line glyph
     assert "epoch 1/15" in out and "final val top-1" in out
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager_and_recompiles_for_a_new_size(tmp_path):
+    """engine.compile=true (on in the GPU presets): the same losses as eager to float
+    rounding, and progressive resizing's second size gets its own graph (dynamic=False)."""
+    common = [
+        "data.random_resized_crop=true",
+        "data.progressive_min_size=16",
+        "data.progressive_epochs=[0,1]",
+        "data.progressive_step=16",
+        "tracking.log_every=1",
+        "checkpoint.every_epochs=0",
+        "checkpoint.save_final=false",
+        "train.epochs=2",
+    ]
+    runs = {}
+    for name, extra in (("compiled", ["engine.compile=true"]), ("eager", ["train.max_steps=3"])):
+        run_dir = tmp_path / name
+        proc = run_cli(*common, *extra, f"run.dir={run_dir}", timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r for r in rows if r["event"] == "train"]
+    compiled, eager = runs["compiled"], runs["eager"]
+    for c, e in zip(compiled[:3], eager, strict=True):
+        assert c["train/loss"] == pytest.approx(e["train/loss"], rel=1e-4), (c, e)
+    assert {r["epoch"]: r["image_size"] for r in compiled} == {0: 16, 1: 32}
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed" and summary["steps"] == 44

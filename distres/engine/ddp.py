@@ -74,7 +74,10 @@ class DDPEngine:
                 static_graph=cfg.engine.static_graph and plan.grad_accum == 1,
             )
         wrapped = self.ddp or self.module
-        self.model = torch.compile(wrapped) if cfg.engine.compile else wrapped
+        # dynamic=False: training shapes are fixed (the last partial batch is dropped), and
+        # progressive resizing's few sizes each get a static graph instead of one with
+        # symbolic sizes after the second
+        self.model = torch.compile(wrapped, dynamic=False) if cfg.engine.compile else wrapped
 
         self.lr = scaled_lr(cfg, plan)
         self.optimizer = build_optimizer(self.module, cfg.optim, device, lr=self.lr)
