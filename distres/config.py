@@ -167,7 +167,6 @@ class DataConfig:
                     f"data.progressive_epochs={list(ramp)}: expected [first, last] with "
                     "0 <= first < last"
                 )
-
         for key in ("mean", "std"):
             if len(getattr(self, key)) not in (1, 3):
                 raise ConfigError(f"data.{key}={getattr(self, key)}: needs 1 or 3 values")

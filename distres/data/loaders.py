@@ -89,33 +89,26 @@ def build_loaders(
             crop_padding=d.crop_padding,
             hflip=d.hflip,
             shuffle_buffer=d.shuffle_buffer,
-            size_at=d.train_size if d.progressive_min_size else None,
+            size_at=d.train_size,  # image_size every epoch unless progressive resizing
             **dali,
         )
         val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
         return train, val
     common["num_workers"] = d.num_workers
+
+    def transform_at(epoch: int):  # the epoch's size: image_size unless progressive resizing
+        size = d.train_size(epoch)
+        return train_transform(
+            size, d.random_resized_crop, d.rrc_min_scale, d.crop_padding, d.hflip
+        )
+
     train = ShardLoader(
         train_set,
         train=True,
         batch_size=cfg.train.batch_size,
         shuffle_buffer=d.shuffle_buffer,
-        transform=train_transform(
-            d.image_size, d.random_resized_crop, d.rrc_min_scale, d.crop_padding, d.hflip
-        ),
-        transform_at=(
-            (
-                lambda epoch: train_transform(
-                    d.train_size(epoch),
-                    d.random_resized_crop,
-                    d.rrc_min_scale,
-                    d.crop_padding,
-                    d.hflip,
-                )
-            )
-            if d.progressive_min_size
-            else None
-        ),
+        transform=transform_at(0),
+        transform_at=transform_at,
         **common,
     )
     val = ShardLoader(
