@@ -20,6 +20,8 @@ Everything else is JSON.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import io
@@ -40,9 +42,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+
+from distres.data.dali import checkpoint_problem
+from distres.rng import rng_problem
 
 # A single-process run saves and loads without a process group on purpose; DCP warns that it
 # "assumes the intent" each time (also from async_save's background thread).
@@ -59,28 +65,39 @@ class CheckpointError(RuntimeError):
 
 # -- safe reading ---------------------------------------------------------------------------
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes `.metadata` with pickle; admit only the classes that file is made of."""
+    """DCP writes `.metadata` with pickle; admit exactly the (module, name) pairs that file is
+    made of. No dotted names: pickle protocol 4 would resolve "filesystem" + "os.system"."""
 
-    ALLOWED_MODULES = (
-        "torch.distributed.checkpoint.metadata",
-        "torch.distributed.checkpoint.filesystem",
-        "torch.distributed.checkpoint.planner",
-    )
     ALLOWED = frozenset(
         {
+            *(
+                ("torch.distributed.checkpoint.metadata", name)
+                for name in (
+                    "Metadata",
+                    "MetadataIndex",
+                    "StorageMeta",
+                    "TensorProperties",
+                    "TensorStorageMetadata",
+                    "BytesStorageMetadata",
+                    "ChunkStorageMetadata",
+                    "_MEM_FORMAT_ENCODING",
+                )
+            ),
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
             ("collections", "OrderedDict"),
             ("torch", "Size"),
             ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
             ("pathlib", "WindowsPath"),
             ("torch.serialization", "_get_layout"),
         }
     )
 
     def find_class(self, module: str, name: str) -> Any:
-        admitted = (
-            module in self.ALLOWED_MODULES
-            or (module, name) in self.ALLOWED
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        admitted = (module, name) in self.ALLOWED or (
+            module == "torch"
+            and name.isidentifier()
+            and isinstance(getattr(torch, name, None), torch.dtype)
         )
         if not admitted:
             raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}")
@@ -104,17 +121,21 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
+def load_item(value: io.BytesIO, fqn: str) -> Any:
+    """A DCP non-tensor item (optimizer hyper-parameters), read with weights_only=True."""
+    try:
+        return torch.load(value, weights_only=True)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError for a damaged item
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refused the non-tensor item {fqn!r} ({first[:200]})") from None
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner, but non-tensor items (optimizer hyper-parameters) are read with
     torch.load(weights_only=True) instead of a full unpickle."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refused a non-tensor item {read_item.dest_index.fqn!r} ({e})"
-            ) from None
+        obj = load_item(value, read_item.dest_index.fqn)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -149,16 +170,35 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+META_KEYS = (
+    "step",
+    "epoch",
+    "epoch_step",
+    "samples_seen",
+    "world_size",
+    "micro_batch",
+    "grad_accum",
+    "global_batch",
+    "model",
+    "config",
+)
+RANK_KEYS = ("data", "rng", "window", "skipped")
+
+
 def validate(path: Path) -> dict:
-    """meta.json, every rank file and every byte range DCP's metadata names must be there;
-    returns the meta. Catches partial and truncated checkpoints before a collective load."""
+    """Everything a resume will read must be there and parse, checked before any collective
+    load: meta.json, every rank file (JSON, its data position), and every byte range DCP's
+    metadata names, its non-tensor items loaded as a resume would. Returns the meta."""
     meta = read_meta(path)
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
+        raise CheckpointError(f"{path / META}: incomplete (missing {', '.join(missing)})")
     for rank in range(meta["world_size"]):
-        rank_file = path / f"rank-{rank:05d}.json"
-        if not rank_file.is_file():
-            raise CheckpointError(f"{path}: {rank_file.name} missing")
-    if meta.get("format") == "deepspeed":
+        read_rank_state(path, rank)
+    if meta.get("format", "dcp") == "deepspeed":
         return _validate_deepspeed(path, meta)
+    if meta.get("format", "dcp") != "dcp":
+        raise CheckpointError(f"{path / META}: unknown format {meta.get('format')!r}")
     metadata = SafeFileSystemReader(path).read_metadata()
     need: dict[str, int] = {}
     for info in metadata.storage_data.values():
@@ -168,18 +208,21 @@ def validate(path: Path) -> dict:
         if not f.is_file() or f.stat().st_size < size:
             have = f.stat().st_size if f.is_file() else "missing"
             raise CheckpointError(f"{f}: truncated ({have} of {size} bytes)")
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with open(path / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                load_item(io.BytesIO(f.read(info.length)), index.fqn)
     return meta
 
 
 def _validate_deepspeed(path: Path, meta: dict) -> dict:
-    tag, stage, world = path / "deepspeed", meta.get("zero_stage", 0), meta["world_size"]
-    if stage == 3:  # parameters are partitioned too
-        files = [tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
-    else:
-        files = [tag / "mp_rank_00_model_states.pt"]
-    if stage > 0:
-        files += [tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    for f in files:
+    from distres.engine.deepspeed import checkpoint_files
+
+    stage = meta.get("zero_stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise CheckpointError(f"{path / META}: zero_stage={stage!r}")
+    for f in checkpoint_files(path, stage, meta["world_size"]):
         if not f.is_file() or f.stat().st_size == 0:
             raise CheckpointError(f"{f}: missing or empty")
     return meta
@@ -361,16 +404,60 @@ def load_tensors(path: Path, tensors: dict[str, Any]) -> None:
     kwargs = {}
     if not (dist.is_available() and dist.is_initialized()):
         kwargs["no_dist"] = True
-    dcp.load(
-        tensors,
-        storage_reader=SafeFileSystemReader(path),
-        planner=SafeLoadPlanner(),
-        **kwargs,
-    )
+    try:
+        dcp.load(
+            tensors,
+            storage_reader=SafeFileSystemReader(path),
+            planner=SafeLoadPlanner(),
+            **kwargs,
+        )
+    except CheckpointException as e:
+        # DCP wraps each rank's failure (ours included) with its traceback: one line instead.
+        causes = [
+            failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()
+        ]
+        ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
+        if ours is not None:
+            raise CheckpointError(f"{path}: {ours}") from None
+        first = causes[0] if causes else e
+        raise CheckpointError(f"{path}: cannot load ({type(first).__name__}: {first})") from None
 
 
 def read_rank_state(path: Path, rank: int) -> dict:
-    return json.loads((path / f"rank-{rank:05d}.json").read_text())
+    """One rank's JSON state, checked for the parts a resume reads (its data position too)."""
+    f = path / f"rank-{rank:05d}.json"
+    try:
+        state = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing (an incomplete checkpoint)") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(f"{f}: not a rank state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or any(k not in state for k in RANK_KEYS):
+        raise CheckpointError(f"{f}: not a rank state (needs {', '.join(RANK_KEYS)})")
+    problem = data_position_problem(state["data"]) or rng_problem(state["rng"])
+    if problem:
+        raise CheckpointError(f"{f}: cannot be restored ({problem})")
+    return state
+
+
+def data_position_problem(data: object) -> str | None:
+    """Why a rank's saved data position would not restore, or None."""
+    if not isinstance(data, dict):
+        return "not a mapping"
+    for key in ("epoch", "batches"):
+        value = data.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={value!r}"
+    dali_state = data.get("dali")
+    if dali_state is None:
+        return None
+    if not isinstance(dali_state, str):
+        return "the DALI position is not text"
+    try:
+        raw = base64.b64decode(dali_state, validate=True)
+    except (binascii.Error, ValueError):
+        return "the DALI position is not base64"
+    return checkpoint_problem(raw)
 
 
 def failpoint(name: str, step: int) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distres.models.archs import ARCHS
@@ -85,9 +86,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = doc("digits", "digits (built in, written to cache_dir once) | shards")
-    train_shards: str = doc("", "dataset=shards: train shard dir (with manifest.json) or pattern")
-    val_shards: str = doc("", "dataset=shards: val shard dir (with manifest.json) or pattern")
+    dataset: str = doc(
+        "auto",
+        "digits (built in, written to cache_dir once) | shards | auto (shards when "
+        "train_shards or val_shards is set, else digits)",
+    )
+    train_shards: Any = doc(
+        "",
+        "train shards: a directory (with or without manifest.json), a manifest, one .tar, a "
+        "brace pattern (train-{000000..001023}.tar), or a list of these (YAML list or '::')",
+    )
+    val_shards: Any = doc("", "validation shards, given as train_shards")
+    verify_checksums: bool = doc(
+        False, "check each shard against its manifest's sha256 when first read"
+    )
     cache_dir: str = doc(
         "", "where built-in datasets are written; empty: $DISTRES_CACHE or ~/.cache/distres"
     )
@@ -135,7 +147,15 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("digits", "shards"))
+        _choice("data.dataset", self.dataset, ("auto", "digits", "shards"))
+        for key in ("train_shards", "val_shards"):
+            setattr(self, key, _shard_spec(f"data.{key}", getattr(self, key)))
+        if self.dataset == "digits" and (self.train_shards or self.val_shards):
+            key = "train_shards" if self.train_shards else "val_shards"
+            raise ConfigError(
+                f"data.{key}={getattr(self, key)!r} has no effect with data.dataset=digits; "
+                "set data.dataset=shards (or auto), or drop the shard setting"
+            )
         _choice("data.backend", self.backend, ("auto", "dali", "torch"))
         _at_least("data.dali_threads", self.dali_threads, 0)
         _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
@@ -172,13 +192,23 @@ class DataConfig:
                 raise ConfigError(f"data.{key}={getattr(self, key)}: needs 1 or 3 values")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={self.std}: every value must be > 0")
-        if self.dataset == "shards":
+        if self.source == "shards":
             for key in ("train_shards", "val_shards"):
                 value = getattr(self, key)
                 if not value:
                     raise ConfigError(f"data.{key} is empty: data.dataset=shards needs a path")
-                if not _shard_source_exists(value):
-                    raise ConfigError(f"data.{key}={value!r}: no such shard directory or file")
+                for spec in shard_specs(value):
+                    if not _shard_source_exists(spec):
+                        raise ConfigError(
+                            f"data.{key}={spec!r}: no such shard directory, manifest or tar"
+                        )
+
+    @property
+    def source(self) -> str:
+        """The dataset in effect: shards when asked for, or (auto) when a shard path is set."""
+        if self.dataset != "auto":
+            return self.dataset
+        return "shards" if self.train_shards or self.val_shards else "digits"
 
     def train_size(self, epoch: int) -> int:
         """The training crop size in `epoch` (0-based): progressive_min_size up to
@@ -193,8 +223,25 @@ class DataConfig:
         return min(hi, max(lo, size))
 
 
+def _shard_spec(key: str, value: Any) -> str | list[str]:
+    """A shard setting as given: one string (maybe '::'-joined) or a list of strings."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(f"{key}={value!r}: expected a path, a pattern or a list of them")
+
+
+def shard_specs(value: str | list[str]) -> list[str]:
+    """The shard sources of a setting: a list, or one string split at webdataset's '::'."""
+    items = value if isinstance(value, list) else str(value).split("::")
+    return [v.strip() for v in items if v.strip()]
+
+
 def _shard_source_exists(spec: str) -> bool:
-    """A directory, a tar file, or a brace pattern whose first expansion exists."""
+    """A directory, a file (tar or manifest), or a brace pattern whose first expansion exists."""
     import braceexpand
 
     first = next(iter(braceexpand.braceexpand(spec)), spec)
@@ -322,6 +369,13 @@ class EngineConfig:
             raise ConfigError("engine.compile=true with engine.name=deepspeed: use the ddp engine")
         if self.name == "deepspeed" and self.sync_bn:
             raise ConfigError("engine.sync_bn=true with engine.name=deepspeed: use the ddp engine")
+        if self.compile and self.sync_bn:
+            # NOTE: upstream reports of torch.compile over SyncBatchNorm failing or running
+            # eager; refused until a GPU run of distres checks the pair.
+            raise ConfigError(
+                "engine.compile=true with engine.sync_bn=true: not checked on GPUs yet "
+                "(upstream failure reports); set one of them to false"
+            )
 
     @property
     def checkpoint_group(self) -> int | None:
@@ -349,6 +403,11 @@ class CheckpointConfig:
     async_save: bool = doc(False, "write in the background; training goes on meanwhile")
     resume: str = doc("auto", "auto (latest complete one in the dir, if any) | none | PATH")
     save_final: bool = doc(True, "write final/model.safetensors and final/model.yaml")
+    trust: bool = doc(
+        False,
+        "engine.name=deepspeed: load DeepSpeed's checkpoint files with its full unpickler "
+        "(only for checkpoints you wrote); false reads them with weights_only=True",
+    )
 
     def __post_init__(self) -> None:
         _at_least("checkpoint.every_steps", self.every_steps, 0)
@@ -433,7 +492,7 @@ class Config:
                 f"data.image_size={size} with model.name={self.model.name}: CIFAR-style models "
                 "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152"
             )
-        if self.data.dataset == "digits" and self.model.num_classes != 10:
+        if self.data.source == "digits" and self.model.num_classes != 10:
             raise ConfigError(
                 f"model.num_classes={self.model.num_classes} with data.dataset=digits: digits "
                 "has 10 classes"
@@ -445,6 +504,72 @@ class Config:
             raise ConfigError(
                 f"data.mean/std have {len(self.data.mean)}/{len(self.data.std)} values for "
                 f"model.in_chans={self.model.in_chans}: give 1 or {self.model.in_chans}"
+            )
+
+
+# Keys that only matter under another choice: (key, whether it matters, the choice it needs).
+# A value the user states (an override, or the --config file itself; not a base preset, whose
+# settings a variant may leave behind) where it has no effect is refused, so nothing a user
+# sets is dropped without a word. Backend-specific keys are not here: a preset serves both
+# backends, and data.backend=auto picks one per machine.
+_DEPENDENT_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    (
+        "data.progressive_epochs",
+        lambda c: c.data.progressive_min_size > 0,
+        "data.progressive_min_size > 0",
+    ),
+    (
+        "data.progressive_step",
+        lambda c: c.data.progressive_min_size > 0,
+        "data.progressive_min_size > 0",
+    ),
+    ("data.rrc_min_scale", lambda c: c.data.random_resized_crop, "data.random_resized_crop=true"),
+    (
+        "data.crop_padding",
+        lambda c: not c.data.random_resized_crop,
+        "data.random_resized_crop=false",
+    ),
+    ("optim.beta2", lambda c: c.optim.name in ("adamw", "lamb"), "optim.name=adamw or lamb"),
+    ("optim.trust_coeff", lambda c: c.optim.name == "lars", "optim.name=lars"),
+    ("optim.nesterov", lambda c: c.optim.name in ("sgd", "lars"), "optim.name=sgd or lars"),
+    ("optim.poly_power", lambda c: c.optim.schedule == "poly", "optim.schedule=poly"),
+    ("optim.step_milestones", lambda c: c.optim.schedule == "step", "optim.schedule=step"),
+    ("optim.step_gamma", lambda c: c.optim.schedule == "step", "optim.schedule=step"),
+    (
+        "optim.min_lr_factor",
+        lambda c: c.optim.schedule in ("cosine", "poly"),
+        "optim.schedule=cosine or poly",
+    ),
+    ("optim.warmup_start_factor", lambda c: c.optim.warmup_epochs > 0, "optim.warmup_epochs > 0"),
+    (
+        "train.grad_accum",
+        lambda c: not c.train.global_batch,
+        "train.global_batch=0 (a global batch derives the accumulation)",
+    ),
+    ("engine.zero_stage", lambda c: c.engine.name == "deepspeed", "engine.name=deepspeed"),
+    ("engine.deepspeed_config", lambda c: c.engine.name == "deepspeed", "engine.name=deepspeed"),
+    ("engine.bucket_cap_mb", lambda c: c.engine.name == "ddp", "engine.name=ddp"),
+    ("engine.static_graph", lambda c: c.engine.name == "ddp", "engine.name=ddp"),
+    ("early_stop.min_delta", lambda c: c.early_stop.patience > 0, "early_stop.patience > 0"),
+    ("tracking.wandb_project", lambda c: c.tracking.wandb != "off", "tracking.wandb != off"),
+    ("tracking.wandb_entity", lambda c: c.tracking.wandb != "off", "tracking.wandb != off"),
+)
+
+
+def _default(section: str, key: str) -> Any:
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _refuse_settings_without_effect(cfg: Config, stated: set[str]) -> None:
+    for key, matters, needs in _DEPENDENT_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in stated and value != _default(section, name) and not matters(cfg):
+            raise ConfigError(
+                f"{key}={value!r} has no effect here: it needs {needs}; remove it or change "
+                "that setting"
             )
 
 
@@ -502,6 +627,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     """Defaults <- YAML preset <- `section.key=value` overrides, then every check."""
     schema = OmegaConf.structured(Config)
     layers = _preset_layers(Path(path)) if path is not None else []
+    top = layers[-1][1] if layers else {}  # the --config file itself, not its bases
+    stated = {
+        f"{section}.{key}"
+        for section, keys in top.items()
+        if isinstance(keys, dict | DictConfig)
+        for key in keys
+    }
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected section.key=value")
@@ -511,6 +643,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
                 f"override {item!r}: expected section.key=value (e.g. train.epochs=5)"
             )
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([f"{key}={value}"])))
+    stated |= {item.split("=", 1)[0] for item in overrides}
     merged = schema
     for source, layer in layers:
         try:
@@ -518,7 +651,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         except OmegaConfBaseException as e:
             raise ConfigError(f"{_one_line(e)} (from {source})") from None
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
@@ -526,6 +659,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(_one_line(e)) from None
+    _refuse_settings_without_effect(cfg, stated)
+    return cfg
 
 
 def _preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:

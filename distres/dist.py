@@ -67,12 +67,28 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
+    """This rank's device. On a GPU the local rank indexes the GPUs this process sees; where a
+    site binds one GPU per task (`--gpus-per-task=1`, `--gpu-bind`), each process sees only
+    its own, as cuda:0."""
+    from distres.config import ConfigError
+
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        raise ConfigError("run.device=cuda but no CUDA device is visible")
+    if not (requested == "cuda" or (requested == "auto" and torch.cuda.is_available())):
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        index = local_rank
+    elif count == 1:
+        index = 0  # one visible GPU per task
+    else:
+        raise ConfigError(
+            f"local rank {local_rank} but this process sees {count} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start "
+            "one process per visible GPU, or bind one GPU per task"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 @contextmanager

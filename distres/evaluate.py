@@ -71,23 +71,38 @@ def main(argv: list[str] | None = None) -> int:
 
     from distres import checkpoint as ckpt
     from distres.config import ConfigError, load_config
+    from distres.data.torch_loader import DataError
 
     parser = argparse.ArgumentParser(prog="python -m distres.evaluate", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a step-N checkpoint or a dir of them")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="DeepSpeed checkpoints: load with DeepSpeed's full unpickler (only for "
+        "checkpoints you wrote)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
         found = ckpt.find_resume(Path(args.checkpoint), args.checkpoint)
+        if found is None:
+            raise ckpt.CheckpointError(f"{args.checkpoint}: no complete checkpoint")
         path, meta = found
         # The run's own config (data set, sizes, precision), then the overrides.
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
             f.write(meta["config"])
             f.flush()
             cfg = load_config(f.name, args.overrides)
-        metrics = _evaluate_checkpoint(cfg, path)
-    except (ConfigError, ckpt.CheckpointError) as e:
+        metrics = _evaluate_checkpoint(cfg, path, args.trust_checkpoint)
+    except ckpt.CheckpointError as e:
         print(f"distres.evaluate: {e}", file=sys.stderr)
+        return 5
+    except ConfigError as e:
+        print(f"distres.evaluate: config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"distres.evaluate: data error: {e}", file=sys.stderr)
+        return 1
     if metrics is not None:
         recorded = meta.get("last_eval", {})
         same_step = recorded.get("step") == meta["step"]
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate_checkpoint(cfg, path) -> dict[str, float] | None:
+def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | None:
     """Every rank evaluates its part of the val set; rank 0 gets the metrics."""
     from distres.data import build_loaders
     from distres.dist import pick_device, process_group, read_env
@@ -108,7 +123,7 @@ def _evaluate_checkpoint(cfg, path) -> dict[str, float] | None:
     env = read_env()
     device = pick_device(cfg.run.device, env.local_rank)
     with process_group(env, device):
-        weights, model_cfg = checkpoint_weights(path)
+        weights, model_cfg, _ = checkpoint_weights(path, trust)
         model = build_model(model_cfg)
         model.load_state_dict(weights)
         model = model.to(device, memory_format=torch.channels_last)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import itertools
@@ -27,6 +26,7 @@ from distres.dist import DistEnv
 from distres.engine import build_engine
 from distres.evaluate import evaluate
 from distres.export import save_inference_info, save_weights
+from distres.rng import rng_state, set_rng_state
 from distres.stopping import EarlyStopping, StopConsensus
 from distres.tracking import Tracker, WandbRun, wandb_mode
 
@@ -383,11 +383,13 @@ class Trainer:
                 found = ckpt.find_resume(self.ckpt_root, self.cfg.checkpoint.resume)
                 choice = [(str(found[0]), found[1]) if found else None]
             except ckpt.CheckpointError as e:
-                choice = [str(e)]
+                choice = [[str(e)]]
         if self.env.distributed:
             dist.broadcast_object_list(choice, src=0)
         if isinstance(choice[0], str):
             raise ConfigError(choice[0])
+        if isinstance(choice[0], list):  # [message]: a checkpoint that cannot be used
+            raise ckpt.CheckpointError(choice[0][0])
         return (Path(choice[0][0]), choice[0][1]) if choice[0] else None
 
     def check_compatible(self, path: Path, meta: dict) -> None:
@@ -563,38 +565,6 @@ class Trainer:
 def _jsonable(state: dict) -> dict:
     """An LR scheduler's state without its callables (ours are rebuilt from the config)."""
     return {k: v for k, v in state.items() if not callable(v)}
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every RNG a rank draws from, as JSON."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(words), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if device.type == "cuda":
-        state["cuda"] = _b64(torch.cuda.get_rng_state(device))
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(_unb64(state["cuda"]), device)
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def run_info(cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, params: int) -> dict:

@@ -17,7 +17,32 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from distres.export import INFERENCE, load_weights
+from distres.export import INFERENCE, WeightsError, load_weights
+
+INFO_KEYS = {
+    "classes": list,
+    "image_size": int,
+    "resize": int,
+    "mean": list,
+    "std": list,
+    "in_chans": int,
+}
+
+
+def read_inference_info(path: Path) -> dict:
+    """`inference.json` beside the weights, checked; WeightsError naming it otherwise."""
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: missing (written by training beside the weights)") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    for key, kind in INFO_KEYS.items():
+        if not isinstance(info.get(key), kind):
+            raise WeightsError(f"{path}: {key!r} missing or not a {kind.__name__}")
+    return info
 
 
 def preprocess(info: dict) -> v2.Compose:
@@ -39,19 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     args = parser.parse_args(argv)
     weights = Path(args.weights)
-    info_path = weights.with_name(INFERENCE)
     try:
-        info = json.loads(info_path.read_text())
+        info = read_inference_info(weights.with_name(INFERENCE))
         model = load_weights(weights).eval()
-    except FileNotFoundError as e:
-        print(
-            f"distres.predict: {e.filename or e}: missing (written by training beside the weights)",
-            file=sys.stderr,
-        )
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"distres.predict: {weights}: {e}", file=sys.stderr)
-        return 2
+    except WeightsError as e:
+        print(f"distres.predict: {e}", file=sys.stderr)
+        return 5
     transform = preprocess(info)
     mode = "RGB" if info["in_chans"] == 3 else "L"
     classes, k = info["classes"], min(args.top, len(info["classes"]))

@@ -2,7 +2,8 @@
 
 Exit codes: 0 completed or stopped early; 1 failed (an error, or bad data mid-run);
 2 bad config or data found before training; 3 preempted (SIGUSR1/SIGTERM: every rank stopped
-at the same step, so the job may be requeued); 4 non-finite loss.
+at the same step, so the job may be requeued); 4 non-finite loss; 5 the checkpoint named by
+checkpoint.resume=PATH cannot be used.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from distres.config import Config, ConfigError, help_text, load_config, plan_batch, save_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED, EXIT_NON_FINITE = 0, 1, 2, 3, 4
+EXIT_CHECKPOINT = 5
 EXIT_CODES = {
     "completed": EXIT_OK,
     "early_stop": EXIT_OK,
@@ -67,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         # Heavy imports after the config is known to be good: a bad config fails in a blink.
+        from distres.checkpoint import CheckpointError
         from distres.data.shards import ShardError
         from distres.data.torch_loader import DataError
 
         summary = run(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # first: the names below are imported only after the config
         print(f"distres: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"distres: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     except ShardError as e:
         print(f"distres: data error: {e}", file=sys.stderr)
         return EXIT_USAGE

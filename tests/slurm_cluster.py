@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 CONF = Path("/etc/slurm/slurm.conf")
+# Our own state: slurmctld refuses a StateSaveLocation that another cluster name wrote
+# ("CLUSTER NAME MISMATCH"), as on a machine that ran Slurm before.
+STATE = "/var/spool/distres-slurm"
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
@@ -61,8 +64,8 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=60
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+StateSaveLocation={STATE}/ctld
+SlurmdSpoolDir={STATE}/d
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
@@ -71,7 +74,7 @@ NodeName={name} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
 """
     )
-    for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm", "/run/munge"):
+    for d in (f"{STATE}/ctld", f"{STATE}/d", "/var/log/slurm", "/run/munge"):
         Path(d).mkdir(parents=True, exist_ok=True)
 
 

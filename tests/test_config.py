@@ -30,6 +30,15 @@ BAD = [
     (["early_stop.monitor=train/loss"], ["early_stop.monitor", "train/loss"]),
     (["train.epochs"], ["train.epochs", "section.key=value"]),
     (["--config", "configs/nope.yaml"], ["configs/nope.yaml", "no such file"]),
+    # a shard setting selects the shard dataset, so missing files are noticed
+    (["data.train_shards=/data/x-{000..009}.tar"], ["data.train_shards", "x-{000..009}.tar"]),
+    (["data.dataset=digits", "data.val_shards=/tmp"], ["data.val_shards", "data.dataset=digits"]),
+    # a setting that has no effect under the chosen option is refused, not dropped
+    (["optim.beta2=0.9"], ["optim.beta2", "no effect", "optim.name=adamw"]),
+    (["optim.poly_power=3"], ["optim.poly_power", "optim.schedule=poly"]),
+    (["train.global_batch=128", "train.grad_accum=2"], ["train.grad_accum", "global_batch"]),
+    (["engine.zero_stage=2"], ["engine.zero_stage", "engine.name=deepspeed"]),
+    (["engine.compile=true", "engine.sync_bn=true"], ["engine.compile", "engine.sync_bn"]),
 ]
 
 
@@ -175,3 +184,31 @@ def test_imagenet_presets_keep_their_recipes(digits_dirs):
     # over a 4k global batch the fast recipe switches to a large-batch optimizer
     assert large.train.global_batch > 4096 and large.optim.name in ("lars", "lamb")
     assert fast.train.global_batch <= 4096 and fast.optim.name == "sgd"
+
+
+def test_shard_settings_select_shards_and_take_every_form(digits_dirs, tmp_path):
+    train, val = (str(d) for d in digits_dirs)
+    cfg = load_config(None, [f"data.train_shards={train}", f"data.val_shards={val}"])
+    assert cfg.data.source == "shards"
+    tars = sorted(str(p) for p in digits_dirs[0].glob("*.tar"))
+    joined = load_config(None, [f"data.train_shards={'::'.join(tars)}", f"data.val_shards={val}"])
+    assert joined.data.train_shards == "::".join(tars)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"data": {"train_shards": tars, "val_shards": val}}))
+    listed = load_config(preset)
+    assert listed.data.train_shards == tars and listed.data.source == "shards"
+    from distres.data.shardset import read_shard_set
+
+    assert read_shard_set(listed.data.train_shards).urls == read_shard_set(train).urls
+    assert load_config(None, []).data.source == "digits"
+
+
+def test_a_base_presets_leftovers_are_not_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"optim": {"schedule": "step", "step_milestones": [3, 6]}}))
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("base: base.yaml\noptim:\n  schedule: cosine\n")
+    assert load_config(variant).optim.schedule == "cosine"
+    variant.write_text("base: base.yaml\noptim:\n  schedule: cosine\n  step_gamma: 0.5\n")
+    with pytest.raises(ConfigError, match=r"optim\.step_gamma=0\.5 has no effect"):
+        load_config(variant)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,20 +109,103 @@ def test_val_pads_nothing_into_the_counts():
     assert sizes == [100, 100, 100, 61]
 
 
-def test_missing_index_is_a_clear_error(tmp_path, digits_dirs):
+def test_missing_index_is_built_in_the_cache(tmp_path, digits_dirs, data_cache):
     import shutil
 
+    shutil.copytree(digits_dirs[1], tmp_path / "val")
+    for idx in (tmp_path / "val").glob("*.idx"):
+        idx.unlink()
+    _, val = loaders(
+        "dali",
+        "data.dataset=shards",
+        f"data.train_shards={digits_dirs[0]}",
+        f"data.val_shards={tmp_path / 'val'}",
+        "train.batch_size=4",
+    )
+    _, reference = loaders("dali", "train.batch_size=4")
+    assert labels_of(val) == labels_of(reference)
+    assert all(Path(p).is_relative_to(data_cache) for p in val.index_paths)
+    assert not list((tmp_path / "val").glob("*.idx"))  # nothing written beside the shards
+
+
+def _tiny_set(tmp_path, members):
+    """A shard of (key, {ext: bytes}) samples written with webdataset's own TarWriter."""
+    import webdataset as wds
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(tmp_path / "x-000000.tar"), mtime=0.0) as w:
+        for key, parts in members:
+            w.write({"__key__": key, **parts})
+    return tmp_path / "x-000000.tar"
+
+
+def _jpeg_bytes(value=0):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (value, value, value)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _dali(shards, policy="error"):
+    from distres.data.shardset import read_shard_set
+
+    return DaliLoader(
+        read_shard_set(shards),
+        train=False,
+        batch_size=4,
+        image_size=32,
+        mean=[0.5],
+        std=[0.5],
+        num_classes=10,
+        skip_bad=policy == "skip",
+    )
+
+
+def _six_with_a_gap(tmp_path):
+    good = [(f"g{i}", {"jpg": _jpeg_bytes(i), "cls": str(i).encode()}) for i in range(6)]
+    return _tiny_set(tmp_path, [*good[:3], ("no-label", {"jpg": _jpeg_bytes()}), *good[3:]])
+
+
+def test_missing_cls_names_shard_and_key_or_is_skipped(tmp_path, capfd):
     from distres.data.torch_loader import DataError
 
-    shutil.copytree(digits_dirs[1], tmp_path / "val")
-    next((tmp_path / "val").glob("*.idx")).unlink()
-    with pytest.raises(DataError, match=r"\.idx: DALI index missing"):
-        loaders(
-            "dali",
-            "data.dataset=shards",
-            f"data.train_shards={digits_dirs[0]}",
-            f"data.val_shards={tmp_path / 'val'}",
-        )
+    tar = _six_with_a_gap(tmp_path / "a")
+    with pytest.raises(DataError, match=r"x-000000\.tar: sample 'no-label': no \.cls member"):
+        _dali(tar)
+    loader = _dali(tar, "skip")
+    assert sorted(labels_of(loader).elements()) == [0, 1, 2, 3, 4, 5]
+    assert loader.skipped == 1 and "no-label" in capfd.readouterr().err
+
+
+def test_truncated_tar_names_the_shard_or_skips_its_tail(tmp_path, capfd):
+    import shutil
+
+    from distres.data.shardset import read_shard_set
+    from distres.data.torch_loader import DataError
+
+    good = [(f"g{i}", {"jpg": _jpeg_bytes(i), "cls": str(i).encode()}) for i in range(8)]
+    tar = _tiny_set(tmp_path / "a", good)
+    _dali(tar)  # builds the index of the whole tar (in the cache)
+    index = read_shard_set(tar).dali_index(0)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(index, cut / "x-000000.idx")  # the index of the whole tar, the tar cut short
+    (cut / "x-000000.tar").write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut/x-000000\.tar: sample 'g\d': lies past the end"):
+        _dali(cut / "x-000000.tar")
+    loader = _dali(cut / "x-000000.tar", "skip")
+    got = sorted(labels_of(loader).elements())
+    assert 1 <= len(got) < 8 and got == list(range(len(got)))
+    assert loader.skipped == 8 - len(got) and "lies past the end" in capfd.readouterr().err
+
+
+def test_foreign_jpeg_extension_is_read(tmp_path):
+    samples = [(f"k{i}", {"jpeg": _jpeg_bytes(i), "cls": str(i).encode()}) for i in range(5)]
+    tar = _tiny_set(tmp_path, samples)
+    assert sorted(labels_of(_dali(tar)).elements()) == [0, 1, 2, 3, 4]
 
 
 def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
@@ -150,7 +234,9 @@ def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
         std=[0.5],
         num_classes=10,
     )
-    with pytest.raises(DataError, match=f"{tmp_path}: DALI pipeline failed in epoch 0"):
+    with pytest.raises(
+        DataError, match=r"x-000000\.tar: sample 'broken': cannot decode image .* DALI pipeline"
+    ):
         list(loader)
 
 

@@ -153,8 +153,11 @@ def test_missing_listed_shard_and_missing_manifest(tmp_path):
     (tmp_path / "x-000001.tar").unlink()
     with pytest.raises(ShardError, match=r"x-000001\.tar: listed in .* but missing"):
         read_shard_set(tmp_path)
-    with pytest.raises(ShardError, match="no shard manifest"):
+    with pytest.raises(ShardError, match="elsewhere: no such shard"):
         read_shard_set(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match=r"empty: no manifest\.json and no \.tar files"):
+        read_shard_set(tmp_path / "empty")
 
 
 def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):

@@ -42,3 +42,54 @@ def test_wrapper_trains_on_two_ranks(tmp_path, script, env):
 def test_multi_node_wrapper_names_what_is_missing(tmp_path):
     proc = launch("multi_node.sh", tmp_path, NNODES="2")
     assert proc.returncode != 0 and "MASTER" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "code"),
+    [
+        (["optim.lr=1e30", "optim.warmup_epochs=0", "tracking.log_every=2"], {}, 4),
+        (["train.epochs=50"], {}, 3),
+    ],
+    ids=["non_finite_4", "preempted_3"],
+)
+def test_launcher_keeps_the_workers_exit_code(tmp_path, overrides, env, code):
+    """torchrun alone exits 1 with its ChildFailedError block; distres.launch (and the
+    wrappers, which use it) exit with the workers' code and print one line of their own."""
+    import signal
+    import sys
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "distres.launch",
+        "--nproc_per_node=2",
+        "--",
+        f"run.dir={tmp_path}",
+        "run.threads=1",
+        "checkpoint.on_stop=false",
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env},
+    )
+    try:
+        if code == 3:  # preempt: SIGUSR1 to every worker once training runs
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            from multiproc import children
+
+            for pid in children(proc.pid):
+                os.kill(pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert f"exited with code {code}" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err

@@ -66,7 +66,7 @@ def test_image_folder_gives_the_right_manifest(tmp_path):
     for shard in manifest["shards"]:
         path = out / shard["name"]
         assert shard["bytes"] == path.stat().st_size <= 100_000
-        assert shard["sha256"] == shards_mod._sha256(path)
+        assert shard["sha256"] == shards_mod.sha256_file(path)
         assert (out / shard["index"]).is_file()  # DALI's index, beside the shard
         lines = (out / shard["index"]).read_text().splitlines()
         assert len(lines) == shard["samples"] + 1  # DALI's header line + one per sample
@@ -191,3 +191,109 @@ def test_cli_writes_a_set_the_loader_reads(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(src / "a" / "deep.png")  # a 16-bit grayscale PNG
+    assert Image.open(src / "a" / "deep.png").mode.startswith("I")
+    build_shard_set(src, tmp_path / "out", 1 << 20, progress=False)
+    (sample,) = read_samples(tmp_path / "out")
+    pixels = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"), dtype=np.float64)
+    want = ramp / 257.0
+    assert abs(pixels.mean() - want.mean()) < 3  # scaled: mid-grey on average, not white
+    assert pixels[0, :8].mean() < 10 and pixels[-1, -8:].mean() > 245
+
+
+def test_empty_class_folder_is_refused_unless_allowed(tmp_path):
+    src = tmp_path / "src"
+    for name in ("a", "b-empty", "c"):
+        (src / name).mkdir(parents=True)
+    for name in ("a", "c"):
+        Image.new("RGB", (16, 16)).save(src / name / "x.jpg")
+    proc = run_cli(
+        "--src", str(src), "--out", str(tmp_path / "out"), module="distres.data.shards", timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "b-empty: class folder without image files (class 1" in proc.stderr
+    assert "--allow-empty-classes" in proc.stderr
+    manifest = build_shard_set(
+        src, tmp_path / "out", 1 << 20, progress=False, allow_empty_classes=True
+    )
+    assert manifest["classes"] == {"a": 0, "b-empty": 1, "c": 2}
+
+
+def test_skip_messages_name_the_file_and_repeat_exactly(tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(src / "a" / "good.jpg")
+    (src / "a" / "bad.png").write_bytes(b"not an image at all")
+    first = build_shard_set(src, tmp_path / "one", 1 << 20, progress=False)
+    second = build_shard_set(src, tmp_path / "two", 1 << 20, progress=False)
+    (skip,) = first["skipped"]
+    assert str(src / "a" / "bad.png") in skip["error"] and "0x" not in skip["error"]
+    assert first["skipped"] == second["skipped"]
+
+
+def test_index_command_indexes_foreign_shards_in_place(tmp_path):
+    import webdataset as wds
+
+    from distres.data.shardset import sha256_file
+
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"foreign-{s:06d}.tar")) as w:
+            for i in range(5):
+                w.write({"__key__": f"s{s}k{i}", "jpg": _jpeg(), "cls": str(i + s).encode()})
+    before = {p.name: sha256_file(p) for p in tmp_path.glob("*.tar")}
+    proc = run_cli(
+        "index",
+        str(tmp_path / "foreign-{000000..000001}.tar"),
+        module="distres.data.shards",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "10 samples in 2 shards, 6 classes" in proc.stdout
+    assert {p.name: sha256_file(p) for p in tmp_path.glob("*.tar")} == before  # not rewritten
+    shards = read_shard_set(tmp_path)  # now through the manifest
+    assert shards.counts == (5, 5) and shards.num_classes == 6
+    assert all(s == before[Path(u).name] for s, u in zip(shards.sha256, shards.urls, strict=True))
+    again = run_cli("index", str(tmp_path), module="distres.data.shards", timeout=120)
+    assert again.returncode == 2 and "already there" in again.stderr
+
+
+def test_checksums_are_verified_on_first_read(tmp_path):
+    import torch
+
+    from distres.data.shards import write_shards
+    from distres.data.torch_loader import ShardLoader, val_transform
+
+    write_shards([(f"k{i}", _jpeg(), i % 2) for i in range(8)], tmp_path, "x", {"a": 0, "b": 1}, 4)
+    shard = tmp_path / "x-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # same size, one byte flipped: only the checksum can tell
+    shard.write_bytes(bytes(data))
+
+    def loader(verify):
+        return ShardLoader(
+            read_shard_set(tmp_path),
+            train=False,
+            batch_size=4,
+            transform=val_transform(16, 0),
+            mean=[0.5],
+            std=[0.5],
+            num_classes=2,
+            verify=verify,
+            device=torch.device("cpu"),
+        )
+
+    with pytest.raises(ShardError, match=r"x-000001\.tar: sha256 differs from its manifest"):
+        list(loader(True))
+    list(loader(False))  # without the check the damage goes unseen here
+
+
+def _jpeg(value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (value, value, value)).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -17,7 +17,9 @@ counts once. The data position is DALI's pipeline checkpoint plus the batch coun
 from __future__ import annotations
 
 import base64
+import io
 import math
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,10 +29,99 @@ import numpy as np
 import torch
 
 from distres.data.batch import Batch
-from distres.data.shards import ShardSet
+from distres.data.shardset import ShardSet
 from distres.data.torch_loader import DataError, parse_label, shard_order
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
+IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image member of a sample, first found wins
+
+
+def _first_line(e: BaseException) -> str:
+    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+
+
+def _index_problem(line: str, tar_size: int) -> tuple[str | None, str]:
+    """(what is wrong with one sample of a DALI index, or None; the sample's key). A line is
+    `ext offset size name` per member (DALI's wds2idx format v1.2)."""
+    parts = line.split()
+    if len(parts) % 4 or not parts:
+        return "malformed index line", line[:40]
+    members = [parts[j : j + 4] for j in range(0, len(parts), 4)]
+    key = members[0][3].split(".", 1)[0]
+    exts = {m[0].lower() for m in members}
+    try:
+        end = max(int(m[1]) + int(m[2]) for m in members)
+    except ValueError:
+        return "malformed index line", key
+    if end > tar_size:
+        return f"lies past the end of the tar ({end} > {tar_size} bytes: truncated?)", key
+    if not exts & set(IMAGE_EXTS):
+        return "no .jpg/.jpeg/.png member", key
+    if "cls" not in exts:
+        return "no .cls member", key
+    return None, key
+
+
+def _protobuf_fields(raw: bytes) -> list[tuple[int, int, bytes | int]] | None:
+    """The (field, wire type, value) of a serialized protobuf message, or None where the
+    bytes are not a well-formed message (no schema needed for that)."""
+    fields, i, n = [], 0, len(raw)
+
+    def varint() -> int | None:
+        nonlocal i
+        value = shift = 0
+        while i < n and shift < 64:
+            byte = raw[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        return None
+
+    while i < n:
+        key = varint()
+        if key is None or key >> 3 == 0:
+            return None
+        kind = key & 7
+        if kind == 0:
+            value = varint()
+        elif kind == 1 or kind == 5:
+            size = 8 if kind == 1 else 4
+            value, i = raw[i : i + size], i + size
+        elif kind == 2:
+            size = varint()
+            if size is None or i + size > n:
+                return None
+            value, i = raw[i : i + size], i + size
+        else:
+            return None
+        if value is None or i > n:
+            return None
+        fields.append((key >> 3, kind, value))
+    return fields
+
+
+def checkpoint_problem(raw: bytes) -> str | None:
+    """Why bytes are not a DALI pipeline checkpoint, or None: the message must parse and hold
+    one entry per operator, each naming its operator (what Pipeline.checkpoint() writes)."""
+    fields = _protobuf_fields(raw)
+    if not fields:
+        return "not a DALI pipeline checkpoint (malformed)"
+    for number, kind, value in fields:
+        if number != 1:
+            continue
+        op = _protobuf_fields(value) if kind == 2 else None
+        name = next((v for f, k, v in op or () if f == 1 and k == 2), None)
+        if name is None:
+            return "not a DALI pipeline checkpoint (an operator entry without a name)"
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not a DALI pipeline checkpoint (an operator name is not text)"
+    if not any(number == 1 for number, _, _ in fields):
+        return "not a DALI pipeline checkpoint (no operator entries)"
+    return None
 
 
 def dali_available() -> bool:
@@ -70,17 +161,8 @@ class DaliLoader:
         world_size: int = 1,
         skip_bad: bool = False,
         size_at: Callable[[int], int] | None = None,
+        verify: bool = False,
     ):
-        missing = [
-            Path(u).with_suffix(".idx")
-            for u in shards.urls
-            if not Path(u).with_suffix(".idx").is_file()
-        ]
-        if missing:
-            raise DataError(
-                f"{missing[0]}: DALI index missing (re-write the shard set with "
-                "python -m distres.data.shards, or set data.backend=torch)"
-            )
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.image_size, self.num_classes, self.in_chans = image_size, num_classes, in_chans
         # progressive resizing: the crop size of each epoch (every epoch builds its pipeline)
@@ -105,12 +187,17 @@ class DaliLoader:
         # world size; see resume_from_ranks
         self._subset: tuple[int, list[str], list[str], int] | None = None
         self._subset_dir: tempfile.TemporaryDirectory | None = None
+        self.verify = verify
+        # Index files checked before DALI reads them: bad samples are reported (and, with
+        # skip, left out of the index files DALI gets); counts follow what DALI will read.
+        self._filtered_dir: tempfile.TemporaryDirectory | None = None
+        self.index_paths, self.counts = self._checked_indexes()
 
     # -- accounting -----------------------------------------------------------------------
     def part(self, rank: int | None = None) -> tuple[int, int]:
         """[start, end) of the samples DALI's reader gives this rank (its sharding rule)."""
         r = self.rank if rank is None else rank
-        n, w = self.shards.num_samples, self.world_size
+        n, w = sum(self.counts), self.world_size
         return n * r // w, n * (r + 1) // w
 
     def num_samples(self, epoch: int | None = None) -> int:
@@ -118,7 +205,7 @@ class DaliLoader:
             epoch = self.epoch if epoch is None else epoch
             if self._subset is not None and self._subset[0] == epoch:
                 return self._subset[3] // self.world_size
-            return self.shards.num_samples // self.world_size
+            return sum(self.counts) // self.world_size
         start, end = self.part()
         return end - start
 
@@ -134,12 +221,9 @@ class DaliLoader:
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
-        if self._subset is not None and self._subset[0] == self.epoch:
-            _, paths, index_paths, _ = self._subset
-        else:
-            order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
-            paths = [self.shards.urls[i] for i in order]
-            index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]
+        paths, index_paths = self._epoch_files()
+        if self.verify:
+            self._verify_my_part(paths)
         size = self.size_at(self.epoch) if self.size_at else self.image_size
         color = types.RGB if self.in_chans == 3 else types.GRAY
         dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
@@ -157,7 +241,7 @@ class DaliLoader:
             jpegs, labels = fn.readers.webdataset(
                 paths=paths,
                 index_paths=index_paths,
-                ext=["jpg", "cls"],
+                ext=[";".join(IMAGE_EXTS), "cls"],
                 missing_component_behavior="error",
                 dtypes=[types.UINT8, types.UINT8],
                 shard_id=self.rank,
@@ -211,8 +295,18 @@ class DaliLoader:
             )
             return images, labels, where
 
-        pipe = pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
-        pipe.build()
+        if not checkpoint:
+            pipe = pipeline()
+            pipe.build()
+            return pipe
+        try:
+            pipe = pipeline(checkpoint=checkpoint)
+            pipe.build()
+        except RuntimeError as e:
+            raise DataError(
+                f"rank {self.rank}'s saved DALI position does not restore ({_first_line(e)}); "
+                "resume from another checkpoint (checkpoint.resume=PATH)"
+            ) from None
         return pipe
 
     def __iter__(self) -> Iterator[Batch]:
@@ -256,6 +350,15 @@ class DaliLoader:
                 self._stopped = self._position()
             self._pipe = None
 
+    def _epoch_files(self) -> tuple[list[str], list[str]]:
+        """The shards and index files the reader takes this epoch, in its order."""
+        if self._subset is not None and self._subset[0] == self.epoch:
+            _, paths, index_paths, _ = self._subset
+            return paths, index_paths
+        order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
+        order = [i for i in order if self.counts[i]]  # a shard left with no sample
+        return [self.shards.urls[i] for i in order], [self.index_paths[i] for i in order]
+
     def _prefetched(self, epoch: int):
         current, self.epoch = self.epoch, epoch
         try:
@@ -269,16 +372,109 @@ class DaliLoader:
         try:
             return pipe.outputs()
         except RuntimeError as e:
-            # DALI names the operator, not the sample: name the shard set and the way to find
-            # the culprit.
+            # DALI names the operator, and the file when it knows it: keep its own line about
+            # the data, and the shard.
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            cause = next((x for x in lines if "failure" in x or "rror:" in x), lines[-1])
+            cause = next(
+                (x for x in lines if any(w in x for w in ("Malformed", "outside", ".tar"))),
+                next((x for x in lines if "failure" in x or "rror:" in x), lines[-1]),
+            )
+            named = re.search(r"(/[^\s'\"]+\.tar)", str(e))
+            where = (
+                named.group(1)
+                if named
+                else self._undecodable_near()
+                or (
+                    f"{self.shards.root} (no sample near batch {self._done} fails to decode on "
+                    "the CPU)"
+                )
+            )
             raise DataError(
-                f"{self.shards.root}: DALI pipeline failed in epoch {self.epoch} batch "
-                f"{self._done} ({cause}); a corrupt sample? shards written by "
-                "python -m distres.data.shards are decoded in full when written, and "
-                "data.backend=torch names the bad shard and key"
+                f"{where}: DALI pipeline failed in epoch {self.epoch} batch {self._done} "
+                f"({cause}); DALI decodes a batch as a whole, so a bad image stops the run "
+                "under either data.on_bad_sample policy"
             ) from None
+
+    def _undecodable_near(self) -> str | None:
+        """`shard: sample 'key'` of the first image that does not decode among those DALI may
+        have drawn the failed batch from (its shuffle window around this rank's position);
+        DALI's own error names neither. Runs once, on the way out."""
+        from PIL import Image
+
+        start, _ = self.part()
+        window = min(self.shuffle_buffer, 1024) if self.train else 0
+        lo = start + self._done * self.batch_size - window
+        hi = start + (self._done + PREFETCH + 1) * self.batch_size + window
+        position = 0
+        for url, index in zip(*self._epoch_files(), strict=True):
+            lines = Path(index).read_text().splitlines()[1:]
+            if position + len(lines) <= lo or position >= hi:
+                position += len(lines)
+                continue
+            with open(url, "rb") as tar:
+                for line in lines:
+                    position += 1
+                    if not lo <= position - 1 < hi:
+                        continue
+                    parts = line.split()
+                    members = [parts[j : j + 4] for j in range(0, len(parts), 4)]
+                    image = next((m for m in members if m[0].lower() in IMAGE_EXTS), None)
+                    if image is None:
+                        continue
+                    tar.seek(int(image[1]))
+                    try:
+                        with Image.open(io.BytesIO(tar.read(int(image[2])))) as img:
+                            img.load()
+                    except Exception as e:  # any decoder failure is the answer
+                        key = image[3].rsplit(".", 1)[0]
+                        return f"{url}: sample {key!r}: cannot decode image ({type(e).__name__})"
+        return None
+
+    # -- index files ----------------------------------------------------------------------
+    def _checked_indexes(self) -> tuple[list[str], list[int]]:
+        """Each shard's DALI index, checked: every sample has an image and a .cls and lies
+        inside the tar. A bad sample stops the run (error) or is reported, counted and left
+        out of a filtered copy of the index (skip)."""
+        paths, counts = [], []
+        for i, url in enumerate(self.shards.urls):
+            index = self.shards.dali_index(i)
+            header, *lines = Path(index).read_text().splitlines()
+            size = Path(url).stat().st_size
+            keep = []
+            for line in lines:
+                problem, key = _index_problem(line, size)
+                if problem is None:
+                    keep.append(line)
+                    continue
+                error = DataError(f"{url}: sample {key!r}: {problem}")
+                if not self.skip_bad:
+                    raise error
+                if self.rank == 0:  # every rank checks every index; one reports and counts
+                    print(f"[distres] skipped bad data: {error}", file=sys.stderr, flush=True)
+                    self.skipped += 1
+            if len(keep) < len(lines):
+                if self._filtered_dir is None:
+                    self._filtered_dir = tempfile.TemporaryDirectory(prefix="distres-idx-")
+                index = str(Path(self._filtered_dir.name) / f"{i:06d}.idx")
+                Path(index).write_text(
+                    f"{header.split()[0]} {len(keep)}\n" + "".join(x + "\n" for x in keep)
+                )
+            paths.append(index)
+            counts.append(len(keep))
+        if not sum(counts):
+            raise DataError(f"{self.shards.root}: no usable sample in the shard set")
+        return paths, counts
+
+    def _verify_my_part(self, paths: list[str]) -> None:
+        """data.verify_checksums: the shards overlapping this rank's part, once each."""
+        start, end = self.part()
+        position = 0
+        by_url = {u: i for i, u in enumerate(self.shards.urls)}
+        for url in paths:
+            i = by_url[url]
+            if position < end and position + self.counts[i] > start:
+                self.shards.verify(i)
+            position += self.counts[i]
 
     def _to_batch(self, images, labels, where, keep: int) -> Batch:
         if self.device.type == "cuda":
@@ -334,7 +530,7 @@ class DaliLoader:
         """
         self.epoch = epoch
         order = shard_order(self.shards, epoch, self.seed, shuffle=True)
-        n = self.shards.num_samples
+        n = sum(self.counts)
         consumed = []
         for r, state in enumerate(states):
             start, end = n * r // world_size, n * (r + 1) // world_size
@@ -344,7 +540,7 @@ class DaliLoader:
         paths, index_paths, pos, total = [], [], 0, 0
         for i in order:
             url = self.shards.urls[i]
-            header, *lines = Path(url).with_suffix(".idx").read_text().splitlines()
+            header, *lines = Path(self.index_paths[i]).read_text().splitlines()
             keep = [
                 line
                 for j, line in enumerate(lines)

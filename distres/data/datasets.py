@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from distres.data.shards import MANIFEST, read_shard_set, write_shards
+from distres.data.shardset import default_cache_dir
 
 DIGITS_VERSION = "digits-v2"  # v2: DALI index files beside the shards
 DIGITS_VAL_SIZE = 361  # ~20% of 1,797; a prime-ish count that no world size divides evenly
 DIGITS_TRAIN_SHARDS = 6  # divisible by 1, 2, 3 and 6 ranks
 DIGITS_VAL_SHARDS = 2
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DISTRES_CACHE") or Path.home() / ".cache" / "distres")
 
 
 def digits(cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:

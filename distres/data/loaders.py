@@ -9,13 +9,13 @@ import torch
 from distres.config import Config
 from distres.data.dali import DaliLoader
 from distres.data.datasets import digits
-from distres.data.shards import ShardSet, read_shard_set
+from distres.data.shardset import ShardSet, read_shard_set
 from distres.data.torch_loader import ShardLoader, train_transform, val_transform
 
 
 def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
     """The (train, val) shard sets the config names, building a built-in one if needed."""
-    if cfg.data.dataset == "digits":
+    if cfg.data.source == "digits":
         train_dir, val_dir = digits(cfg.data.cache_dir or None)
         return read_shard_set(train_dir), read_shard_set(val_dir)
     return read_shard_set(cfg.data.train_shards), read_shard_set(cfg.data.val_shards)
@@ -67,6 +67,7 @@ def build_loaders(
         rank=rank,
         world_size=world_size,
         skip_bad=d.on_bad_sample == "skip",
+        verify=d.verify_checksums,
     )
     if resolve_backend(d.backend) == "dali":
         from distres.engine.ddp import resolve_precision

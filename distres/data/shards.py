@@ -45,42 +45,22 @@ from pathlib import Path
 
 import webdataset as wds
 
-MANIFEST = "manifest.json"
-FORMAT = "distres-shards/1"
+from distres.data.shardset import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    ShardSet,
+    read_shard_set,
+    scan_tar,
+    sha256_file,
+)
+
+__all__ = ["MANIFEST", "ShardError", "ShardSet", "build_shard_set", "read_shard_set"]
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 # Per member: a pax extended header (512 + 512), the member's own header (512) and up to 511
 # bytes of padding; a shard closes before the next sample could cross --shard-size.
 TAR_HEADER = 2048
-
-
-class ShardError(ValueError):
-    """A shard set or source that cannot be used as described; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """What a reader needs: the shard paths, their sample counts and the class map."""
-
-    root: Path
-    urls: tuple[str, ...]
-    counts: tuple[int, ...]
-    classes: dict[str, int]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_index(tar_path: Path) -> str | None:
@@ -152,7 +132,7 @@ class ShardWriter:
             "name": path.name,
             "samples": self._count,
             "bytes": path.stat().st_size,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "index": make_index(path),
         }
         self.next_shard += 1
@@ -197,36 +177,6 @@ def write_shards(
     return write_manifest(out, prefix, classes, shards)
 
 
-def read_shard_set(spec: str | os.PathLike) -> ShardSet:
-    """Open a shard set from its directory or its manifest file."""
-    path = Path(spec)
-    manifest_path = path / MANIFEST if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise ShardError(
-            f"{manifest_path}: no shard manifest (write shard sets with "
-            "python -m distres.data.shards)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{manifest_path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT}")
-    root = manifest_path.parent
-    shards = manifest.get("shards") or []
-    if not shards:
-        raise ShardError(f"{manifest_path}: lists no shards")
-    urls = []
-    for shard in shards:
-        shard_path = root / shard["name"]
-        if not shard_path.is_file():
-            raise ShardError(f"{shard_path}: listed in {manifest_path} but missing")
-        urls.append(str(shard_path))
-    return ShardSet(
-        root, tuple(urls), tuple(int(s["samples"]) for s in shards), dict(manifest["classes"])
-    )
-
-
 # -- sources --------------------------------------------------------------------------------
 
 
@@ -237,18 +187,32 @@ class Item:
     class_name: str
 
 
-def list_image_folder(src: Path) -> tuple[list[Item], dict[str, int]]:
-    """One folder per class; indices follow the sorted folder names (torchvision's rule)."""
+def list_image_folder(
+    src: Path, allow_empty_classes: bool = False
+) -> tuple[list[Item], dict[str, int]]:
+    """One folder per class; indices follow the sorted folder names (torchvision's rule). A
+    class folder without images is refused, as torchvision's ImageFolder refuses it: it would
+    shift the index of every later class."""
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise ShardError(f"{src}: no class folders (expected an ImageFolder tree or a CSV/TSV)")
     classes = {d.name: i for i, d in enumerate(class_dirs)}
-    items = [
-        Item(str(f), classes[d.name], d.name)
-        for d in class_dirs
-        for f in sorted(d.rglob("*"))
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    items = []
+    for d in class_dirs:
+        found = [
+            Item(str(f), classes[d.name], d.name)
+            for f in sorted(d.rglob("*"))
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not found:
+            if not allow_empty_classes:
+                raise ShardError(
+                    f"{d}: class folder without image files (class {classes[d.name]}; later "
+                    "classes would shift); remove it, or pass --allow-empty-classes to keep it "
+                    "as a class with no samples"
+                )
+            print(f"kept empty class folder {d} as class {classes[d.name]}", file=sys.stderr)
+        items += found
     return items, classes
 
 
@@ -277,9 +241,9 @@ def list_table(src: Path) -> tuple[list[Item], dict[str, int]]:
     return items, classes
 
 
-def list_source(src: Path) -> tuple[list[Item], dict[str, int]]:
+def list_source(src: Path, allow_empty_classes: bool = False) -> tuple[list[Item], dict[str, int]]:
     if src.is_dir():
-        return list_image_folder(src)
+        return list_image_folder(src, allow_empty_classes)
     if src.is_file() and src.suffix.lower() in (".csv", ".tsv", ".txt"):
         return list_table(src)
     raise ShardError(f"--src {src}: not an ImageFolder directory or a .csv/.tsv list")
@@ -298,15 +262,34 @@ def encode_image(path: str, quality: int = 95) -> bytes:
     img.load()  # decodes fully: a corrupt or truncated file fails here, not at training
     if img.format == "JPEG" and img.mode == "RGB":
         return data
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
     else:
-        img = img.convert("RGB")  # CMYK, grayscale, palette, 16-bit...
+        img = img.convert("RGB")  # CMYK, grayscale, palette...
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+def _to_8bit(img):
+    """16-bit and 32-bit integer or float grayscale scaled to 8 bits over its range; PIL's own
+    convert clips every value above 255 to white instead."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if arr.size and arr.max() <= 1.0 else max(float(arr.max(initial=0)), 1.0)
+    elif img.mode.startswith("I;16") or arr.max(initial=0) <= 65535:
+        top = 65535.0
+    else:
+        top = float(arr.max())
+    scaled = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
 
 
 def _encode_item(args: tuple[int, Item, int]) -> tuple[int, bytes | None, str | None]:
@@ -314,7 +297,10 @@ def _encode_item(args: tuple[int, Item, int]) -> tuple[int, bytes | None, str | 
     try:
         return index, encode_image(item.path, quality), None
     except Exception as e:  # any decoder failure means an unusable file: report, skip, go on
-        return index, None, f"{type(e).__name__}: {e}"
+        # Decoders name the in-memory buffer ("<_io.BytesIO object at 0x...>"): name the file,
+        # so the report (and the manifest) is the same on every run.
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", item.path, str(e))
+        return index, None, f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', message)}"
 
 
 def parse_size(text: str) -> int:
@@ -347,10 +333,11 @@ def build_shard_set(
     workers: int = 0,
     quality: int = 95,
     progress: bool = True,
+    allow_empty_classes: bool = False,
 ) -> dict:
     """Write the source as a shard set (resuming an interrupted build); the manifest."""
     src, out = Path(src), Path(out)
-    items, classes = list_source(src)
+    items, classes = list_source(src, allow_empty_classes)
     if not items:
         raise ShardError(f"--src {src}: no image files found")
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +347,7 @@ def build_shard_set(
     if journal_path.is_file():
         previous = json.loads(journal_path.read_text())
         if previous.get("fingerprint") == fingerprint and all(
-            (out / s["name"]).is_file() and _sha256(out / s["name"]) == s["sha256"]
+            (out / s["name"]).is_file() and sha256_file(out / s["name"]) == s["sha256"]
             for s in previous["shards"]
         ):
             state = previous
@@ -455,7 +442,64 @@ class _progress:
             self.bar.stop()
 
 
+def index_shards(spec: str, out: Path | None = None, force: bool = False) -> dict:
+    """Write manifest.json (counts, class map, checksums) and a DALI index beside each tar of
+    existing shards, without rewriting them: shards from webdataset's ShardWriter or `tar`."""
+    from distres.config import shard_specs
+    from distres.data.shardset import _expand_tars
+
+    tars = [t for item in shard_specs(spec) for t in _expand_tars(item)]
+    root = out or Path(os.path.commonpath([str(t.resolve().parent) for t in tars]))
+    if (root / MANIFEST).is_file() and not force:
+        raise ShardError(f"{root / MANIFEST}: already there; pass --force to replace it")
+    entries, max_label = [], -1
+    for tar in tars:
+        scan = scan_tar(tar)
+        max_label = max(max_label, scan["max_label"])
+        entries.append(
+            {
+                "name": os.path.relpath(tar.resolve(), root.resolve()),
+                "samples": scan["samples"],
+                "bytes": tar.stat().st_size,
+                "sha256": sha256_file(tar),
+                "index": (
+                    os.path.relpath(tar.with_suffix(".idx").resolve(), root.resolve())
+                    if make_index(tar)
+                    else None
+                ),
+            }
+        )
+    classes = {str(i): i for i in range(max_label + 1)}
+    root.mkdir(parents=True, exist_ok=True)
+    return write_manifest(root, Path(entries[0]["name"]).stem.rsplit("-", 1)[0], classes, entries)
+
+
+def _index_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distres.data.shards index",
+        description="Index existing WebDataset shards in place: manifest.json and DALI index "
+        "files beside them (the tars are not rewritten).",
+    )
+    parser.add_argument("shards", help="a directory of tars, a brace pattern, or a tar")
+    parser.add_argument("--out", help="where manifest.json goes (default: the tars' directory)")
+    parser.add_argument("--force", action="store_true", help="replace an existing manifest")
+    args = parser.parse_args(argv)
+    try:
+        manifest = index_shards(args.shards, Path(args.out) if args.out else None, args.force)
+    except (ShardError, OSError) as e:
+        print(f"distres.data.shards index: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+        f"{len(manifest['classes'])} classes -> manifest.json"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:
+        return _index_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m distres.data.shards",
         description="Write an ImageFolder tree or a path,label list as WebDataset shards with "
@@ -471,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoding")
+    parser.add_argument(
+        "--allow-empty-classes",
+        action="store_true",
+        help="keep a class folder without images as a class with no samples",
+    )
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.shard_size)
@@ -482,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             quality=args.quality,
             progress=sys.stderr.isatty(),
+            allow_empty_classes=args.allow_empty_classes,
         )
     except (ShardError, ValueError) as e:
         print(f"distres.data.shards: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from distres.data.batch import Batch, BufferPool
-from distres.data.shards import ShardSet
+from distres.data.shardset import ShardSet
 
 
 def _jpeg_decoder() -> Callable:
@@ -273,6 +273,7 @@ class ShardLoader:
         world_size: int = 1,
         skip_bad: bool = False,
         transform_at: Callable[[int], Callable] | None = None,
+        verify: bool = False,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -288,7 +289,7 @@ class ShardLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self._done = self._skip = 0  # batches delivered this epoch; batches to replay
-        self.skip_bad = skip_bad
+        self.skip_bad, self.verify = skip_bad, verify
         self.skipped = 0  # bad samples skipped so far (data.on_bad_sample=skip)
         scale = 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
@@ -325,6 +326,9 @@ class ShardLoader:
     def _chunks(self, refill: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over this rank's shards (refill > 0: a re-read with its own seed)."""
         seed = hash((self.seed, self.epoch, self.rank) + ((refill,) if refill else ()))
+        if self.verify:  # in this process, which remembers what it checked (workers do not)
+            for i in self.my_shards(self.epoch):
+                self.shards.verify(i)
         stream = _SampleStream(
             self.shards,
             self.my_shards(self.epoch),

@@ -35,6 +35,75 @@ from distres.optim import build_optimizer, build_scheduler
 TAG = "deepspeed"  # the tag directory inside a distres checkpoint
 
 
+class UntrustedCheckpoint(ValueError):
+    """A DeepSpeed checkpoint file that the safe loader refuses; the message names it."""
+
+
+def _safe_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors (read off
+    ZeRO 0-3 checkpoints of DeepSpeed 0.19), admitted by exact class."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loading(trust: bool = False):
+    """DeepSpeed reads its files with torch.load(weights_only=False), a full unpickler: code in
+    a crafted file would run. Inside this context every torch.load is weights_only=True with
+    only DeepSpeed's own classes admitted; trust=True (the user vouches for the files) leaves
+    DeepSpeed's loader as it is."""
+    if trust:
+        yield
+        return
+    import pickle
+
+    original = torch.load
+    admitted = _safe_globals()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(admitted):
+                return original(f, *args, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
+            raise UntrustedCheckpoint(
+                f"{f}: refused by the safe loader ({first.strip()[:200]}); if you wrote this "
+                "checkpoint yourself, --trust-checkpoint (checkpoint.trust=true in training) "
+                "loads it with DeepSpeed's full unpickler"
+            ) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def checkpoint_files(directory: Path, zero_stage: int, world_size: int) -> list[Path]:
+    """The files DeepSpeed writes for one checkpoint (the distres step directory)."""
+    tag = directory / TAG
+    if zero_stage == 3:  # parameters are partitioned too
+        files = [tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
+    else:
+        files = [tag / "mp_rank_00_model_states.pt"]
+    if zero_stage > 0:
+        files += [tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+    return files
+
+
+def consolidated_weights(directory: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint, gathered in this process by DeepSpeed's own
+    zero_to_fp32, through the safe loader unless trusted."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with safe_loading(trust):
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+
+
 def deepspeed_config(cfg: Config, plan: BatchPlan, amp_dtype: torch.dtype | None) -> dict:
     """DeepSpeed's config from ours, merged with engine.deepspeed_config (conflicts fail)."""
     ours: dict[str, Any] = {
@@ -134,6 +203,10 @@ class DeepSpeedEngine:
             ("WORLD_SIZE", env.world_size),
         ):
             os.environ.setdefault(key, str(value))
+        if device.type == "cuda":
+            # DeepSpeed picks its GPU by LOCAL_RANK; with one visible GPU per task that index
+            # is not this process's device (distres.dist.pick_device chose it).
+            os.environ["LOCAL_RANK"] = str(device.index)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -215,11 +288,15 @@ class DeepSpeedEngine:
                 f"--output_folder {directory / 'universal'}, then load that with "
                 '"checkpoint": {"load_universal": true} in engine.deepspeed_config'
             )
-        path, _ = self.ds.load_checkpoint(
-            str(directory),
-            tag=TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        try:
+            with safe_loading(self.cfg.checkpoint.trust):
+                path, _ = self.ds.load_checkpoint(
+                    str(directory),
+                    tag=TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+        except UntrustedCheckpoint as e:
+            raise ConfigError(str(e)) from None
         if path is None:
             raise ConfigError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
