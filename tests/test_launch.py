@@ -44,6 +44,7 @@ def test_multi_node_wrapper_names_what_is_missing(tmp_path):
     assert proc.returncode != 0 and "MASTER" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "env", "code"),
     [

@@ -109,3 +109,36 @@ def test_scancel_sigterm_checkpoints_and_stops(cluster, tmp_path):
     assert summary["stop_reason"] == "preempted" and summary["steps"] < 33
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{summary['steps']:08d}"  # a checkpoint at the stop step
+
+
+def test_srun_gives_each_rank_the_cpus_per_task(cluster, tmp_path):
+    """Since Slurm 22.05 srun ignores SLURM_CPUS_PER_TASK: without SRUN_CPUS_PER_TASK each
+    rank's step would get one CPU (TresPerStep=cpu:1, no TresPerTask) while OMP is told 2."""
+    probe = tmp_path / "probe.sh"
+    probe.write_text(
+        "#!/bin/bash\n"
+        'scontrol show step "${SLURM_JOB_ID}.${SLURM_STEP_ID}" -o > '
+        f'"{tmp_path}/step-${{SLURM_PROCID}}.txt"\n'
+        f'echo "$OMP_NUM_THREADS" > "{tmp_path}/omp.txt"\n'
+    )
+    probe.chmod(0o755)
+    env = {**os.environ, "DISTRES_PYTHON": str(probe), "DISTRES_RUN_DIR": str(tmp_path / "run")}
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--partition=debug",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--gpus-per-node=0",
+        "--time=5",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    assert slurm_cluster.wait_job(job, timeout=120) == "COMPLETED", log(tmp_path, job)
+    step = (tmp_path / "step-0.txt").read_text().split()
+    assert "TresPerTask=cpu:2" in step and "TresPerStep=cpu:2" in step, step
+    assert (tmp_path / "omp.txt").read_text().strip() == "2"
