@@ -548,6 +548,7 @@ _DEPENDENT_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ),
     ("engine.zero_stage", lambda c: c.engine.name == "deepspeed", "engine.name=deepspeed"),
     ("engine.deepspeed_config", lambda c: c.engine.name == "deepspeed", "engine.name=deepspeed"),
+    ("checkpoint.trust", lambda c: c.engine.name == "deepspeed", "engine.name=deepspeed"),
     ("engine.bucket_cap_mb", lambda c: c.engine.name == "ddp", "engine.name=ddp"),
     ("engine.static_graph", lambda c: c.engine.name == "ddp", "engine.name=ddp"),
     ("early_stop.min_delta", lambda c: c.early_stop.patience > 0, "early_stop.patience > 0"),

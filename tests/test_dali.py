@@ -213,7 +213,7 @@ def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
 
     from PIL import Image
 
-    from distres.data.shards import read_shard_set, write_shards
+    from distres.data.shards import write_shards
     from distres.data.torch_loader import DataError
 
     buf = io.BytesIO()
@@ -225,15 +225,7 @@ def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
         {str(i): i for i in range(10)},
         10,
     )
-    loader = DaliLoader(
-        read_shard_set(tmp_path),
-        train=False,
-        batch_size=4,
-        image_size=32,
-        mean=[0.5],
-        std=[0.5],
-        num_classes=10,
-    )
+    loader = _dali(tmp_path)
     with pytest.raises(
         DataError, match=r"x-000000\.tar: sample 'broken': cannot decode image .* DALI pipeline"
     ):
@@ -245,7 +237,7 @@ def test_label_out_of_range_names_shard_and_key(tmp_path):
 
     from PIL import Image
 
-    from distres.data.shards import read_shard_set, write_shards
+    from distres.data.shards import write_shards
     from distres.data.torch_loader import DataError
 
     buf = io.BytesIO()
@@ -257,15 +249,7 @@ def test_label_out_of_range_names_shard_and_key(tmp_path):
         {str(i): i for i in range(10)},
         10,
     )
-    loader = DaliLoader(
-        read_shard_set(tmp_path),
-        train=False,
-        batch_size=4,
-        image_size=32,
-        mean=[0.5],
-        std=[0.5],
-        num_classes=10,
-    )
+    loader = _dali(tmp_path)
     with pytest.raises(DataError, match=r"x-000000\.tar: sample 'bad-key': label 12 outside"):
         list(loader)
 

@@ -250,35 +250,20 @@ def test_predict_refuses_bad_weights_and_python_yaml_tags(trained, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(image)
-    ok = run_cli(
-        "--weights",
-        str(final / "model.safetensors"),
-        str(image),
-        module="distres.predict",
-        timeout=120,
-    )
-    assert ok.returncode == 0, ok.stderr
+
+    def predict():
+        weights = str(final / "model.safetensors")
+        return run_cli("--weights", weights, str(image), module="distres.predict", timeout=120)
+
+    assert predict().returncode == 0
     (final / "model.safetensors").write_bytes(b"PK\x03\x04 not safetensors at all")
-    proc = run_cli(
-        "--weights",
-        str(final / "model.safetensors"),
-        str(image),
-        module="distres.predict",
-        timeout=120,
-    )
+    proc = predict()
     assert proc.returncode == EXIT_CHECKPOINT
-    assert one_line(proc.stderr) == [
-        x for x in proc.stderr.splitlines() if "not a safetensors file" in x
-    ]
+    lines = one_line(proc.stderr)
+    assert len(lines) == 1 and "model.safetensors: not a safetensors file" in lines[0], lines
     marker = tmp_path / "pwned"
     (final / "model.yaml").write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
-    proc = run_cli(
-        "--weights",
-        str(final / "model.safetensors"),
-        str(image),
-        module="distres.predict",
-        timeout=120,
-    )
+    proc = predict()
     assert proc.returncode == EXIT_CHECKPOINT
     lines = one_line(proc.stderr)
     assert len(lines) == 1 and "model.yaml: not a model config" in lines[0], lines

@@ -297,6 +297,8 @@ class DeepSpeedEngine:
                     load_lr_scheduler_states=True,
                 )
         except UntrustedCheckpoint as e:
-            raise ConfigError(str(e)) from None
+            from distres.checkpoint import CheckpointError
+
+            raise CheckpointError(str(e)) from None
         if path is None:
             raise ConfigError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
