@@ -132,7 +132,7 @@ def test_resume_none_and_resume_path(tmp_path):
     mixed = _short_run(tmp_path, "checkpoint.resume=none")
     assert mixed.returncode == 2 and "holds checkpoints of an earlier run" in mixed.stderr
     missing = _short_run(tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")
-    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+    assert missing.returncode == 5 and "no such checkpoint" in missing.stderr  # checkpoint
 
 
 def test_retention_keeps_the_last_k_and_the_best(tmp_path):
@@ -197,14 +197,14 @@ def test_untrusted_pickles_are_refused(tmp_path):
     target = tmp_path / "checkpoints" / "step-00000003"
     (target / ".metadata").write_bytes(pickle.dumps(Boom()))
     proc = _short_run(tmp_path / "other", f"checkpoint.resume={target}")
-    assert proc.returncode == 2 and "refused to unpickle" in proc.stderr, proc.stderr
+    assert proc.returncode == 5 and "refused to unpickle" in proc.stderr, proc.stderr
     proc = run_cli(str(target), "--out", str(tmp_path / "x.safetensors"), module="distres.export")
-    assert proc.returncode == 2 and "refused to unpickle" in proc.stderr, proc.stderr
+    assert proc.returncode == 5 and "refused to unpickle" in proc.stderr, proc.stderr
     # The non-tensor items DCP stores (optimizer hyper-parameters) go through
     # torch.load(weights_only=True) as well.
     planner = ckpt.SafeLoadPlanner()
     item = type("Item", (), {"dest_index": type("I", (), {"fqn": "optim.param_groups"})()})()
-    with pytest.raises(ckpt.CheckpointError, match="refused a non-tensor item"):
+    with pytest.raises(ckpt.CheckpointError, match="refused the non-tensor item"):
         planner.load_bytes(item, io.BytesIO(pickle.dumps(Boom())))
     assert not (REPO / "BOOM").exists() and not (tmp_path / "BOOM").exists()
 
