@@ -170,18 +170,30 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-META_KEYS = (
-    "step",
-    "epoch",
-    "epoch_step",
-    "samples_seen",
-    "world_size",
-    "micro_batch",
-    "grad_accum",
-    "global_batch",
-    "model",
-    "config",
-)
+# What a resume reads from meta.json, and the JSON type each must have.
+META_KEYS: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        (
+            "step",
+            "epoch",
+            "epoch_step",
+            "samples_seen",
+            "world_size",
+            "micro_batch",
+            "grad_accum",
+            "global_batch",
+        ),
+        int,
+    ),
+    "model": dict,
+    "config": str,
+    "scheduler": dict,
+    "scaler": dict,
+    "early_stopping": dict,
+    "best_top1": (int, float, type(None)),
+    "last_eval": dict,
+    "wandb_id": str,
+}
 RANK_KEYS = ("data", "rng", "window", "skipped")
 
 
@@ -191,8 +203,13 @@ def validate(path: Path) -> dict:
     metadata names, its non-tensor items loaded as a resume would. Returns the meta."""
     meta = read_meta(path)
     missing = [k for k in META_KEYS if k not in meta]
-    if missing or not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
+    if missing:
         raise CheckpointError(f"{path / META}: incomplete (missing {', '.join(missing)})")
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise CheckpointError(f"{path / META}: {key}={meta[key]!r} is not a {kind}")
+    if meta["world_size"] < 1 or min(meta["micro_batch"], meta["grad_accum"]) < 1:
+        raise CheckpointError(f"{path / META}: world_size, micro_batch, grad_accum must be >= 1")
     for rank in range(meta["world_size"]):
         read_rank_state(path, rank)
     if meta.get("format", "dcp") == "deepspeed":

@@ -242,6 +242,22 @@ def test_broken_rank_files_are_one_line_or_skipped(run, damage, message):
         assert len(lines) == 1 and re.search(message, lines[0]), lines
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("model", "resnet20"), ("world_size", 0), ("step", None), ("scaler", [])]
+)
+def test_a_meta_json_of_the_wrong_shape_is_one_line_or_skipped(run, key, value):
+    from distres.checkpoint import CheckpointError, find_resume
+
+    meta_file = latest(run) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta[key] = value
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"meta\.json: .*{key}"):
+        find_resume(run / "checkpoints", str(latest(run)))
+    path, _ = find_resume(run / "checkpoints", "auto")
+    assert path.name == "step-00000001"
+
+
 @pytest.mark.slow
 def test_predict_refuses_bad_weights_and_python_yaml_tags(trained, tmp_path):
     final = tmp_path / "final"
