@@ -53,6 +53,7 @@ from distres.data.shardset import (
     read_shard_set,
     scan_tar,
     sha256_file,
+    write_dali_index,
 )
 
 __all__ = ["MANIFEST", "ShardError", "ShardSet", "build_shard_set", "read_shard_set"]
@@ -64,15 +65,9 @@ TAR_HEADER = 2048
 
 
 def make_index(tar_path: Path) -> str | None:
-    """Write DALI's index for a shard with DALI's own tool; None where DALI is absent."""
-    try:
-        from wds2idx import IndexCreator  # installed with nvidia-dali
-    except ImportError:
-        return None
+    """Write DALI's index beside a shard with DALI's own tool; None where DALI is absent."""
     idx_path = tar_path.with_suffix(".idx")
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
-    return idx_path.name
+    return idx_path.name if write_dali_index(tar_path, idx_path) else None
 
 
 def _closed_size(offset: int) -> int:

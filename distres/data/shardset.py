@@ -115,6 +115,7 @@ def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
     classes: dict[str, int] = {}
     max_label = -1
     roots: list[Path] = []
+    manifests: dict[Path, dict | None] = {}
     for item in specs:
         manifest = _manifest_of(item)
         if manifest is not None:
@@ -132,7 +133,7 @@ def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
             continue
         for tar in _expand_tars(item):
             roots.append(tar.parent)
-            listed = _listed_in_manifest(tar)
+            listed = _listed_in_manifest(tar, manifests)
             if listed is not None:
                 entry, known = listed
                 counts.append(int(entry["samples"]))
@@ -208,20 +209,25 @@ def _expand_tars(item: str) -> list[Path]:
     return tars
 
 
-def _listed_in_manifest(tar: Path) -> tuple[dict, dict] | None:
+def _listed_in_manifest(tar: Path, seen: dict[Path, dict | None]) -> tuple[dict, dict] | None:
     """The manifest entry of a tar named directly when its directory has a manifest that
-    lists it with the same size; None otherwise (the tar is then scanned)."""
-    manifest = tar.parent / MANIFEST
-    if not manifest.is_file():
+    lists it with the same size; None otherwise (the tar is then scanned). `seen` keeps each
+    directory's manifest for the call, so a pattern over N shards reads it once, not N times."""
+    if tar.parent not in seen:
+        manifest, seen[tar.parent] = tar.parent / MANIFEST, None
+        if manifest.is_file():
+            try:
+                m = _read_manifest(manifest)
+            except ShardError:
+                m = None
+            if m is not None:
+                by_name = {entry["name"]: entry for entry in m["shards"]}
+                seen[tar.parent] = {"shards": by_name, "classes": m["classes"]}
+    listed = seen[tar.parent]
+    entry = listed["shards"].get(tar.name) if listed else None
+    if entry is None or entry.get("bytes") != tar.stat().st_size:
         return None
-    try:
-        m = _read_manifest(manifest)
-    except ShardError:
-        return None
-    for entry in m["shards"]:
-        if entry["name"] == tar.name and entry.get("bytes") == tar.stat().st_size:
-            return entry, m["classes"]
-    return None
+    return entry, listed["classes"]
 
 
 # -- scanning tars that have no manifest ----------------------------------------------------
@@ -272,12 +278,18 @@ def scan_tar(tar: Path) -> dict:
 def _cached_index(tar: Path) -> Path:
     """A DALI index for a tar without one, written once to the cache by DALI's wds2idx."""
     target = _cache_stem(tar).with_suffix(".idx")
-    if target.is_file():
-        return target
+    if not target.is_file() and not write_dali_index(tar, target):
+        raise ShardError(f"{tar}: no DALI index and DALI's wds2idx is not installed")
+    return target
+
+
+def write_dali_index(tar: Path, target: Path) -> bool:
+    """Write DALI's index of `tar` to `target` with DALI's own tool (atomically: concurrent
+    ranks may write the same one); False where DALI is not installed."""
     try:
         from wds2idx import IndexCreator  # installed with nvidia-dali
     except ImportError:
-        raise ShardError(f"{tar}: no DALI index and DALI's wds2idx is not installed") from None
+        return False
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".idx.tmp")
     os.close(fd)
@@ -288,7 +300,7 @@ def _cached_index(tar: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return True
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
