@@ -64,7 +64,10 @@ def children(pid: int) -> list[int]:
 
 def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 300) -> int:
     """Launch 2 ranks and SIGKILL the agent and every worker once rank 0 has logged step
-    `target`; the step reached when the kill landed."""
+    `target` and a checkpoint has been committed; the step reached when the kill landed.
+
+    Waiting for the commit keeps the test about resuming: an async write of step 3 may
+    commit only a few steps later, and a kill before it would (rightly) start afresh."""
     proc = subprocess.Popen(
         torchrun_cmd(2, run_dir, *overrides),
         cwd=REPO,
@@ -79,7 +82,7 @@ def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 3
             if metrics.exists():
                 steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x]
                 reached = max(steps, default=-1)
-                if reached >= target:
+                if reached >= target and (run_dir / "checkpoints" / "latest").is_file():
                     for pid in [*children(proc.pid), proc.pid]:
                         os.kill(pid, signal.SIGKILL)
                     break
