@@ -2,7 +2,8 @@
 
     python3 bench/checkpoint.py [--model resnet50] [--repeats 3] [--dir /tmp]
 
-Times distres.checkpoint.CheckpointWriter as the training loop calls it, in one process:
+Times distres.checkpoint.CheckpointStore writing DCP tensors as the training loop does, in
+one process:
 
   sync save    the loop stalls for the whole write and commit
   async save   the loop stalls only while the tensors are staged into host memory; the write
@@ -24,6 +25,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from distres import checkpoint as ckpt
+from distres.checkpoint import dcp
 from distres.config import ModelConfig
 from distres.models import build_model
 
@@ -59,7 +61,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"sync": [], "async": [], "async_total": [], "load": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for mode in ("sync", "async"):
-            writer = ckpt.CheckpointWriter(
+            writer = ckpt.CheckpointStore(
                 Path(tmp) / mode,
                 rank=0,
                 world_size=1,
@@ -70,7 +72,14 @@ def main() -> None:
             )
             for step in range(1, args.repeats + 1):
                 t0 = time.perf_counter()
-                writer.save(step, tensors_of(model, opt), {"world_size": 1}, {}, None)
+                tensors = tensors_of(model, opt)
+                writer.save(
+                    step,
+                    {"tensors": {"format": "dcp"}},
+                    {},
+                    None,
+                    write=lambda d, t=tensors, a=mode == "async": dcp.save_tensors(t, d, None, a),
+                )
                 results[mode].append(time.perf_counter() - t0)
                 if mode == "async":
                     writer.wait()  # the background write, finished and committed
@@ -81,9 +90,9 @@ def main() -> None:
         for _ in range(args.repeats):
             fresh, fresh_opt = make_state(args.model)
             t0 = time.perf_counter()
-            path, _meta = ckpt.find_resume(Path(tmp) / "sync", "auto")
+            path = ckpt.committed(Path(tmp) / "sync")[0]
             state = tensors_of(fresh, fresh_opt)
-            ckpt.load_tensors(path, state)
+            dcp.load_tensors(path, state)
             set_state_dict(
                 fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
             )

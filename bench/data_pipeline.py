@@ -28,7 +28,8 @@ from PIL import Image
 
 from distres.data.dali import DaliLoader
 from distres.data.shards import build_shard_set, read_shard_set
-from distres.data.torch_loader import ShardLoader, train_transform
+from distres.data.torch_loader import ShardLoader
+from distres.data.transforms import train_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

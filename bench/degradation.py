@@ -16,11 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from distres.config import load_config, plan_batch
-from distres.dist import DistEnv
-from distres.loop import Trainer
+import distres
+from distres.config import load_config
 
 VARIANTS = [
     ("plain-20", "resnet20", True),
@@ -49,7 +46,7 @@ def train_curve(model: str, plain: bool, epochs: int, seed: int, run_dir: Path) 
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = Trainer(cfg, run_dir, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1)).fit()
+    summary = distres.fit(cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["event"] == "train"]
     return {

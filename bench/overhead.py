@@ -27,9 +27,10 @@ from distres.config import load_config, plan_batch
 from distres.data import resolve_shard_sets
 from distres.dist import DistEnv
 from distres.evaluate import topk_correct
-from distres.loop import Trainer, seed_everything
 from distres.models import build_model
 from distres.optim import build_optimizer, build_scheduler
+from distres.trainer.build import build
+from distres.trainer.state import seed_everything
 
 
 def load_in_memory(shards, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ def bare_loop(cfg, train, val) -> tuple[float, float]:
 
 
 def distres_loop(cfg, tmp: Path) -> tuple[float, float]:
-    trainer = Trainer(cfg, tmp, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1))
+    trainer = build(cfg, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1), tmp)
     t0 = time.perf_counter()
     summary = trainer.fit()
     return time.perf_counter() - t0, summary["final_val_top1"]

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import MEAN, STD, make_photos
 
 from distres.data.shards import build_shard_set, read_shard_set
-from distres.data.torch_loader import ShardLoader, _SampleStream, train_transform
+from distres.data.torch_loader import ShardLoader, _SampleStream
+from distres.data.transforms import train_transform
 
 
 def rate(fn) -> tuple[float, float]:

@@ -22,6 +22,8 @@ class DistEnv:
     master_addr: str = ""
     """Set when the rendezvous address was derived (srun); torchrun exports its own."""
     master_port: int = 0
+    local_world_size: int = 1
+    """Ranks on this node (they share its cores)."""
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +54,12 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+        )
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         port = env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
@@ -62,6 +69,8 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
             int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
             master_port=int(port),
+            # "8" or "8(x2)": tasks on each node
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1),
         )
     return DistEnv()
 
@@ -96,8 +105,8 @@ def process_group(env: DistEnv, device: torch.device, always: bool = False) -> I
     """Init the default group for a multi-rank run (nccl on GPU, gloo on CPU); always torn
     down, also when training raises. always=True makes a one-rank group for a single process
     too (DeepSpeed needs one)."""
-    if not env.distributed and not always:
-        yield
+    if (not env.distributed and not always) or dist.is_initialized():
+        yield  # one process, or a group the caller made (distres.fit in a script) and keeps
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Derived (srun) rendezvous goes by TCP; torchrun's exported variables by env://.
@@ -119,6 +128,21 @@ def process_group(env: DistEnv, device: torch.device, always: bool = False) -> I
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def export_ranks(env: DistEnv, device: torch.device) -> None:
+    """Export the ranks for a library that reads them from the environment (DeepSpeed):
+    under srun or in one process nobody exported them."""
+    for key, value in (
+        ("LOCAL_RANK", env.local_rank),
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+    ):
+        os.environ.setdefault(key, str(value))
+    if device.type == "cuda":
+        # DeepSpeed picks its GPU by LOCAL_RANK; with one visible GPU per task that index
+        # is not this process's device (pick_device chose it).
+        os.environ["LOCAL_RANK"] = str(device.index)
 
 
 def shared_run_dir(run_dir: Path, env: DistEnv) -> Path:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distres.data.batch import Batch
+from distres.data.api import Batch
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)):
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distres import checkpoint as ckpt
     from distres.config import ConfigError, load_config
-    from distres.data.torch_loader import DataError
+    from distres.data.api import DataError
 
     parser = argparse.ArgumentParser(prog="python -m distres.evaluate", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a step-N checkpoint or a dir of them")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distres.evaluate: data error: {e}", file=sys.stderr)
         return 1
     if metrics is not None:
-        recorded = meta.get("last_eval", {})
+        recorded = meta["state"].get("train", {}).get("last_eval", {})
         same_step = recorded.get("step") == meta["step"]
         print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
         if same_step:
@@ -116,9 +116,9 @@ def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | N
     """Every rank evaluates its part of the val set; rank 0 gets the metrics."""
     from distres.data import build_loaders
     from distres.dist import pick_device, process_group, read_env
-    from distres.engine.ddp import resolve_precision
     from distres.export import checkpoint_weights
     from distres.models import build_model
+    from distres.precision import autocast, resolve_precision
 
     env = read_env()
     device = pick_device(cfg.run.device, env.local_rank)
@@ -129,11 +129,7 @@ def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | N
         model = model.to(device, memory_format=torch.channels_last)
         _, val = build_loaders(cfg, device, env.rank, env.world_size)
         amp = resolve_precision(cfg.train.precision, device)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-
-        metrics = evaluate(model, val, device, autocast)
+        metrics = evaluate(model, val, device, lambda: autocast(device, amp))
     return metrics if env.is_main else None
 
 

@@ -57,21 +57,11 @@ def write_model_files(
     return path
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def save_weights(
-    model: nn.Module | dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | os.PathLike
+    weights: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | os.PathLike
 ) -> Path:
     """Write `model.safetensors` (contiguous CPU tensors, torchvision key names for the
-    ImageNet variants) and `model.yaml` next to it, from a model or its state dict."""
-    weights = model if isinstance(model, dict) else unwrap(model).state_dict()
+    ImageNet variants) and `model.yaml` into out_dir."""
     return write_model_files(weights, model_cfg, Path(out_dir) / WEIGHTS)
 
 
@@ -146,8 +136,6 @@ def checkpoint_weights(
     process, with the model config the checkpoint records and the checkpoint used (the newest
     complete one, for a directory of them). Nothing is unpickled beyond
     tensors and the checkpoint formats' own classes unless `trust` (DeepSpeed's files only)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     from distres import checkpoint as ckpt
 
     path = Path(path)
@@ -159,21 +147,8 @@ def checkpoint_weights(
         model_cfg = ModelConfig(**meta["model"])
     except (TypeError, ConfigError) as e:
         raise ckpt.CheckpointError(f"{path / ckpt.META}: bad model config ({e})") from None
-    if meta.get("format") == "deepspeed":
-        from distres.engine.deepspeed import UntrustedCheckpoint, consolidated_weights
-
-        try:
-            return consolidated_weights(path, trust), model_cfg, path
-        except UntrustedCheckpoint as e:
-            raise ckpt.CheckpointError(str(e)) from None
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise ckpt.CheckpointError(
-                f"{path}: DeepSpeed cannot consolidate it ({type(e).__name__}: {e})"
-            ) from None
-    model = build_model(model_cfg)
-    state = {"model": get_model_state_dict(model)}
-    ckpt.load_tensors(path, state)
-    return state["model"], model_cfg, path
+    reader = ckpt.tensor_format(path, meta)
+    return reader.consolidated_weights(path, meta, build_model(model_cfg), trust), model_cfg, path
 
 
 def main(argv: list[str] | None = None) -> int:

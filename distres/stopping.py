@@ -48,6 +48,16 @@ class EarlyStopping:
         self.best, self.best_step = state["best"], state["best_step"]
         self.bad_evals = state["bad_evals"]
 
+    @staticmethod
+    def check_state(state: object) -> str | None:
+        """Why a saved state would not load, or None."""
+        if not isinstance(state, dict):
+            return "not a mapping"
+        for key in ("best", "best_step", "bad_evals"):
+            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int | float):
+                return f"{key}={state.get(key)!r}"
+        return None
+
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

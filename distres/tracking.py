@@ -114,6 +114,43 @@ class WandbRun:
             )
 
 
+def run_info(cfg, env, device, plan, params: int) -> dict:
+    """What W&B records once per run: the resolved config and where and how it ran."""
+    import subprocess
+
+    import torch
+    import yaml
+
+    from distres.config import to_yaml
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    return {
+        **yaml.safe_load(to_yaml(cfg)),
+        "model_params": params,
+        "global_batch": plan.global_batch,
+        "grad_accum": plan.grad_accum,
+        "world_size": env.world_size,
+        "git_rev": rev or "unknown",
+        "hardware": {
+            "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if gpus else None,
+            "gpus_per_node": gpus,
+            "cpu_count": os.cpu_count(),
+        },
+        "torch": torch.__version__,
+    }
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)

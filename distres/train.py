@@ -2,8 +2,8 @@
 
 Exit codes: 0 completed or stopped early; 1 failed (an error, or bad data mid-run);
 2 bad config or data found before training; 3 preempted (SIGUSR1/SIGTERM: every rank stopped
-at the same step, so the job may be requeued); 4 non-finite loss; 5 the checkpoint named by
-checkpoint.resume=PATH cannot be used.
+at the same step, so the job may be requeued); 4 non-finite loss; 5 a checkpoint that cannot
+be used (the one checkpoint.resume=PATH names, or a damaged one).
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Train on this process's rank (read from the launcher's environment); the summary."""
+    """Train on this process's rank (read from the launcher's environment); the summary.
+    Checks the machine first (preflight), before any process group exists."""
     from distres.dist import pick_device, process_group, read_env, shared_run_dir
-    from distres.loop import Trainer
+    from distres.log import setup_logging
+    from distres.preflight import preflight
+    from distres.trainer import run as run_trainer
 
     env = read_env()
+    setup_logging(env.is_main)
+    preflight(cfg)
     plan = plan_batch(cfg, env.world_size)  # a ConfigError here: no process group yet
     device = pick_device(cfg.run.device, env.local_rank)
     with process_group(env, device, always=cfg.engine.name == "deepspeed"):
@@ -61,7 +66,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-        return Trainer(cfg, run_dir, env, device, plan).fit()
+        return run_trainer(cfg, env, device, plan, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # Heavy imports after the config is known to be good: a bad config fails in a blink.
         from distres.checkpoint import CheckpointError
-        from distres.data.shards import ShardError
-        from distres.data.torch_loader import DataError
+        from distres.data.api import DataError
+        from distres.data.shardset import ShardError
 
         summary = run(cfg)
     except ConfigError as e:  # first: the names below are imported only after the config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,26 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+@pytest.fixture
+def test_rng(request) -> random.Random:
+    """The random choices of a test (kill points, ...): seeded, the seed shown on failure.
+    DISTRES_TEST_SEED=N replays a failed run's choices."""
+    seed = int(os.environ.get("DISTRES_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    request.node.user_properties.append(("seed", seed))
+    return random.Random(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(
+            (
+                "test seed",
+                f"replay with DISTRES_TEST_SEED={seeds[0]} python3 -m pytest {item.nodeid}",
+            )
+        )
+    return report

@@ -74,7 +74,7 @@ def mode_train(out: Path, overrides: list[str]) -> int:
 
 
 def mode_accum(out: Path, overrides: list[str]) -> int:
-    from distres.data.batch import Batch
+    from distres.data.api import Batch
     from distres.engine import build_engine
 
     env = read_env()
@@ -104,9 +104,9 @@ def mode_accum(out: Path, overrides: list[str]) -> int:
 
 def mode_eval(out: Path, overrides: list[str]) -> int:
     from distres.data import build_loaders
-    from distres.engine.ddp import resolve_precision
     from distres.evaluate import evaluate
     from distres.models import build_model
+    from distres.precision import resolve_precision
 
     env = read_env()
     cfg = load_config(None, overrides)

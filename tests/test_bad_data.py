@@ -14,8 +14,10 @@ import webdataset as wds
 from conftest import REPO, run_cli
 from PIL import Image
 
+from distres.data.api import DataError
 from distres.data.shards import ShardError, read_shard_set, write_shards
-from distres.data.torch_loader import DataError, ShardLoader, val_transform
+from distres.data.torch_loader import ShardLoader
+from distres.data.transforms import val_transform
 
 CLASSES = {str(i): i for i in range(10)}
 
@@ -115,6 +117,7 @@ def test_skip_policy_counts_and_keeps_every_good_sample(case, request, capfd):
         assert 8 <= len(got) < 16 and got[-8:] == [i % 10 for i in range(8, 16)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_listed_but_missing_shard_stops_before_training(tmp_path, policy):
     write_shards(good(8), tmp_path, "x", CLASSES, 4)
@@ -133,6 +136,7 @@ def test_listed_but_missing_shard_stops_before_training(tmp_path, policy):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_empty_shard_list_stops_before_training(tmp_path):
     write_shards(good(2), tmp_path, "x", CLASSES, 4)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -148,6 +152,7 @@ def test_empty_shard_list_stops_before_training(tmp_path):
     assert proc.returncode == 2 and "lists no shards" in proc.stderr
 
 
+@pytest.mark.slow
 def test_skipping_never_shortens_a_training_epoch(tmp_path):
     """Every rank must run the agreed number of steps: a rank short of samples re-reads."""
     bad = [(f"bad{i}", b"\xff\xd8 junk", 1) for i in range(6)]
@@ -159,6 +164,7 @@ def test_skipping_never_shortens_a_training_epoch(tmp_path):
     assert lo.skipped >= 6
 
 
+@pytest.mark.slow
 def test_all_bad_is_an_error_not_a_hang(tmp_path):
     write_shards([(f"bad{i}", b"\xff\xd8 junk", 1) for i in range(8)], tmp_path, "x", CLASSES, 8)
     with pytest.raises(DataError, match="no usable sample"):
@@ -182,6 +188,7 @@ def _bad_shard_set(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_skip_runs_to_completion_and_reports_the_count(tmp_path):
     proc = run_cli(
         *_bad_shard_set(tmp_path),
@@ -197,6 +204,7 @@ def test_skip_runs_to_completion_and_reports_the_count(tmp_path):
     assert "broken" in proc.stderr
 
 
+@pytest.mark.slow
 def test_error_stops_every_rank_without_a_hang(tmp_path):
     cmd = [
         sys.executable,

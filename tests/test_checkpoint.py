@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-import random
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,9 @@ from multiproc import assert_same_weights, kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
+
+# every test here launches real runs (torchrun, SIGKILL, the CLI)
+pytestmark = pytest.mark.slow
 
 # 2 ranks x 64 of the 1,436 digits: 11 steps per epoch, 22 in all.
 BASE = [
@@ -41,9 +43,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_sigkill_mid_epoch_then_resume_is_exact(uninterrupted, tmp_path, mode):
+def test_sigkill_mid_epoch_then_resume_is_exact(uninterrupted, tmp_path, mode, test_rng):
     # A random step, never an epoch boundary (11), never a checkpoint step's own boundary.
-    target = random.choice([s for s in range(4, 21) if s not in (11, 12)])
+    target = test_rng.choice([s for s in range(4, 21) if s not in (11, 12)])
     overrides = [*BASE, f"checkpoint.async_save={mode == 'async'}"]
     reached = kill_at_step(tmp_path, target, *overrides)
     latest = ckpt.find_resume(tmp_path / "checkpoints", "auto")
@@ -202,14 +204,16 @@ def test_untrusted_pickles_are_refused(tmp_path):
     assert proc.returncode == 5 and "refused to unpickle" in proc.stderr, proc.stderr
     # The non-tensor items DCP stores (optimizer hyper-parameters) go through
     # torch.load(weights_only=True) as well.
-    planner = ckpt.SafeLoadPlanner()
+    from distres.checkpoint.dcp import SafeLoadPlanner
+
+    planner = SafeLoadPlanner()
     item = type("Item", (), {"dest_index": type("I", (), {"fqn": "optim.param_groups"})()})()
     with pytest.raises(ckpt.CheckpointError, match="refused the non-tensor item"):
         planner.load_bytes(item, io.BytesIO(pickle.dumps(Boom())))
     assert not (REPO / "BOOM").exists() and not (tmp_path / "BOOM").exists()
 
 
-def test_fast_recipe_pieces_resume_exactly(tmp_path):
+def test_fast_recipe_pieces_resume_exactly(tmp_path, test_rng):
     """LARS (timm's, its momentum in the DCP checkpoint), the poly schedule, label smoothing
     and progressive resizing (16 px in epoch 0, 32 in epoch 1): a run SIGKILLed in the second
     epoch resumes at the right size and ends bitwise equal to one never interrupted."""
@@ -230,7 +234,7 @@ def test_fast_recipe_pieces_resume_exactly(tmp_path):
     sizes = {r["epoch"]: r["image_size"] for r in records(whole) if r["event"] == "train"}
     assert sizes == {0: 16, 1: 32}
     killed = tmp_path / "killed"
-    kill_at_step(killed, random.choice([14, 16, 19]), *recipe)
+    kill_at_step(killed, test_rng.choice([14, 16, 19]), *recipe)
     proc = train(2, killed, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr

@@ -15,6 +15,9 @@ from conftest import REPO, run_cli
 
 from distres.export import load_weights
 
+# end-to-end runs of the CLI
+pytestmark = pytest.mark.slow
+
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 
 

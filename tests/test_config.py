@@ -31,7 +31,11 @@ BAD = [
     (["train.epochs"], ["train.epochs", "section.key=value"]),
     (["--config", "configs/nope.yaml"], ["configs/nope.yaml", "no such file"]),
     # a shard setting selects the shard dataset, so missing files are noticed
-    (["data.train_shards=/data/x-{000..009}.tar"], ["data.train_shards", "x-{000..009}.tar"]),
+    (
+        ["data.train_shards=/data/x-{000..009}.tar", "data.val_shards=/data/v.tar"],
+        ["data.train_shards", "x-{000..009}.tar"],
+    ),
+    (["data.train_shards=/data/x-{000..009}.tar"], ["data.val_shards", "empty"]),
     (["data.dataset=digits", "data.val_shards=/tmp"], ["data.val_shards", "data.dataset=digits"]),
     # a setting that has no effect under the chosen option is refused, not dropped
     (["optim.beta2=0.9"], ["optim.beta2", "no effect", "optim.name=adamw"]),
@@ -43,15 +47,28 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,words", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_config_exits_2_with_one_line(args, words, tmp_path):
-    proc = run_cli(*args, f"run.dir={tmp_path / 'run'}", timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_config_exits_2_with_one_line(args, words, tmp_path, capsys):
+    from distres.train import main
+
+    code = main([*args, f"run.dir={tmp_path / 'run'}"])  # the CLI's entry point, in-process
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,words", [BAD[0], BAD[7]], ids=["value", "shards"])
+def test_bad_config_through_the_cli_is_one_line(args, words, tmp_path):
+    proc = run_cli(*args, f"run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_yaml_preset_names_file_and_key(tmp_path):
@@ -125,10 +142,11 @@ def test_empty_overrides_give_defaults():
     assert Path(REPO / "configs").is_dir()
 
 
-def test_batch_larger_than_a_ranks_data_is_a_config_error(tmp_path):
-    proc = run_cli("train.batch_size=5000", f"run.dir={tmp_path / 'run'}", timeout=120)
-    assert proc.returncode == 2
-    line = proc.stderr.strip()
+def test_batch_larger_than_a_ranks_data_is_a_config_error(tmp_path, capsys):
+    from distres.train import main
+
+    assert main(["train.batch_size=5000", f"run.dir={tmp_path / 'run'}", "run.threads=1"]) == 2
+    line = capsys.readouterr().err.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "train.batch_size=5000" in line and "1436" in line
 

@@ -170,7 +170,7 @@ def _six_with_a_gap(tmp_path):
 
 
 def test_missing_cls_names_shard_and_key_or_is_skipped(tmp_path, capfd):
-    from distres.data.torch_loader import DataError
+    from distres.data.api import DataError
 
     tar = _six_with_a_gap(tmp_path / "a")
     with pytest.raises(DataError, match=r"x-000000\.tar: sample 'no-label': no \.cls member"):
@@ -183,8 +183,8 @@ def test_missing_cls_names_shard_and_key_or_is_skipped(tmp_path, capfd):
 def test_truncated_tar_names_the_shard_or_skips_its_tail(tmp_path, capfd):
     import shutil
 
+    from distres.data.api import DataError
     from distres.data.shardset import read_shard_set
-    from distres.data.torch_loader import DataError
 
     good = [(f"g{i}", {"jpg": _jpeg_bytes(i), "cls": str(i).encode()}) for i in range(8)]
     tar = _tiny_set(tmp_path / "a", good)
@@ -213,8 +213,8 @@ def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
 
     from PIL import Image
 
+    from distres.data.api import DataError
     from distres.data.shards import write_shards
-    from distres.data.torch_loader import DataError
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")
@@ -237,8 +237,8 @@ def test_label_out_of_range_names_shard_and_key(tmp_path):
 
     from PIL import Image
 
+    from distres.data.api import DataError
     from distres.data.shards import write_shards
-    from distres.data.torch_loader import DataError
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")

@@ -8,9 +8,11 @@ import torch
 
 from distres.config import load_config
 from distres.data import build_loaders, resolve_shard_sets
+from distres.data.api import DataError, shard_order
 from distres.data.datasets import DIGITS_VAL_SIZE
 from distres.data.shards import ShardError, read_shard_set, write_shards
-from distres.data.torch_loader import DataError, ShardLoader, shard_order, val_transform
+from distres.data.torch_loader import ShardLoader
+from distres.data.transforms import val_transform
 
 
 def make_loaders(*overrides, rank=0, world_size=1):
@@ -226,7 +228,7 @@ def test_jpeg_decoder_falls_back_to_torchvision_without_torchcodec(monkeypatch):
 
     from PIL import Image
 
-    from distres.data import torch_loader
+    from distres.data import transforms as torch_loader
 
     real_import = builtins.__import__
 
@@ -258,15 +260,13 @@ def test_gpu_rank_main_process_leaves_the_cores_to_its_decode_workers(monkeypatc
     from distres.data.loaders import host_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     cuda = torch.device("cuda", 0)
     cfg = load_config(None, ["data.backend=torch", "data.num_workers=14"])
     assert host_threads(cfg, cuda) == 2
     assert host_threads(cfg, torch.device("cpu")) is None  # the main process trains there
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 8 cores per rank, 14 workers: at least 1
-    assert host_threads(cfg, cuda) == 1
+    assert host_threads(cfg, cuda, local_world_size=2) == 1  # 8 cores per rank, 14 workers
     assert host_threads(load_config(None, ["data.backend=torch", "run.threads=6",
                                            "data.num_workers=14"]), cuda) is None  # fmt: skip
     assert host_threads(load_config(None, ["data.backend=torch"]), cuda) is None  # no workers

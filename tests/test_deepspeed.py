@@ -4,7 +4,6 @@ checkpoints, DeepSpeed's own zero_to_fp32 tool."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,10 @@ from multiproc import kill_at_step, records, train
 from safetensors.torch import load_file
 
 from distres.config import ConfigError, load_config
+from distres.preflight import preflight
+
+# real DeepSpeed runs, and the config checks beside them
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("deepspeed")
 
@@ -54,7 +57,7 @@ def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage)
     assert s_ours["final_val_top1"] >= 0.98
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path):
+def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):
     overrides = [
         *FAST,
         "engine.name=deepspeed",
@@ -67,7 +70,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert train(2, whole, *overrides).returncode == 0
     part = tmp_path / "part"
     reached = kill_at_step(
-        part, random.choice([4, 5, 7, 8, 10, 13, 14, 16, 17, 19, 20]), *overrides
+        part, test_rng.choice([4, 5, 7, 8, 10, 13, 14, 16, 17, 19, 20]), *overrides
     )
     proc = train(2, part, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -163,7 +166,7 @@ def test_engine_config_errors():
         ("engine.deepspeed_config=/nope.json", "no such file"),
     ):
         with pytest.raises(ConfigError, match=words):
-            load_config(None, ["engine.name=deepspeed", override])
+            preflight(load_config(None, ["engine.name=deepspeed", override]))
 
 
 @pytest.mark.parametrize("group", [0, 2])

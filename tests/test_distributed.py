@@ -73,6 +73,7 @@ def rank_records(out: Path, n: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_ranks_complete_with_identical_weights(tmp_path, nproc):
     proc = torchrun(nproc, "train", tmp_path, *FAST, "train.epochs=2", f"run.dir={tmp_path}/run")
@@ -94,7 +95,7 @@ def test_ranks_complete_with_identical_weights(tmp_path, nproc):
 
 
 def test_grad_accum_matches_big_batch_on_one_rank():
-    from distres.data.batch import Batch
+    from distres.data.api import Batch
     from distres.engine import build_engine
 
     gen = torch.Generator().manual_seed(1)
@@ -117,8 +118,9 @@ def test_grad_accum_matches_big_batch_on_one_rank():
         torch.testing.assert_close(weights[4][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_grad_accum_on_two_ranks_matches_big_batch(tmp_path):
-    from distres.data.batch import Batch
+    from distres.data.api import Batch
     from distres.engine import build_engine
 
     proc = torchrun(
@@ -139,6 +141,7 @@ def test_grad_accum_on_two_ranks_matches_big_batch(tmp_path):
         torch.testing.assert_close(distributed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_early_stop_is_agreed_by_all_ranks(tmp_path):
     # Ranks read different shards; min_delta=2 makes every evaluation after the first a miss.
     proc = torchrun(
@@ -167,6 +170,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_all_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     proc = torchrun(
@@ -204,6 +208,7 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(tmp_path):
     assert "stop requested by a signal" in out
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
     proc = torchrun(
         2,
@@ -222,6 +227,7 @@ def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
     assert "non-finite training loss on at least one rank" in proc.stdout
 
 
+@pytest.mark.slow
 def test_exact_evaluation_on_three_ranks(tmp_path):
     from distres.models import build_model
 
@@ -249,6 +255,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_srun_style_launch_from_slurm_variables(tmp_path):
     """One process per task with only Slurm's variables, as `srun --ntasks=2` starts them."""
     port = _free_port()
@@ -286,7 +293,7 @@ def test_srun_style_launch_from_slurm_variables(tmp_path):
 
 
 def test_bf16_autocast_and_channels_last_are_in_effect():
-    from distres.data.batch import Batch
+    from distres.data.api import Batch
     from distres.engine import build_engine
 
     cfg = load_config(None, ["train.precision=bf16", "train.batch_size=4"])
@@ -330,7 +337,7 @@ def test_global_batch_derives_accumulation_or_says_what_divides():
 
 
 def test_linear_lr_scaling():
-    from distres.engine.ddp import scaled_lr
+    from distres.engine.base import scaled_lr
 
     cfg = load_config(None, ["optim.lr_scaling=linear", "optim.lr=0.1", "train.batch_size=64"])
     assert scaled_lr(cfg, plan_batch(cfg, 8)) == pytest.approx(0.1 * 512 / 256)
@@ -357,6 +364,7 @@ def test_rank_reading_from_torchrun_and_slurm_variables():
     assert first_host("node1,node2") == "node1" and first_host("a[10-12,15]") == "a10"
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(tmp_path):
     """Two torchrun agents, as on two nodes: --nnodes=2 with c10d rendezvous."""
     port = _free_port()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from distres.checkpoint import _MetadataUnpickler
+from distres.checkpoint.dcp import _MetadataUnpickler
 
 EXIT_CHECKPOINT = 5
 
@@ -139,7 +139,7 @@ def test_format_switch_to_deepspeed_loads_nothing_unsafe(run, tmp_path):
     marker = tmp_path / "pwned"
     step = latest(run)
     meta = json.loads((step / "meta.json").read_text())
-    meta["format"] = "deepspeed"
+    meta["tensors"] = {"format": "deepspeed", "zero_stage": 0}
     (step / "meta.json").write_text(json.dumps(meta))
     (step / "deepspeed").mkdir()
     torch.save({"module": Planted(marker)}, step / "deepspeed" / "mp_rank_00_model_states.pt")
@@ -204,13 +204,14 @@ def test_a_refused_dcp_item_is_one_line_and_auto_falls_back(run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         ("not_json", r"rank-00000\.json: not a rank state \(UnicodeDecodeError"),
-        ("not_a_state", r"rank-00000\.json: not a rank state \(needs data"),
-        ("bad_dali", r"rank-00000\.json: cannot be restored \(not a DALI pipeline checkpoint"),
-        ("bad_rng", r"rank-00000\.json: cannot be restored \(RNG state does not restore"),
+        ("not_a_state", r"rank-00000\.json: not a rank state \(no \"state\""),
+        ("bad_dali", r"rank-00000\.json: data cannot be restored \(not a DALI pipeline checkp"),
+        ("bad_rng", r"rank-00000\.json: rng cannot be restored \(RNG state does not restore"),
     ],
 )
 def test_broken_rank_files_are_one_line_or_skipped(run, damage, message):
@@ -223,17 +224,18 @@ def test_broken_rank_files_are_one_line_or_skipped(run, damage, message):
     elif damage == "not_a_state":
         rank_file.write_text("[1, 2, 3]")
     elif damage == "bad_dali":
-        state["data"]["dali"] = base64.b64encode(b"not a pipeline checkpoint").decode()
+        state["state"]["data"]["dali"] = base64.b64encode(b"not a pipeline checkpoint").decode()
         rank_file.write_text(json.dumps(state))
     else:
-        state["rng"]["numpy"][1] = [1, 2, 3]
+        state["state"]["rng"]["numpy"][1] = [1, 2, 3]
         rank_file.write_text(json.dumps(state))
     from distres.checkpoint import CheckpointError, find_resume
+    from distres.trainer.state import validate
 
     with pytest.raises(CheckpointError, match=message):  # what resume=PATH prints
-        find_resume(run / "checkpoints", str(latest(run)))
+        find_resume(run / "checkpoints", str(latest(run)), validate)
     # validated before any load: resume=auto takes the one before
-    path, _ = find_resume(run / "checkpoints", "auto")
+    path, _ = find_resume(run / "checkpoints", "auto", validate)
     assert path.name == "step-00000001"
     if damage == "not_json":  # the CLI: that line alone, and the checkpoint exit code
         proc = run_cli(f"run.dir={run}", f"checkpoint.resume={latest(run)}", timeout=120)
@@ -242,20 +244,36 @@ def test_broken_rank_files_are_one_line_or_skipped(run, damage, message):
         assert len(lines) == 1 and re.search(message, lines[0]), lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("key", "value"), [("model", "resnet20"), ("world_size", 0), ("step", None), ("scaler", [])]
+    ("path", "value"),
+    [
+        ("model", "resnet20"),
+        ("layout.world_size", 0),
+        ("step", None),
+        ("state.engine.scaler", []),
+        ("state.train.epoch", -1),
+        ("state.early_stopping", None),
+        ("tensors.format", "pickle"),
+    ],
 )
-def test_a_meta_json_of_the_wrong_shape_is_one_line_or_skipped(run, key, value):
+def test_a_meta_json_of_the_wrong_shape_is_one_line_or_skipped(run, path, value):
     from distres.checkpoint import CheckpointError, find_resume
+    from distres.trainer.state import validate
 
     meta_file = latest(run) / "meta.json"
     meta = json.loads(meta_file.read_text())
-    meta[key] = value
+    *parents, key = path.split(".")
+    where = meta
+    for p in parents:
+        where = where[p]
+    where[key] = value
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=rf"meta\.json: .*{key}"):
-        find_resume(run / "checkpoints", str(latest(run)))
-    path, _ = find_resume(run / "checkpoints", "auto")
-    assert path.name == "step-00000001"
+    named = parents[1] if parents[:1] == ["state"] and len(parents) > 1 else key
+    with pytest.raises(CheckpointError, match=rf"meta\.json: .*{named}"):
+        find_resume(run / "checkpoints", str(latest(run)), validate)
+    found, _ = find_resume(run / "checkpoints", "auto", validate)
+    assert found.name == "step-00000001"
 
 
 @pytest.mark.slow

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+# real torchrun launches
+pytestmark = pytest.mark.slow
+
 
 def launch(script: str, tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(

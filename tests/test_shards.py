@@ -166,6 +166,7 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.slow
 def test_cli_writes_a_set_the_loader_reads(tmp_path):
     n = make_image_folder(tmp_path / "src", per_class=4)
     proc = run_cli(
@@ -267,7 +268,8 @@ def test_checksums_are_verified_on_first_read(tmp_path):
     import torch
 
     from distres.data.shards import write_shards
-    from distres.data.torch_loader import ShardLoader, val_transform
+    from distres.data.torch_loader import ShardLoader
+    from distres.data.transforms import val_transform
 
     write_shards([(f"k{i}", _jpeg(), i % 2) for i in range(8)], tmp_path, "x", {"a": 0, "b": 1}, 4)
     shard = tmp_path / "x-000001.tar"

@@ -14,6 +14,9 @@ import pytest
 import slurm_cluster
 from conftest import REPO
 
+# a real Slurm cluster
+pytestmark = pytest.mark.slow
+
 SBATCH = REPO / "slurm" / "train.sbatch"
 TINY = ["run.threads=1", "tracking.log_every=1"]
 

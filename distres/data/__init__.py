@@ -1,4 +1,4 @@
-"""Input pipelines: shard sets in, `Batch`es out (see batch.py for the contract).
+"""Input pipelines: shard sets in, `Batch`es out (see api.py for the contract).
 
 Submodules load on first use, so `python -m distres.data.shards` runs without the loaders.
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Batch", "build_loaders", "resolve_shard_sets"]
+__all__ = ["Batch", "DataError", "Loader", "build_loaders", "resolve_shard_sets"]
 
 _LAZY = {
-    "Batch": "distres.data.batch",
+    "Batch": "distres.data.api",
+    "DataError": "distres.data.api",
+    "Loader": "distres.data.api",
     "build_loaders": "distres.data.loaders",
     "resolve_shard_sets": "distres.data.loaders",
 }

@@ -17,10 +17,8 @@ counts once. The data position is DALI's pipeline checkpoint plus the batch coun
 from __future__ import annotations
 
 import base64
-import io
 import math
 import re
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,100 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distres.data.batch import Batch
+from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
+from distres.data.dali_index import IMAGE_EXTS, checked_indexes, first_undecodable
 from distres.data.shardset import ShardSet
-from distres.data.torch_loader import DataError, parse_label, shard_order
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
-IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image member of a sample, first found wins
 
 
 def _first_line(e: BaseException) -> str:
     return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
-
-
-def _index_problem(line: str, tar_size: int) -> tuple[str | None, str]:
-    """(what is wrong with one sample of a DALI index, or None; the sample's key). A line is
-    `ext offset size name` per member (DALI's wds2idx format v1.2)."""
-    parts = line.split()
-    if len(parts) % 4 or not parts:
-        return "malformed index line", line[:40]
-    members = [parts[j : j + 4] for j in range(0, len(parts), 4)]
-    key = members[0][3].split(".", 1)[0]
-    exts = {m[0].lower() for m in members}
-    try:
-        end = max(int(m[1]) + int(m[2]) for m in members)
-    except ValueError:
-        return "malformed index line", key
-    if end > tar_size:
-        return f"lies past the end of the tar ({end} > {tar_size} bytes: truncated?)", key
-    if not exts & set(IMAGE_EXTS):
-        return "no .jpg/.jpeg/.png member", key
-    if "cls" not in exts:
-        return "no .cls member", key
-    return None, key
-
-
-def _protobuf_fields(raw: bytes) -> list[tuple[int, int, bytes | int]] | None:
-    """The (field, wire type, value) of a serialized protobuf message, or None where the
-    bytes are not a well-formed message (no schema needed for that)."""
-    fields, i, n = [], 0, len(raw)
-
-    def varint() -> int | None:
-        nonlocal i
-        value = shift = 0
-        while i < n and shift < 64:
-            byte = raw[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-        return None
-
-    while i < n:
-        key = varint()
-        if key is None or key >> 3 == 0:
-            return None
-        kind = key & 7
-        if kind == 0:
-            value = varint()
-        elif kind == 1 or kind == 5:
-            size = 8 if kind == 1 else 4
-            value, i = raw[i : i + size], i + size
-        elif kind == 2:
-            size = varint()
-            if size is None or i + size > n:
-                return None
-            value, i = raw[i : i + size], i + size
-        else:
-            return None
-        if value is None or i > n:
-            return None
-        fields.append((key >> 3, kind, value))
-    return fields
-
-
-def checkpoint_problem(raw: bytes) -> str | None:
-    """Why bytes are not a DALI pipeline checkpoint, or None: the message must parse and hold
-    one entry per operator, each naming its operator (what Pipeline.checkpoint() writes)."""
-    fields = _protobuf_fields(raw)
-    if not fields:
-        return "not a DALI pipeline checkpoint (malformed)"
-    for number, kind, value in fields:
-        if number != 1:
-            continue
-        op = _protobuf_fields(value) if kind == 2 else None
-        name = next((v for f, k, v in op or () if f == 1 and k == 2), None)
-        if name is None:
-            return "not a DALI pipeline checkpoint (an operator entry without a name)"
-        try:
-            name.decode("utf-8")
-        except UnicodeDecodeError:
-            return "not a DALI pipeline checkpoint (an operator name is not text)"
-    if not any(number == 1 for number, _, _ in fields):
-        return "not a DALI pipeline checkpoint (no operator entries)"
-    return None
 
 
 def dali_available() -> bool:
@@ -176,7 +89,7 @@ class DaliLoader:
         self.rank, self.world_size = rank, world_size
         self.mean = [m * 255 for m in mean] * (in_chans if len(mean) == 1 else 1)
         self.std = [s * 255 for s in std] * (in_chans if len(std) == 1 else 1)
-        self.skip_bad, self.skipped = skip_bad, 0
+        self.bad = BadSamples(skip_bad)
         self.epoch = 0
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._pipe = None
@@ -399,71 +312,32 @@ class DaliLoader:
         """`shard: sample 'key'` of the first image that does not decode among those DALI may
         have drawn the failed batch from (its shuffle window around this rank's position);
         DALI's own error names neither. Runs once, on the way out."""
-        from PIL import Image
-
         start, _ = self.part()
         window = min(self.shuffle_buffer, 1024) if self.train else 0
         lo = start + self._done * self.batch_size - window
         hi = start + (self._done + PREFETCH + 1) * self.batch_size + window
-        position = 0
-        for url, index in zip(*self._epoch_files(), strict=True):
-            lines = Path(index).read_text().splitlines()[1:]
-            if position + len(lines) <= lo or position >= hi:
-                position += len(lines)
-                continue
-            with open(url, "rb") as tar:
-                for line in lines:
-                    position += 1
-                    if not lo <= position - 1 < hi:
-                        continue
-                    parts = line.split()
-                    members = [parts[j : j + 4] for j in range(0, len(parts), 4)]
-                    image = next((m for m in members if m[0].lower() in IMAGE_EXTS), None)
-                    if image is None:
-                        continue
-                    tar.seek(int(image[1]))
-                    try:
-                        with Image.open(io.BytesIO(tar.read(int(image[2])))) as img:
-                            img.load()
-                    except Exception as e:  # any decoder failure is the answer
-                        key = image[3].rsplit(".", 1)[0]
-                        return f"{url}: sample {key!r}: cannot decode image ({type(e).__name__})"
-        return None
+        return first_undecodable(*self._epoch_files(), lo, hi)
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples reported and left out so far (data.on_bad_sample=skip)."""
+        return self.bad.count
+
+    @skipped.setter
+    def skipped(self, count: int) -> None:
+        self.bad.count = count
 
     # -- index files ----------------------------------------------------------------------
     def _checked_indexes(self) -> tuple[list[str], list[int]]:
         """Each shard's DALI index, checked: every sample has an image and a .cls and lies
         inside the tar. A bad sample stops the run (error) or is reported, counted and left
         out of a filtered copy of the index (skip)."""
-        paths, counts = [], []
-        for i, url in enumerate(self.shards.urls):
-            index = self.shards.dali_index(i)
-            header, *lines = Path(index).read_text().splitlines()
-            size = Path(url).stat().st_size
-            keep = []
-            for line in lines:
-                problem, key = _index_problem(line, size)
-                if problem is None:
-                    keep.append(line)
-                    continue
-                error = DataError(f"{url}: sample {key!r}: {problem}")
-                if not self.skip_bad:
-                    raise error
-                if self.rank == 0:  # every rank checks every index; one reports and counts
-                    print(f"[distres] skipped bad data: {error}", file=sys.stderr, flush=True)
-                    self.skipped += 1
-            if len(keep) < len(lines):
-                if self._filtered_dir is None:
-                    self._filtered_dir = tempfile.TemporaryDirectory(prefix="distres-idx-")
-                index = str(Path(self._filtered_dir.name) / f"{i:06d}.idx")
-                Path(index).write_text(
-                    f"{header.split()[0]} {len(keep)}\n" + "".join(x + "\n" for x in keep)
-                )
-            paths.append(index)
-            counts.append(len(keep))
-        if not sum(counts):
-            raise DataError(f"{self.shards.root}: no usable sample in the shard set")
-        return paths, counts
+        if self._filtered_dir is None:
+            self._filtered_dir = tempfile.TemporaryDirectory(prefix="distres-idx-")
+        # every rank checks every index; one reports and counts
+        return checked_indexes(
+            self.shards, Path(self._filtered_dir.name), lambda e: self.bad(e, self.rank == 0)
+        )
 
     def _verify_my_part(self, paths: list[str]) -> None:
         """data.verify_checksums: the shards overlapping this rank's part, once each."""
@@ -493,10 +367,7 @@ class DaliLoader:
                 ys.append(self._label(labels[i], where[i]))
                 good.append(i)
             except DataError as e:
-                if not self.skip_bad:
-                    raise
-                print(f"[distres] skipped bad data: {e}", file=sys.stderr, flush=True)
-                self.skipped += 1
+                self.bad(e)
         if len(good) < keep:
             # NOTE: DALI decodes a batch as a whole, so skipping covers label problems only
             # (a bad image fails the batch); the batch shrinks by the skipped samples.

@@ -10,7 +10,8 @@ from distres.config import Config
 from distres.data.dali import DaliLoader
 from distres.data.datasets import digits
 from distres.data.shardset import ShardSet, read_shard_set
-from distres.data.torch_loader import ShardLoader, train_transform, val_transform
+from distres.data.torch_loader import ShardLoader
+from distres.data.transforms import train_transform, val_transform
 
 
 def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
@@ -29,7 +30,7 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def host_threads(cfg: Config, device: torch.device) -> int | None:
+def host_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -> int | None:
     """Intra-op threads for a GPU rank's main process when DataLoader workers decode on the
     same cores (data.backend=torch), or None to leave torch's default.
 
@@ -46,8 +47,7 @@ def host_threads(cfg: Config, device: torch.device) -> int | None:
         or not cfg.data.num_workers
     ):
         return None
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = (os.cpu_count() or 1) // local
+    cores = (os.cpu_count() or 1) // max(1, local_world_size)
     return max(1, min(torch.get_num_threads(), cores - cfg.data.num_workers))
 
 
@@ -70,11 +70,9 @@ def build_loaders(
         verify=d.verify_checksums,
     )
     if resolve_backend(d.backend) == "dali":
-        from distres.engine.ddp import resolve_precision
+        from distres.precision import input_dtype, resolve_precision
 
-        # Half-precision input halves the host->GPU and decode-output bytes; autocast casts.
-        half = device.type == "cuda" and resolve_precision(cfg.train.precision, device)
-        out_dtype = torch.float16 if half else torch.float32
+        out_dtype = input_dtype(device, resolve_precision(cfg.train.precision, device))
         dali = dict(
             batch_size=cfg.train.batch_size,
             image_size=d.image_size,

@@ -13,7 +13,6 @@ import io
 import itertools
 import random
 import signal
-import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,86 +21,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from distres.data.batch import Batch, BufferPool
+from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
+from distres.data.batch import BufferPool
 from distres.data.shardset import ShardSet
-
-
-def _jpeg_decoder() -> Callable:
-    """torchcodec's decode_jpeg; torchvision.io's where torchcodec will not load.
-
-    torchcodec wheels are built against one torch release, so an image whose torch differs
-    (a cluster's own PyTorch container) cannot load them; torchvision.io's decoder (the same
-    libjpeg-turbo, deprecated from torchvision 0.29) keeps the backend working there.
-    """
-    try:
-        from torchcodec.decoders import decode_jpeg
-
-        return decode_jpeg
-    except (ImportError, OSError, RuntimeError):
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_jpeg as tv_decode_jpeg
-
-        def decode(data: bytes, mode: str) -> torch.Tensor:
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return tv_decode_jpeg(raw, mode=getattr(ImageReadMode, mode))
-
-        return decode
-
-
-decode_jpeg = _jpeg_decoder()
+from distres.data.transforms import decode_jpeg
 
 CHUNK = 32  # samples per worker->main hand-over; amortises IPC without holding back a batch
-
-
-class DataError(RuntimeError):
-    """A sample that cannot be used; the message names the shard and the key."""
-
-
-def train_transform(
-    image_size: int,
-    random_resized_crop: bool,
-    rrc_min_scale: float,
-    crop_padding: int,
-    hflip: bool,
-) -> Callable:
-    if random_resized_crop:
-        ops = [v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True)]
-    else:
-        ops = [v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True)]
-    if hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    # uint8 CHW tensor in, uint8 CHW out (torch's uint8 antialiased resize is the fast path)
-    return v2.Compose(ops)
-
-
-def val_transform(image_size: int, resize: int) -> Callable:
-    ops = [v2.Resize(resize, antialias=True)] if resize else []
-    transform = v2.Compose([*ops, v2.CenterCrop(image_size)])
-    # NOTE: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below
-    # the requested size, so a large val image headed for a `resize` short side decodes
-    # cheaper (used when the short side is at least twice that size).
-    transform.draft_size = resize or image_size
-    return transform
-
-
-def shard_order(shards: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    """Shard indices in this epoch's order; identical on every rank (seed and epoch shared)."""
-    order = list(range(len(shards.urls)))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def parse_label(raw: bytes, where: str, num_classes: int) -> int:
-    """A sample's .cls member (ASCII digits) as a class index; DataError naming `where`
-    (shard and key) when it is not one. Both backends use it, so their messages agree."""
-    try:
-        label = int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{where}: .cls is not an integer: {raw[:20]!r}") from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} outside [0, {num_classes})")
-    return label
 
 
 class _SampleStream(IterableDataset):
@@ -120,7 +45,7 @@ class _SampleStream(IterableDataset):
         skip_bad: bool = False,
     ):
         self.shards, self.shard_ids = shards, shard_ids
-        self.skip_bad = skip_bad
+        self.bad = BadSamples(skip_bad)
         # (rank, world): keep only the samples whose global index is rank mod world.
         self.stride = stride
         starts = itertools.accumulate((0, *shards.counts))
@@ -155,30 +80,17 @@ class _SampleStream(IterableDataset):
             try:
                 image, label = self._image(sample), self._label(sample)
             except DataError as e:
-                self._skip(e)
+                self.bad(e)
                 continue
             images.append(image)
             labels.append(label)
             if len(images) == CHUNK:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self._take()
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self.bad.take()
                 images, labels = [], []
         if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self._take()
-        elif self.skipped:
-            yield None, None, self._take()
-
-    skipped = 0
-
-    def _skip(self, error: DataError) -> None:
-        """data.on_bad_sample: raise (error), or report and count (skip)."""
-        if not self.skip_bad:
-            raise error
-        print(f"[distres] skipped bad data: {error}", file=sys.stderr, flush=True)
-        self.skipped += 1
-
-    def _take(self) -> int:
-        n, self.skipped = self.skipped, 0
-        return n
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self.bad.take()
+        elif self.bad.count:
+            yield None, None, self.bad.take()
 
     def _read(self, urls: list[str]) -> Iterator[dict]:
         """Samples of each tar in turn; a tar that breaks off (truncated, unreadable) ends
@@ -189,7 +101,7 @@ class _SampleStream(IterableDataset):
             except DataError:
                 raise
             except Exception as e:  # tarfile/webdataset raise several types for a bad tar
-                self._skip(DataError(f"{url}: unreadable tar ({type(e).__name__}: {e})"))
+                self.bad(DataError(f"{url}: unreadable tar ({type(e).__name__}: {e})"))
 
     def _strided(self, samples: Iterator[dict]) -> Iterator[dict]:
         rank, world = self.stride

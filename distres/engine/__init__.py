@@ -1,8 +1,5 @@
-"""Training engines behind one small interface; the config's engine.name picks one.
-
-An engine owns the wrapped model, the optimizer, the LR schedule and the precision policy. The
-loop hands it the micro-batches of one optimizer step and gets the step's mean loss back.
-"""
+"""Training engines behind one contract (base.Engine); the config's engine.name picks one:
+ddp (DDP, or the bare model on one process) or deepspeed (ZeRO 0-3)."""
 
 from __future__ import annotations
 

@@ -7,49 +7,27 @@ On one process the model is used unwrapped (no DDP); the code path is otherwise 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distres.config import BatchPlan, Config, ConfigError
-from distres.data.batch import Batch
-from distres.dist import DistEnv, average_buffers
-from distres.models import build_model
-from distres.models.resnet import count_params
-from distres.optim import build_optimizer, build_scheduler
+from distres.checkpoint import dcp
+from distres.config import ConfigError
+from distres.data.api import Batch
+from distres.engine.base import EngineBase
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def scaled_lr(cfg: Config, plan: BatchPlan) -> float:
-    if cfg.optim.lr_scaling == "linear":
-        return cfg.optim.lr * plan.global_batch / 256
-    return cfg.optim.lr
-
-
-class DDPEngine:
-    checkpoint_format = "dcp"
-    # autocast handles precision; inputs stay as the loader gives them
-    input_dtype: torch.dtype | None = None
-
-    def __init__(
-        self,
-        cfg: Config,
-        env: DistEnv,
-        device: torch.device,
-        plan: BatchPlan,
-        steps_per_epoch: int,
-    ):
-        self.cfg, self.env, self.device, self.plan = cfg, env, device, plan
-        model = build_model(cfg.model)
-        model.set_grad_checkpointing(cfg.engine.checkpoint_group)
+class DDPEngine(EngineBase):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg, env, device, plan = self.cfg, self.env, self.device, self.plan
+        model = self.build_model()
         if cfg.engine.sync_bn and env.distributed:
             if device.type != "cuda":
                 raise ConfigError(
@@ -58,8 +36,7 @@ class DDPEngine:
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-        self.module = model.to(device, memory_format=memory_format)
-        self.num_params = count_params(self.module)
+        self.set_module(model.to(device, memory_format=memory_format))
         self.ddp: DDP | None = None
         if env.distributed:
             self.ddp = DDP(
@@ -78,21 +55,8 @@ class DDPEngine:
         # progressive resizing's few sizes each get a static graph instead of one with
         # symbolic sizes after the second
         self.model = torch.compile(wrapped, dynamic=False) if cfg.engine.compile else wrapped
-
-        self.lr = scaled_lr(cfg, plan)
-        self.optimizer = build_optimizer(self.module, cfg.optim, device, lr=self.lr)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs
-        )
-        self.amp_dtype = resolve_precision(cfg.train.precision, device)
+        self.optimizer, self.scheduler = self.build_optimizer(self.module)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    last_grad_norm: torch.Tensor | None = None
 
     def train_step(self, micro_batches: list[Batch], grad_norm: bool = False) -> torch.Tensor:
         """One optimizer step over k micro-batches; returns the mean loss (detached, on device).
@@ -108,12 +72,7 @@ class DDPEngine:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast():
                     logits = self.model(images)
-                loss = (
-                    F.cross_entropy(
-                        logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
-                    )
-                    / k
-                )
+                loss = self.loss(logits, labels) / k
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.last_grad_norm = None
@@ -131,16 +90,33 @@ class DDPEngine:
         self.scheduler.step()
         return total
 
-    @torch.no_grad()
-    def sync_buffers(self) -> None:
-        """Average BN running statistics over ranks (timm's distribute_bn), so evaluation and
-        the saved weights see one model, not one per rank. DDP's per-forward broadcast of rank
-        0's buffers would otherwise leave each rank with stats from its own last batch."""
-        if self.ddp is not None:
-            average_buffers(self.module, self.env.world_size)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def current_lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    # -- checkpoints: DCP, resharded on load for any world size ----------------------------
+    def checkpoint_info(self) -> dict:
+        return {"format": "dcp"}
+
+    def _tensors(self) -> dict[str, Any]:
+        """Model and optimizer state as DCP sees them (canonical parameter names)."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def save_tensors(self, directory: Path, group: Any, async_save: bool) -> Future | None:
+        if self.ddp is not None:
+            # DDP broadcasts rank 0's BN buffers at every forward, so rank 0's are the ones
+            # that count; make every rank hold them, so whichever rank writes a replicated
+            # tensor writes those.
+            for buf in self.module.buffers():
+                dist.broadcast(buf, src=0)
+        return dcp.save_tensors(self._tensors(), directory, group, async_save)
+
+    def load_tensors(self, directory: Path, meta: dict) -> None:
+        tensors = self._tensors()
+        dcp.load_tensors(directory, tensors)
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=tensors["model"],
+            optim_state_dict=tensors["optim"],
+        )

@@ -17,20 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from distres.checkpoint.store import CheckpointError
 from distres.config import BatchPlan, Config, ConfigError
-from distres.data.batch import Batch
-from distres.dist import DistEnv, average_buffers
-from distres.engine.ddp import resolve_precision, scaled_lr
-from distres.models import build_model
-from distres.models.resnet import count_params
-from distres.optim import build_optimizer, build_scheduler
+from distres.data.api import Batch
+from distres.dist import export_ranks
+from distres.engine.base import EngineBase
 
 TAG = "deepspeed"  # the tag directory inside a distres checkpoint
 
@@ -95,13 +91,32 @@ def checkpoint_files(directory: Path, zero_stage: int, world_size: int) -> list[
     return files
 
 
-def consolidated_weights(directory: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+def validate_tensors(path: Path, meta: dict) -> None:
+    """The files DeepSpeed needs are there (it reads them itself, through safe_loading)."""
+    stage = meta["tensors"].get("zero_stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise CheckpointError(f"{path / 'meta.json'}: zero_stage={stage!r}")
+    for f in checkpoint_files(path, stage, meta["layout"]["world_size"]):
+        if not f.is_file() or f.stat().st_size == 0:
+            raise CheckpointError(f"{f}: missing or empty")
+
+
+def consolidated_weights(
+    directory: Path, meta: dict, model: Any = None, trust: bool = False
+) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO checkpoint, gathered in this process by DeepSpeed's own
     zero_to_fp32, through the safe loader unless trusted."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with safe_loading(trust):
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    try:
+        with safe_loading(trust):
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    except UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from None
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{directory}: DeepSpeed cannot consolidate it ({type(e).__name__}: {e})"
+        ) from None
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, amp_dtype: torch.dtype | None) -> dict:
@@ -161,52 +176,26 @@ def _merge(ours: dict, theirs: dict, path: str, where: dict, prefix: str = "") -
     return merged
 
 
-class DeepSpeedEngine:
-    checkpoint_format = "deepspeed"
-
-    def __init__(
-        self,
-        cfg: Config,
-        env: DistEnv,
-        device: torch.device,
-        plan: BatchPlan,
-        steps_per_epoch: int,
-    ):
+class DeepSpeedEngine(EngineBase):
+    def __init__(self, *args, **kwargs):
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown ours
-
-        self.cfg, self.env, self.device, self.plan = cfg, env, device, plan
-        model = build_model(cfg.model)
-        model.set_grad_checkpointing(cfg.engine.checkpoint_group)
+        super().__init__(*args, **kwargs)
+        cfg, env, device, plan = self.cfg, self.env, self.device, self.plan
         # NOTE: the weights stay in contiguous (NCHW) memory: DeepSpeed views every parameter as
         # bytes to broadcast and flatten it. Inputs still arrive channels_last, and convolution
         # picks the channels_last kernels when its input is channels_last.
-        model = model.to(device)
-        self.num_params = count_params(model)
-        self.lr = scaled_lr(cfg, plan)
-        optimizer = build_optimizer(model, cfg.optim, device, lr=self.lr)
-        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-        self.amp_dtype = resolve_precision(cfg.train.precision, device)
+        model = self.build_model().to(device)
+        optimizer, scheduler = self.build_optimizer(model)
         self.ds_config = deepspeed_config(cfg, plan, self.amp_dtype)
         if cfg.checkpoint.async_save:
             raise ConfigError(
                 "checkpoint.async_save=true with engine.name=deepspeed: DeepSpeed writes its "
                 "checkpoints synchronously here; set checkpoint.async_save=false"
             )
-        # DeepSpeed reads the ranks from the environment; under srun or in one process
-        # nobody exported them (distres.dist read them from Slurm's variables or defaults).
-        for key, value in (
-            ("LOCAL_RANK", env.local_rank),
-            ("RANK", env.rank),
-            ("WORLD_SIZE", env.world_size),
-        ):
-            os.environ.setdefault(key, str(value))
-        if device.type == "cuda":
-            # DeepSpeed picks its GPU by LOCAL_RANK; with one visible GPU per task that index
-            # is not this process's device (distres.dist.pick_device chose it).
-            os.environ["LOCAL_RANK"] = str(device.index)
+        export_ranks(env, device)  # DeepSpeed reads its ranks from the environment
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -214,11 +203,8 @@ class DeepSpeedEngine:
             config=self.ds_config,
             dist_init_required=False,
         )
-        self.module = self.ds.module
-        self.model = self.ds
-        self.ddp = None
+        self.set_module(self.ds.module)
         # DeepSpeed owns loss scaling (fp16) and converts the model to bf16/fp16 itself.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.input_dtype = {torch.bfloat16: torch.bfloat16, torch.float16: torch.half}.get(
             self.amp_dtype, torch.float32
         )
@@ -238,23 +224,13 @@ class DeepSpeedEngine:
         k = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for images, labels in micro_batches:
-            logits = self.forward(images)
-            loss = F.cross_entropy(
-                logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
-            )
+            loss = self.loss(self.forward(images), labels)
             self.ds.backward(loss)
             self.ds.step()
             total += loss.detach() / k
         # DeepSpeed computes the global norm itself when it clips (None otherwise)
         self.last_grad_norm = self.ds.get_global_grad_norm() if grad_norm else None
         return total
-
-    @torch.no_grad()
-    def sync_buffers(self) -> None:
-        """Average BN running statistics over ranks (DeepSpeed never broadcasts buffers after
-        the start), as the DDP engine does before evaluation and saving."""
-        if self.env.distributed:
-            average_buffers(self.module, self.env.world_size)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (a collective under ZeRO-3, whose
@@ -266,23 +242,22 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
             return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
-    def current_lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    # -- checkpoints: DeepSpeed's own files under deepspeed/ -------------------------------
+    def checkpoint_info(self) -> dict:
+        return {"format": "deepspeed", "zero_stage": self.cfg.engine.zero_stage}
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, directory: Path, client_state: dict) -> None:
+    def save_tensors(self, directory: Path, group: Any, async_save: bool) -> None:
         """A collective: every rank writes its ZeRO partition (one file per rank)."""
         self.sync_buffers()
-        self.ds.save_checkpoint(
-            str(directory), tag=TAG, client_state=client_state, save_latest=False
-        )
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
-    def load_checkpoint(self, directory: Path, meta: dict) -> None:
-        if meta["world_size"] != self.env.world_size and self.cfg.engine.zero_stage > 0:
+    def load_tensors(self, directory: Path, meta: dict) -> None:
+        saved_world = meta["layout"]["world_size"]
+        if saved_world != self.env.world_size and self.cfg.engine.zero_stage > 0:
             raise ConfigError(
                 f"checkpoint {directory} holds ZeRO-{self.cfg.engine.zero_stage} optimizer "
-                f"partitions of {meta['world_size']} rank(s); this run has "
-                f"{self.env.world_size}. Resume on {meta['world_size']} rank(s), or convert it "
+                f"partitions of {saved_world} rank(s); this run has "
+                f"{self.env.world_size}. Resume on {saved_world} rank(s), or convert it "
                 "for any world size with DeepSpeed's tool: python -m "
                 f"deepspeed.checkpoint.ds_to_universal --input_folder {directory / TAG} "
                 f"--output_folder {directory / 'universal'}, then load that with "
@@ -297,8 +272,6 @@ class DeepSpeedEngine:
                     load_lr_scheduler_states=True,
                 )
         except UntrustedCheckpoint as e:
-            from distres.checkpoint import CheckpointError
-
             raise CheckpointError(str(e)) from None
         if path is None:
             raise ConfigError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")

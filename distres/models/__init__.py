@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from distres.config import ModelConfig
     from distres.models.resnet import ResNet
 
-__all__ = ["ARCHS", "ResNet", "build_model", "count_params", "create_model"]
+__all__ = ["ARCHS", "ResNet", "build_model", "count_params"]
 
 
 def build_model(cfg: ModelConfig) -> ResNet:
@@ -31,9 +31,7 @@ def build_model(cfg: ModelConfig) -> ResNet:
 
 
 def __getattr__(name: str) -> Any:
-    # NOTE: `resnet` is the submodule's name, so the builder function is exported as
-    # create_model (timm's name for the same thing).
-    lazy = {"ResNet": "ResNet", "count_params": "count_params", "create_model": "resnet"}
+    lazy = {"ResNet": "ResNet", "count_params": "count_params"}
     if name in lazy:
         return getattr(importlib.import_module("distres.models.resnet"), lazy[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

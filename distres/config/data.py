@@ -1,0 +1,150 @@
+"""The data section: which shards, which backend, and how images become batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distres.config.base import ConfigError, _at_least, _choice, _in_range, doc
+
+
+@dataclass
+class DataConfig:
+    dataset: str = doc(
+        "auto",
+        "digits (built in, written to cache_dir once) | shards | auto (shards when "
+        "train_shards or val_shards is set, else digits)",
+    )
+    train_shards: Any = doc(
+        "",
+        "train shards: a directory (with or without manifest.json), a manifest, one .tar, a "
+        "brace pattern (train-{000000..001023}.tar), or a list of these (YAML list or '::')",
+    )
+    val_shards: Any = doc("", "validation shards, given as train_shards")
+    verify_checksums: bool = doc(
+        False, "check each shard against its manifest's sha256 when first read"
+    )
+    cache_dir: str = doc(
+        "", "where built-in datasets are written; empty: $DISTRES_CACHE or ~/.cache/distres"
+    )
+    backend: str = doc(
+        "auto",
+        "input pipeline: dali | torch (webdataset + torchvision v2) | "
+        "auto (dali wherever it imports)",
+    )
+    dali_threads: int = doc(0, "dali: CPU threads per pipeline; 0: torch's thread count")
+    on_bad_sample: str = doc(
+        "error",
+        "error: stop every rank with the shard and key | skip: "
+        "report, count (data/skipped in metrics) and go on",
+    )
+    image_size: int = doc(32, "training crop size (pixels, square); also the val crop")
+    progressive_min_size: int = doc(
+        0,
+        "progressive resizing (FFCV): train at this size first, growing to image_size over "
+        "progressive_epochs; 0: off",
+    )
+    progressive_epochs: list[int] = doc(
+        [0, 0], "progressive resizing: [first, last] epoch of the linear ramp"
+    )
+    progressive_step: int = doc(
+        32, "progressive resizing: sizes are multiples of this (few shapes for cuDNN/compile)"
+    )
+    val_resize: int = doc(
+        0,
+        "val: resize the shorter side to this, then center-crop "
+        "image_size; 0 means round(image_size * 8/7), or none for digits",
+    )
+    random_resized_crop: bool = doc(False, "train: RandomResizedCrop (ImageNet recipe)")
+    rrc_min_scale: float = doc(0.08, "train: smallest area fraction RandomResizedCrop takes")
+    crop_padding: int = doc(
+        2,
+        "train: random crop after padding by this many pixels (0: off; "
+        "ignored with random_resized_crop)",
+    )
+    hflip: bool = doc(False, "train: random horizontal flip (off for digits: a 2 is not a 5)")
+    mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel mean for normalisation (0-1)")
+    std: list[float] = doc([0.229, 0.224, 0.225], "per-channel std for normalisation (0-1)")
+    shuffle_buffer: int = doc(2048, "train: samples in the in-memory shuffle buffer")
+    num_workers: int = doc(
+        0, "DataLoader worker processes per rank (0: decode in the main process)"
+    )
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("auto", "digits", "shards"))
+        for key in ("train_shards", "val_shards"):
+            setattr(self, key, _shard_spec(f"data.{key}", getattr(self, key)))
+        if self.dataset == "digits" and (self.train_shards or self.val_shards):
+            key = "train_shards" if self.train_shards else "val_shards"
+            raise ConfigError(
+                f"data.{key}={getattr(self, key)!r} has no effect with data.dataset=digits; "
+                "set data.dataset=shards (or auto), or drop the shard setting"
+            )
+        _choice("data.backend", self.backend, ("auto", "dali", "torch"))
+        _at_least("data.dali_threads", self.dali_threads, 0)
+        _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
+        _at_least("data.image_size", self.image_size, 8)
+        _at_least("data.val_resize", self.val_resize, 0)
+        if self.val_resize and self.val_resize < self.image_size:
+            raise ConfigError(
+                f"data.val_resize={self.val_resize}: must be 0 or >= data.image_size="
+                f"{self.image_size} (the center crop is taken from the resized image)"
+            )
+        _in_range("data.rrc_min_scale", self.rrc_min_scale, 0.01, 1.0)
+        _at_least("data.crop_padding", self.crop_padding, 0)
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if self.progressive_min_size:
+            _in_range("data.progressive_min_size", self.progressive_min_size, 8, self.image_size)
+            _at_least("data.progressive_step", self.progressive_step, 1)
+            ramp = self.progressive_epochs
+            if len(ramp) != 2 or not 0 <= ramp[0] < ramp[1]:
+                raise ConfigError(
+                    f"data.progressive_epochs={list(ramp)}: expected [first, last] with "
+                    "0 <= first < last"
+                )
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, 3):
+                raise ConfigError(f"data.{key}={getattr(self, key)}: needs 1 or 3 values")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std={self.std}: every value must be > 0")
+        if self.source == "shards":
+            for key in ("train_shards", "val_shards"):
+                if not getattr(self, key):
+                    raise ConfigError(f"data.{key} is empty: data.dataset=shards needs a path")
+
+    @property
+    def source(self) -> str:
+        """The dataset in effect: shards when asked for, or (auto) when a shard path is set."""
+        if self.dataset != "auto":
+            return self.dataset
+        return "shards" if self.train_shards or self.val_shards else "digits"
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop size in `epoch` (0-based): progressive_min_size up to
+        progressive_epochs[0], a linear ramp to image_size at progressive_epochs[1], rounded to
+        a multiple of progressive_step (FFCV's schedule)."""
+        if not self.progressive_min_size:
+            return self.image_size
+        lo, hi = self.progressive_min_size, self.image_size
+        first, last = self.progressive_epochs
+        t = min(1.0, max(0.0, (epoch - first) / (last - first)))
+        size = round((lo + t * (hi - lo)) / self.progressive_step) * self.progressive_step
+        return min(hi, max(lo, size))
+
+
+def _shard_spec(key: str, value: Any) -> str | list[str]:
+    """A shard setting as given: one string (maybe '::'-joined) or a list of strings."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(f"{key}={value!r}: expected a path, a pattern or a list of them")
+
+
+def shard_specs(value: str | list[str]) -> list[str]:
+    """The shard sources of a setting: a list, or one string split at webdataset's '::'."""
+    items = value if isinstance(value, list) else str(value).split("::")
+    return [v.strip() for v in items if v.strip()]

@@ -1,0 +1,115 @@
+"""The data contract both backends (torch_loader, dali) honour, and what they share.
+
+A loader yields `Batch`es: images N x C x H x W on the model's device (channels_last strides
+when asked for), labels int64. Every rank gets the same number of batches per epoch. Its
+position is a JSON-able state_dict, restored exactly on the same world size; on another
+world size `resume_from_ranks` places it from all old ranks' states.
+
+A sample that cannot be used is a `DataError` naming its shard and key; `BadSamples` applies
+`data.on_bad_sample` to it: raise it ("error"), or report it and count it ("skip").
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from distres.data.shardset import ShardSet
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    """N x C x H x W float on the model's device, channels_last strides when asked for."""
+    labels: torch.Tensor
+    """N int64 class indices on the model's device."""
+
+
+class DataError(RuntimeError):
+    """A sample that cannot be used; the message names the shard and the key."""
+
+
+class Loader(Protocol):
+    """What the trainer and evaluation need of an input pipeline."""
+
+    shards: ShardSet
+    skipped: int  # bad samples reported and left out so far (data.on_bad_sample=skip)
+
+    def __len__(self) -> int: ...  # batches per epoch, the same on every rank
+    def __iter__(self) -> Iterator[Batch]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def num_samples(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def resume_from_ranks(
+        self, epoch: int, states: list[dict], micro_batch: int, world_size: int
+    ) -> int: ...
+
+
+class BadSamples:
+    """data.on_bad_sample for one reader: raise the error, or report it and count it."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.count = skip, 0
+
+    def __call__(self, error: DataError, report: bool = True) -> None:
+        if not self.skip:
+            raise error
+        if report:  # where every rank sees the same bad sample, one reports and counts
+            logging.getLogger("distres.data").warning(f"skipped bad data: {error}")
+            self.count += 1
+
+    def take(self) -> int:
+        """The count since the last take (how a worker hands its count to the main process)."""
+        n, self.count = self.count, 0
+        return n
+
+
+def shard_order(shards: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Shard indices in this epoch's order; identical on every rank (seed and epoch shared)."""
+    order = list(range(len(shards.urls)))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def parse_label(raw: bytes, where: str, num_classes: int) -> int:
+    """A sample's .cls member (ASCII digits) as a class index; DataError naming `where`
+    (shard and key) when it is not one. Both backends use it, so their messages agree."""
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: .cls is not an integer: {raw[:20]!r}") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} outside [0, {num_classes})")
+    return label
+
+
+def position_problem(state: object) -> str | None:
+    """Why a loader's saved position (its state_dict) would not restore, or None."""
+    if not isinstance(state, dict):
+        return "not a mapping"
+    for key in ("epoch", "batches"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={value!r}"
+    dali_state = state.get("dali")
+    if dali_state is None:
+        return None
+    if not isinstance(dali_state, str):
+        return "the DALI position is not text"
+    import base64
+    import binascii
+
+    from distres.data.dali_index import checkpoint_problem
+
+    try:
+        raw = base64.b64decode(dali_state, validate=True)
+    except (binascii.Error, ValueError):
+        return "the DALI position is not base64"
+    return checkpoint_problem(raw)

@@ -1,0 +1,61 @@
+"""The torch backend's per-image work: JPEG decoding (torchcodec, or torchvision.io where
+torchcodec will not load) and the torchvision v2 train and validation transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+
+def _jpeg_decoder() -> Callable:
+    """torchcodec's decode_jpeg; torchvision.io's where torchcodec will not load.
+
+    torchcodec wheels are built against one torch release, so an image whose torch differs
+    (a cluster's own PyTorch container) cannot load them; torchvision.io's decoder (the same
+    libjpeg-turbo, deprecated from torchvision 0.29) keeps the backend working there.
+    """
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg
+    except (ImportError, OSError, RuntimeError):
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as tv_decode_jpeg
+
+        def decode(data: bytes, mode: str) -> torch.Tensor:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return tv_decode_jpeg(raw, mode=getattr(ImageReadMode, mode))
+
+        return decode
+
+
+decode_jpeg = _jpeg_decoder()
+
+
+def train_transform(
+    image_size: int,
+    random_resized_crop: bool,
+    rrc_min_scale: float,
+    crop_padding: int,
+    hflip: bool,
+) -> Callable:
+    if random_resized_crop:
+        ops = [v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True)]
+    else:
+        ops = [v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    # uint8 CHW tensor in, uint8 CHW out (torch's uint8 antialiased resize is the fast path)
+    return v2.Compose(ops)
+
+
+def val_transform(image_size: int, resize: int) -> Callable:
+    ops = [v2.Resize(resize, antialias=True)] if resize else []
+    transform = v2.Compose([*ops, v2.CenterCrop(image_size)])
+    # NOTE: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below
+    # the requested size, so a large val image headed for a `resize` short side decodes
+    # cheaper (used when the short side is at least twice that size).
+    transform.draft_size = resize or image_size
+    return transform

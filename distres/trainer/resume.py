@@ -1,0 +1,100 @@
+"""Which checkpoint a run continues from, whether it fits this run, and the batch plan that
+keeps its global batch on this world size."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from distres import checkpoint as ckpt
+from distres.config import BatchPlan, Config, ConfigError
+from distres.dist import DistEnv
+from distres.trainer.state import validate
+
+log = logging.getLogger("distres")
+
+# the tensor format each engine writes
+ENGINE_FORMATS = {"ddp": "dcp", "deepspeed": "deepspeed"}
+
+
+def find_checkpoint(cfg: Config, env: DistEnv, root: Path) -> tuple[Path, dict] | None:
+    """Rank 0 picks the checkpoint (warning about any it skips) and validates every part of
+    it; every rank gets its choice, so all load the same one."""
+    choice: list[Any] = [None]
+    if env.is_main and cfg.checkpoint.resume == "none":
+        if ckpt.committed(root):
+            choice = [
+                f"checkpoint.resume=none, but {root} holds checkpoints of an earlier run; set "
+                "another run.dir (or checkpoint.dir), or remove them"
+            ]
+    elif env.is_main:
+        try:
+            found = ckpt.find_resume(root, cfg.checkpoint.resume, validate)
+            choice = [(str(found[0]), found[1]) if found else None]
+        except ckpt.CheckpointError as e:
+            choice = [[str(e)]]
+    if env.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise ConfigError(choice[0])
+    if isinstance(choice[0], list):  # [message]: a checkpoint that cannot be used
+        raise ckpt.CheckpointError(choice[0][0])
+    if not choice[0]:
+        return None
+    path, meta = Path(choice[0][0]), choice[0][1]
+    check_compatible(cfg, path, meta)
+    return path, meta
+
+
+def check_compatible(cfg: Config, path: Path, meta: dict) -> None:
+    theirs, ours = meta["model"], dataclasses.asdict(cfg.model)
+    for key in ("name", "num_classes", "in_chans", "plain"):
+        if theirs.get(key) != ours[key]:
+            raise ConfigError(
+                f"checkpoint {path} holds model.{key}={theirs.get(key)!r}, this run has "
+                f"model.{key}={ours[key]!r}; resume with the same model, or set "
+                "checkpoint.resume=none (or another run.dir) to start fresh"
+            )
+    written_by = meta["tensors"].get("format")
+    if written_by != ENGINE_FORMATS[cfg.engine.name]:
+        raise ConfigError(
+            f"checkpoint {path} was written in the {written_by} format; this run has "
+            f"engine.name={cfg.engine.name}; resume with the same engine, or export the "
+            "weights (python -m distres.export) and start a new run"
+        )
+
+
+def replan(plan: BatchPlan, meta: dict) -> BatchPlan:
+    """Keep the checkpoint's global batch on this world size where it divides."""
+    saved = meta["layout"]["global_batch"]
+    if plan.global_batch == saved:
+        return plan
+    per_step = plan.micro_batch * plan.world_size
+    if saved % per_step == 0:
+        new = BatchPlan(plan.micro_batch, saved // per_step, plan.world_size)
+        log.info(
+            f"resuming a global batch of {saved} on {plan.world_size} rank(s): "
+            f"grad_accum {plan.grad_accum} -> {new.grad_accum}"
+        )
+        return new
+    log.warning(
+        f"WARNING: the checkpoint's global batch {saved} is not a multiple of "
+        f"train.batch_size={plan.micro_batch} x {plan.world_size} ranks; the global batch "
+        f"changes to {plan.global_batch} (LR and schedule follow this run's config)"
+    )
+    return plan
+
+
+def same_layout(meta: dict, env: DistEnv, plan: BatchPlan) -> bool:
+    """Written by this world size with this micro-batch and accumulation: every rank's own
+    parts (data position, RNG, loss window) restore exactly."""
+    layout = meta["layout"]
+    return (layout["world_size"], layout["micro_batch"], layout["grad_accum"]) == (
+        env.world_size,
+        plan.micro_batch,
+        plan.grad_accum,
+    )
