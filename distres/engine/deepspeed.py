@@ -274,4 +274,4 @@ class DeepSpeedEngine(EngineBase):
         except UntrustedCheckpoint as e:
             raise CheckpointError(str(e)) from None
         if path is None:
-            raise ConfigError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
+            raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
