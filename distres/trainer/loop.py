@@ -130,20 +130,17 @@ class Trainer:
                 with self.window.paused():
                     self.validate()
                 check = True  # an early-stop decision travels through the consensus
-        reason = self.agree() if check else None
+        reason = None
+        if check:
+            # one all-reduce: the stop flags, and whether any rank's async write still runs
+            reason = self.consensus.agree(busy=self.checkpoints.busy())
+            if not self.consensus.peers_busy:
+                self.checkpoints.commit()  # every rank's part is on disk
         if reason is None and last:
             reason = "completed"
         if reason is None and self.checkpoint_due(epoch_end):
             with self.window.paused():
                 self.save_checkpoint()
-        return reason
-
-    def agree(self) -> str | None:
-        """The stop consensus; it also says whether every rank's async checkpoint write has
-        finished, and then the write is committed."""
-        reason = self.consensus.agree(busy=self.checkpoints.busy())
-        if not self.consensus.peers_busy:
-            self.checkpoints.commit()
         return reason
 
     def checkpoint_due(self, epoch_end: bool) -> bool:
