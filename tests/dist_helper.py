@@ -33,7 +33,8 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def mode_train(out: Path, overrides: list[str]) -> int:
-    from distres import loop, train
+    from distres import train
+    from distres.trainer import loop
 
     env = read_env()
     (out / f"pid.{env.rank}").write_text(str(os.getpid()))
@@ -47,7 +48,7 @@ def mode_train(out: Path, overrides: list[str]) -> int:
 
             def step(micro_batches, **kwargs):
                 loss = real_step(micro_batches, **kwargs)
-                if self.env.rank == int(fault_rank) and self.step + 1 == int(fault_step):
+                if self.env.rank == int(fault_rank) and self.state.step + 1 == int(fault_step):
                     return loss * float("nan")
                 return loss
 
@@ -59,8 +60,8 @@ def mode_train(out: Path, overrides: list[str]) -> int:
     captured = {}
     original_fit = loop.Trainer.fit
 
-    def fit(self):
-        summary = original_fit(self)
+    def fit(self, resume_from=None):
+        summary = original_fit(self, resume_from)
         captured["hash"] = weights_hash(self.engine.module)
         return summary
 
