@@ -146,7 +146,7 @@ class FakeEngine:
         )
 
 
-def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
+def make_trainer(run_dir: Path, *overrides: str, checkpoints: bool = True) -> Trainer:
     cfg = load_config(
         None,
         [
@@ -189,6 +189,8 @@ def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
         window=window,
         data=data,
     )
+    if not checkpoints:
+        return trainer  # built without a store: checkpoints off
     store = CheckpointStore(
         run_dir / "checkpoints",
         rank=0,
@@ -260,6 +262,12 @@ def test_a_format_1_checkpoint_still_resumes(tmp_path):
     part.fit((path, read))
     for k, v in whole.engine.module.state_dict().items():
         assert torch.equal(v, part.engine.module.state_dict()[k]), k
+
+
+def test_a_trainer_without_checkpoints_trains_and_writes_none(tmp_path):
+    trainer = make_trainer(tmp_path, checkpoints=False)
+    assert trainer.fit()["steps"] == 15
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_manager_refuses_a_part_without_a_check(tmp_path):

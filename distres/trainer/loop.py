@@ -59,7 +59,11 @@ class Trainer:
     state: TrainState
     window: LossWindow
     data: DataPosition
-    checkpoints: CheckpointManager | None = None
+    checkpoints: CheckpointManager | None = None  # None: checkpoints off
+
+    def __post_init__(self) -> None:
+        if self.checkpoints is None:
+            self.attach_checkpoints(None)
 
     def fit(self, resume_from: tuple[Path, dict] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
