@@ -134,4 +134,6 @@ def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | N
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from distres.log import exit_process
+
+    exit_process(main())

@@ -112,4 +112,6 @@ def _is_main() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distres.log import exit_process
+
+    exit_process(main())

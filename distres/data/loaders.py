@@ -7,11 +7,9 @@ import os
 import torch
 
 from distres.config import Config
-from distres.data.dali import DaliLoader
+from distres.data.api import Loader
 from distres.data.datasets import digits
 from distres.data.shardset import ShardSet, read_shard_set
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import train_transform, val_transform
 
 
 def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
@@ -53,7 +51,10 @@ def host_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -
 
 def build_loaders(
     cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1
-) -> tuple[ShardLoader | DaliLoader, ShardLoader | DaliLoader]:
+) -> tuple[Loader, Loader]:
+    """The (train, val) loaders of the backend the config resolves to. Each backend is
+    imported only when chosen: torchvision's import (which pulls in torch._dynamo) costs
+    2-3 s of CPU per rank and run that a DALI run does not need, and the reverse for DALI."""
     train_set, val_set = resolve_shard_sets(cfg)
     d = cfg.data
     common = dict(
@@ -70,6 +71,7 @@ def build_loaders(
         verify=d.verify_checksums,
     )
     if resolve_backend(d.backend) == "dali":
+        from distres.data.dali import DaliLoader
         from distres.precision import input_dtype, resolve_precision
 
         out_dtype = input_dtype(device, resolve_precision(cfg.train.precision, device))
@@ -93,6 +95,9 @@ def build_loaders(
         )
         val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
         return train, val
+    from distres.data.torch_loader import ShardLoader
+    from distres.data.transforms import train_transform, val_transform
+
     common["num_workers"] = d.num_workers
 
     def transform_at(epoch: int):  # the epoch's size: image_size unless progressive resizing
