@@ -186,7 +186,8 @@ class Tracker:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint a run resumes from), so the
-        file reads as one uninterrupted history."""
+        train and eval records read as one uninterrupted history; a "resume" record then marks
+        where it continued."""
         if not self.enabled:
             return
         self._metrics.close()
@@ -233,8 +234,8 @@ class Tracker:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if self.wandb is not None:
-            self.wandb.log(record)
+        if self.wandb is not None and record.get("event") in ("train", "eval"):
+            self.wandb.log(record)  # a resume record is history, not a metric
         if record.get("event") == "train":
             stats = (
                 f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "

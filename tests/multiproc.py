@@ -95,9 +95,23 @@ def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 3
     return reached
 
 
+def all_records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
 def records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines if x]
+    """The train and eval history, without the fields that follow the wall clock: equal for
+    an interrupted and resumed run and one never interrupted."""
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in all_records(run_dir)
+        if r["event"] != "resume"
+    ]
+
+
+def resumes(run_dir: Path) -> list[dict]:
+    """The run's resume records: where each attempt after the first continued."""
+    return [r for r in all_records(run_dir) if r["event"] == "resume"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

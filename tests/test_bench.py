@@ -3,6 +3,7 @@ themselves are recorded in docs/performance.md, never asserted as timings)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,6 +21,7 @@ def bench(script: str, *args: str, timeout: float = 300) -> str:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout, installed or not
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -54,3 +56,12 @@ def test_torch_loader_probe_prints_every_stage():
     names = [line.split("  ")[0].strip() for line in out.splitlines()[1:]]
     assert names[0] == "decode x1" and any(n.startswith("loader pinned") for n in names), out
     assert all(float(line.split()[-7]) > 0 for line in out.splitlines()[1:]), out
+
+
+def test_startup_prints_each_phase_and_the_imports():
+    out = bench("startup.py", "--repeats", "1")
+    phases = dict(
+        re.findall(r"^  (start to first log line|final line to exit)\s+([0-9.]+)", out, re.M)
+    )
+    assert len(phases) == 2 and all(float(v) > 0 for v in phases.values()), out
+    assert re.search(r"^  torch\s+[0-9.]+$", out, re.M), out

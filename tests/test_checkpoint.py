@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from multiproc import assert_same_weights, kill_at_step, records, train
+from multiproc import assert_same_weights, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
@@ -52,8 +52,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(uninterrupted, tmp_path, mode, t
     assert latest is not None and latest[1]["step"] <= reached
     proc = train(2, tmp_path, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {latest[0]}: step {latest[1]['step']}" in proc.stderr, (
-        f"killed at step {reached}: {proc.stderr[-2000:]}"
+    (resumed,) = resumes(tmp_path)
+    assert (resumed["checkpoint"], resumed["step"]) == (str(latest[0]), latest[1]["step"]), (
+        f"killed at step {reached}"
     )
     assert_same_weights(uninterrupted, tmp_path)
     # The history reads as one run: records past the checkpoint were dropped on resume, and
@@ -72,22 +73,32 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous(uninterrupted,
     assert (root / "latest").read_text().strip() == "step-00000006"
     proc = train(2, tmp_path, *BASE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "step-00000006: step 6" in proc.stderr
+    (resumed,) = resumes(tmp_path)
+    assert resumed["checkpoint"] == str(root / "step-00000006") and resumed["step"] == 6
     assert not (root / ".tmp-step-00000009").exists()  # the partial write was cleaned up
     assert_same_weights(uninterrupted, tmp_path)
 
 
+# Global batch 192 = 32 x 3 accum x 2 ranks; 6 accum on 1 rank, 2 on 3 ranks.
+WORLD = ["run.threads=1", "train.batch_size=32", "train.grad_accum=3", "tracking.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def four_steps_on_two_ranks(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-ranks")
+    proc = train(2, run_dir, *WORLD, "train.epochs=2", "train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.parametrize("world", [1, 3])
-def test_resume_on_another_world_size(tmp_path, world):
-    # Global batch 192 = 32 x 3 accum x 2 ranks; 6 accum on 1 rank, 2 on 3 ranks.
-    common = ["run.threads=1", "train.batch_size=32", "train.grad_accum=3", "tracking.log_every=1"]
-    proc = train(2, tmp_path, *common, "train.epochs=2", "train.max_steps=4")
+def test_resume_on_another_world_size(four_steps_on_two_ranks, tmp_path, world):
+    tmp_path = copy_of(four_steps_on_two_ranks, tmp_path)
+    proc = train(world, tmp_path, *WORLD, "train.epochs=2", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = train(world, tmp_path, *common, "train.epochs=2", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    accum = 192 // (32 * world)
-    assert f"grad_accum 3 -> {accum}" in proc.stderr
-    assert f"written by 2 rank(s), now {world}" in proc.stderr
+    (resumed,) = resumes(tmp_path)
+    assert resumed["step"] == 4
+    assert resumed["world_size"] == [2, world] and resumed["grad_accum"] == [3, 192 // (32 * world)]
     train_records = [r for r in records(tmp_path) if r["event"] == "train"]
     after = [r for r in train_records if r["step"] > 4]
     assert after[0]["samples"] == 5 * 192  # continues from the saved samples-seen count
@@ -107,9 +118,30 @@ def _short_run(run_dir: Path, *overrides: str):
     )
 
 
-def test_corrupt_latest_is_skipped_with_a_warning(tmp_path):
-    proc = _short_run(tmp_path, "checkpoint.keep_last=10")
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    """One epoch on one process, a checkpoint every 3 steps and the last 10 kept."""
+    run_dir = tmp_path_factory.mktemp("one-epoch")
+    proc = _short_run(run_dir, "checkpoint.keep_last=10")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("three-steps")
+    proc = _short_run(run_dir, "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A test's own copy of a shared run (it damages or continues it)."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def test_corrupt_latest_is_skipped_with_a_warning(one_epoch, tmp_path):
+    tmp_path = copy_of(one_epoch, tmp_path)
     root = tmp_path / "checkpoints"
     newest = ckpt.committed(root)[0]
     assert newest.name == "step-00000022"
@@ -117,20 +149,21 @@ def test_corrupt_latest_is_skipped_with_a_warning(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated, as by a full disk
     proc = _short_run(tmp_path, "train.epochs=2", "checkpoint.keep_last=10")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"skipping checkpoint: {shard}: truncated" in proc.stderr
-    assert "step-00000021: step 21" in proc.stderr
+    assert f"skipping checkpoint: {shard}: truncated" in proc.stderr  # the user's one warning
+    assert resumes(tmp_path)[-1]["checkpoint"] == str(root / "step-00000021")
 
 
-def test_resume_none_and_resume_path(tmp_path):
-    assert _short_run(tmp_path, "checkpoint.keep_last=10").returncode == 0
+def test_resume_none_and_resume_path(one_epoch, tmp_path):
+    tmp_path = copy_of(one_epoch, tmp_path)
     picked = tmp_path / "checkpoints" / "step-00000009"
     shutil.copytree(picked, tmp_path / "kept")
     proc = _short_run(tmp_path / "other", f"checkpoint.resume={tmp_path / 'kept'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"resumed from {tmp_path / 'kept'}: step 9" in proc.stderr
+    (resumed,) = resumes(tmp_path / "other")
+    assert resumed["checkpoint"] == str(tmp_path / "kept") and resumed["step"] == 9
     # none: a fresh start, which refuses to mix its checkpoints with an earlier run's
     fresh = _short_run(tmp_path / "fresh", "checkpoint.resume=none", "train.max_steps=2")
-    assert fresh.returncode == 0 and "resumed from" not in fresh.stderr
+    assert fresh.returncode == 0 and not resumes(tmp_path / "fresh")
     mixed = _short_run(tmp_path, "checkpoint.resume=none")
     assert mixed.returncode == 2 and "holds checkpoints of an earlier run" in mixed.stderr
     missing = _short_run(tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")
@@ -150,8 +183,8 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
     assert best["metric"] == pytest.approx(top1)
 
 
-def test_incompatible_resume_names_the_mismatch(tmp_path):
-    assert _short_run(tmp_path, "train.max_steps=3").returncode == 0
+def test_incompatible_resume_names_the_mismatch(three_steps, tmp_path):
+    tmp_path = copy_of(three_steps, tmp_path)
     proc = _short_run(tmp_path, "model.name=resnet32")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -194,8 +227,8 @@ class Boom:
         return (os.system, ("touch BOOM",))
 
 
-def test_untrusted_pickles_are_refused(tmp_path):
-    assert _short_run(tmp_path, "train.max_steps=3").returncode == 0
+def test_untrusted_pickles_are_refused(three_steps, tmp_path):
+    tmp_path = copy_of(three_steps, tmp_path)
     target = tmp_path / "checkpoints" / "step-00000003"
     (target / ".metadata").write_bytes(pickle.dumps(Boom()))
     proc = _short_run(tmp_path / "other", f"checkpoint.resume={target}")
@@ -237,6 +270,6 @@ def test_fast_recipe_pieces_resume_exactly(tmp_path, test_rng):
     kill_at_step(killed, test_rng.choice([14, 16, 19]), *recipe)
     proc = train(2, killed, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr
+    assert resumes(killed)
     assert_same_weights(whole, killed)
     assert records(killed) == records(whole)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from multiproc import kill_at_step, records, train
+from multiproc import kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
 from distres.config import ConfigError, load_config
@@ -29,10 +29,15 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records(run_dir) if r["event"] == "train"]
 
 
+# The default config (ResNet-20 on digits, SGD with warmup and cosine), shortened to 4 epochs:
+# 44 optimizer steps cover warmup, the cosine decay and 4 evaluations.
+DEFAULT_SHORT = [*FAST, "train.epochs=4"]
+
+
 @pytest.fixture(scope="module")
 def ddp_default(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp-default")
-    proc = train(2, run_dir, *FAST, timeout=600)
+    proc = train(2, run_dir, *DEFAULT_SHORT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -40,21 +45,26 @@ def ddp_default(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage):
     proc = train(
-        2, tmp_path, *FAST, "engine.name=deepspeed", f"engine.zero_stage={stage}", timeout=600
+        2,
+        tmp_path,
+        *DEFAULT_SHORT,
+        "engine.name=deepspeed",
+        f"engine.zero_stage={stage}",
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, ddp = train_losses(tmp_path), train_losses(ddp_default)
-    assert [s for s, _ in ours] == [s for s, _ in ddp] and len(ours) == 165
+    assert [s for s, _ in ours] == [s for s, _ in ddp] and len(ours) == 44
     # Tolerance: both engines all-reduce fp32 gradients and average them; with two ranks a
     # sum of two addends does not depend on the order, so the only freedom left is where the
-    # 1/world division happens (<= 1 ulp per step). 1e-4 relative over 165 SGD steps leaves
+    # 1/world division happens (<= 1 ulp per step). 1e-4 relative over 44 SGD steps leaves
     # room for that and nothing else; an accumulation or scaling bug is orders larger.
     for (step, a), (_, b) in zip(ours, ddp, strict=True):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}"
     s_ours = json.loads((tmp_path / "summary.json").read_text())
     s_ddp = json.loads((ddp_default / "summary.json").read_text())
     assert s_ours["final_val_top1"] == pytest.approx(s_ddp["final_val_top1"], abs=0.005)
-    assert s_ours["final_val_top1"] >= 0.98
+    assert s_ours["final_val_top1"] >= 0.9  # it learns (0.99 after the default 15 epochs)
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):
@@ -74,7 +84,8 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):
     )
     proc = train(2, part, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed_at = int(proc.stderr.split("resumed from ")[1].split(": step ")[1].split(",")[0])
+    (resumed,) = resumes(part)
+    resumed_at = resumed["step"]
     assert resumed_at <= reached
     want = {r["step"]: r for r in records(whole) if r["event"] == "train"}
     got = [r for r in records(part) if r["event"] == "train" and r["step"] > resumed_at]

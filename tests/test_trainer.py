@@ -231,6 +231,11 @@ def test_trainer_runs_in_process_and_resumes_mid_epoch_to_identical_state(tmp_pa
         return [tuple(r.get(k) for k in keys) for r in records if r["step"] > 12]
 
     assert after("part") == after("whole") and len(after("whole")) >= 3
+    # and the history says where it continued
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    (resumed,) = [r for r in map(json.loads, lines) if r["event"] == "resume"]
+    assert resumed["checkpoint"] == str(path) and (resumed["step"], resumed["epoch"]) == (12, 2)
+    assert resumed["world_size"] == [1, 1] and resumed["samples"] == 12 * BATCH
 
 
 def test_a_format_1_checkpoint_still_resumes(tmp_path):

@@ -1,10 +1,7 @@
 """The DALI input pipeline over WebDataset shards (`data.backend=dali`).
 
-`fn.readers.webdataset` reads the tars through their DALI index files. Decoding runs on the GPU
-("mixed": nvJPEG, the hardware decoder where there is one) or on the CPU when there is no GPU
-(`device_id=None`); the same graph either way, only the device names differ. Augmentation ends
-in `crop_mirror_normalize` with HWC layout, so the NCHW view the model gets has channels_last
-strides with no extra copy.
+`fn.readers.webdataset` reads the tars through their DALI index files; decoding and
+augmentation are `dali_graph.image_graph`, on the GPU or on the CPU (`device_id=None`).
 
 Epoch accounting is derived here, never configured: the pipeline is rebuilt each epoch with the
 shards in that epoch's order (a seed every rank shares; DALI's own shuffle only mixes within
@@ -18,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import math
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,14 +23,16 @@ import numpy as np
 import torch
 
 from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
-from distres.data.dali_index import IMAGE_EXTS, checked_indexes, first_undecodable
+from distres.data.dali_index import (
+    IMAGE_EXTS,
+    checked_indexes,
+    failure_cause,
+    first_undecodable,
+    unconsumed_indexes,
+)
 from distres.data.shardset import ShardSet
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
-
-
-def _first_line(e: BaseException) -> str:
-    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
 
 
 def dali_available() -> bool:
@@ -133,6 +131,8 @@ class DaliLoader:
     def _build(self, checkpoint: str | None = None):
         from nvidia.dali import fn, pipeline_def, types
 
+        from distres.data.dali_graph import image_graph
+
         gpu = self.device.type == "cuda"
         paths, index_paths = self._epoch_files()
         if self.verify:
@@ -165,45 +165,18 @@ class DaliLoader:
                 name="reader",
             )
             where = fn.get_property(jpegs, key="source_info")
-            decoder = "mixed" if gpu else "cpu"
-            if self.train and self.rrc:
-                images = fn.decoders.image_random_crop(
-                    jpegs,
-                    device=decoder,
-                    output_type=color,
-                    random_area=[self.rrc_min_scale, 1.0],
-                    random_aspect_ratio=[3 / 4, 4 / 3],
-                )
-                images = fn.resize(images, size=[size, size], antialias=True)
-            else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=color)
-                if self.train:
-                    # Random translation by up to crop_padding pixels, zero-filled: the
-                    # padded random crop of the CIFAR recipe.
-                    p = self.crop_padding
-                    start = fn.cast(
-                        fn.random.uniform(values=[float(v) for v in range(-p, p + 1)], shape=2),
-                        dtype=types.INT32,
-                    )
-                    images = fn.slice(
-                        images,
-                        start=start,
-                        shape=[size, size],
-                        axis_names="HW",
-                        out_of_bounds_policy="pad",
-                        fill_values=0,
-                    )
-                elif self.val_resize:
-                    images = fn.resize(images, resize_shorter=self.val_resize, antialias=True)
-            mirror = fn.random.coin_flip() if self.train and self.hflip else 0
-            images = fn.crop_mirror_normalize(
-                images,
-                crop=[size, size],
-                out_of_bounds_policy="pad",
-                mirror=mirror,
+            images = image_graph(
+                jpegs,
+                decoder="mixed" if gpu else "cpu",
+                color=color,
+                train=self.train,
+                size=size,
+                rrc_min_scale=self.rrc_min_scale if self.rrc else None,
+                crop_padding=self.crop_padding,
+                hflip=self.hflip,
+                val_resize=self.val_resize,
                 mean=self.mean,
                 std=self.std,
-                output_layout="HWC",
                 dtype=dtype,
             )
             return images, labels, where
@@ -216,8 +189,9 @@ class DaliLoader:
             pipe = pipeline(checkpoint=checkpoint)
             pipe.build()
         except RuntimeError as e:
+            first = next((x.strip() for x in str(e).splitlines() if x.strip()), "RuntimeError")
             raise DataError(
-                f"rank {self.rank}'s saved DALI position does not restore ({_first_line(e)}); "
+                f"rank {self.rank}'s saved DALI position does not restore ({first}); "
                 "resume from another checkpoint (checkpoint.resume=PATH)"
             ) from None
         return pipe
@@ -285,18 +259,10 @@ class DaliLoader:
         try:
             return pipe.outputs()
         except RuntimeError as e:
-            # DALI names the operator, and the file when it knows it: keep its own line about
-            # the data, and the shard.
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            cause = next(
-                (x for x in lines if any(w in x for w in ("Malformed", "outside", ".tar"))),
-                next((x for x in lines if "failure" in x or "rror:" in x), lines[-1]),
-            )
-            named = re.search(r"(/[^\s'\"]+\.tar)", str(e))
+            cause, named = failure_cause(e)
             where = (
-                named.group(1)
-                if named
-                else self._undecodable_near()
+                named
+                or self._undecodable_near()
                 or (
                     f"{self.shards.root} (no sample near batch {self._done} fails to decode on "
                     "the CPU)"
@@ -407,23 +373,11 @@ class DaliLoader:
             start, end = n * r // world_size, n * (r + 1) // world_size
             consumed.append((start, min(end, start + state["batches"] * micro_batch)))
         self._subset_dir = tempfile.TemporaryDirectory(prefix="distres-resume-idx-")
-        out = Path(self._subset_dir.name)
-        paths, index_paths, pos, total = [], [], 0, 0
-        for i in order:
-            url = self.shards.urls[i]
-            header, *lines = Path(self.index_paths[i]).read_text().splitlines()
-            keep = [
-                line
-                for j, line in enumerate(lines)
-                if not any(a <= pos + j < b for a, b in consumed)
-            ]
-            pos += len(lines)
-            if keep:
-                index = out / f"{i:06d}.idx"
-                index.write_text(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
-                paths.append(url)
-                index_paths.append(str(index))
-                total += len(keep)
+        urls = [self.shards.urls[i] for i in order]
+        indexes = [self.index_paths[i] for i in order]
+        paths, index_paths, total = unconsumed_indexes(
+            urls, indexes, consumed, Path(self._subset_dir.name)
+        )
         self._subset = (epoch, paths, index_paths, total)
         self._resume, self._next = None, None
         return len(self)

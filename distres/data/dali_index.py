@@ -5,6 +5,7 @@ C++ on what it cannot read), and the search for the image a failed batch could n
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,3 +159,37 @@ def first_undecodable(urls: list[str], indexes: list[str], lo: int, hi: int) -> 
                     key = image[3].rsplit(".", 1)[0]
                     return f"{url}: sample {key!r}: cannot decode image ({type(e).__name__})"
     return None
+
+
+def unconsumed_indexes(
+    urls: list[str], indexes: list[str], consumed: list[tuple[int, int]], out: Path
+) -> tuple[list[str], list[str], int]:
+    """Index files under `out` listing only the samples outside the `consumed` [start, end)
+    ranges of the sequence the shards make in this order: (shards, their new index files,
+    samples left). A shard with nothing left is dropped."""
+    paths, index_paths, pos, total = [], [], 0, 0
+    for i, (url, index_path) in enumerate(zip(urls, indexes, strict=True)):
+        header, *lines = Path(index_path).read_text().splitlines()
+        keep = [
+            line for j, line in enumerate(lines) if not any(a <= pos + j < b for a, b in consumed)
+        ]
+        pos += len(lines)
+        if keep:
+            index = out / f"{i:06d}.idx"
+            index.write_text(f"{header.split()[0]} {len(keep)}\n" + "\n".join(keep) + "\n")
+            paths.append(url)
+            index_paths.append(str(index))
+            total += len(keep)
+    return paths, index_paths, total
+
+
+def failure_cause(e: BaseException) -> tuple[str, str | None]:
+    """DALI's line about the data in one of its errors (it names the operator, and the file
+    when it knows it), and the shard it names, if any."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    cause = next(
+        (x for x in lines if any(w in x for w in ("Malformed", "outside", ".tar"))),
+        next((x for x in lines if "failure" in x or "rror:" in x), lines[-1]),
+    )
+    named = re.search(r"(/[^\s'\"]+\.tar)", str(e))
+    return cause, named.group(1) if named else None

@@ -47,15 +47,14 @@ from distres.data.imagefolder import (
     _encode_item,
     list_source,
 )
+from distres.data.shard_index import make_index
 from distres.data.shardset import (
-    FORMAT,
     MANIFEST,
     ShardError,
     ShardSet,
     read_shard_set,
-    scan_tar,
     sha256_file,
-    write_dali_index,
+    write_manifest,
 )
 
 __all__ = ["MANIFEST", "ShardError", "ShardSet", "build_shard_set", "read_shard_set"]
@@ -63,12 +62,6 @@ __all__ = ["MANIFEST", "ShardError", "ShardSet", "build_shard_set", "read_shard_
 # Per member: a pax extended header (512 + 512), the member's own header (512) and up to 511
 # bytes of padding; a shard closes before the next sample could cross --shard-size.
 TAR_HEADER = 2048
-
-
-def make_index(tar_path: Path) -> str | None:
-    """Write DALI's index beside a shard with DALI's own tool; None where DALI is absent."""
-    idx_path = tar_path.with_suffix(".idx")
-    return idx_path.name if write_dali_index(tar_path, idx_path) else None
 
 
 def _closed_size(offset: int) -> int:
@@ -135,24 +128,6 @@ class ShardWriter:
         if self.on_shard is not None:
             self.on_shard(entry)
         return entry
-
-
-def write_manifest(
-    out: Path, prefix: str, classes: dict[str, int], shards: list[dict], skipped: list[dict] = ()
-) -> dict:
-    manifest = {
-        "format": FORMAT,
-        "prefix": prefix,
-        "num_samples": sum(s["samples"] for s in shards),
-        "num_skipped": len(skipped),
-        "classes": classes,
-        "shards": shards,
-        "skipped": list(skipped),
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / MANIFEST)
-    return manifest
 
 
 def write_shards(
@@ -315,64 +290,12 @@ class _progress:
             self.bar.stop()
 
 
-def index_shards(spec: str, out: Path | None = None, force: bool = False) -> dict:
-    """Write manifest.json (counts, class map, checksums) and a DALI index beside each tar of
-    existing shards, without rewriting them: shards from webdataset's ShardWriter or `tar`."""
-    from distres.config import shard_specs
-    from distres.data.shardset import _expand_tars
-
-    tars = [t for item in shard_specs(spec) for t in _expand_tars(item)]
-    root = out or Path(os.path.commonpath([str(t.resolve().parent) for t in tars]))
-    if (root / MANIFEST).is_file() and not force:
-        raise ShardError(f"{root / MANIFEST}: already there; pass --force to replace it")
-    entries, max_label = [], -1
-    for tar in tars:
-        scan = scan_tar(tar)
-        max_label = max(max_label, scan["max_label"])
-        entries.append(
-            {
-                "name": os.path.relpath(tar.resolve(), root.resolve()),
-                "samples": scan["samples"],
-                "bytes": tar.stat().st_size,
-                "sha256": sha256_file(tar),
-                "index": (
-                    os.path.relpath(tar.with_suffix(".idx").resolve(), root.resolve())
-                    if make_index(tar)
-                    else None
-                ),
-            }
-        )
-    classes = {str(i): i for i in range(max_label + 1)}
-    root.mkdir(parents=True, exist_ok=True)
-    return write_manifest(root, Path(entries[0]["name"]).stem.rsplit("-", 1)[0], classes, entries)
-
-
-def _index_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m distres.data.shards index",
-        description="Index existing WebDataset shards in place: manifest.json and DALI index "
-        "files beside them (the tars are not rewritten).",
-    )
-    parser.add_argument("shards", help="a directory of tars, a brace pattern, or a tar")
-    parser.add_argument("--out", help="where manifest.json goes (default: the tars' directory)")
-    parser.add_argument("--force", action="store_true", help="replace an existing manifest")
-    args = parser.parse_args(argv)
-    try:
-        manifest = index_shards(args.shards, Path(args.out) if args.out else None, args.force)
-    except (ShardError, OSError) as e:
-        print(f"distres.data.shards index: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
-        f"{len(manifest['classes'])} classes -> manifest.json"
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["index"]:
-        return _index_main(argv[1:])
+        from distres.data.shard_index import index_main
+
+        return index_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m distres.data.shards",
         description="Write an ImageFolder tree or a path,label list as WebDataset shards with "

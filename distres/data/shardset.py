@@ -131,7 +131,7 @@ def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
                 index = shard.get("index")
                 indexes.append(str(manifest.parent / index) if index else None)
             continue
-        for tar in _expand_tars(item):
+        for tar in expand_tars(item):
             roots.append(tar.parent)
             listed = _listed_in_manifest(tar, manifests)
             if listed is not None:
@@ -192,7 +192,7 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _expand_tars(item: str) -> list[Path]:
+def expand_tars(item: str) -> list[Path]:
     """The tars a directory, a brace pattern or a file name stands for, each one present."""
     import braceexpand
 
@@ -309,3 +309,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def write_manifest(
+    out: Path, prefix: str, classes: dict[str, int], shards: list[dict], skipped: list[dict] = ()
+) -> dict:
+    """Write <out>/manifest.json atomically (the writer tool and `shards index` both end here)."""
+    manifest = {
+        "format": FORMAT,
+        "prefix": prefix,
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_skipped": len(skipped),
+        "classes": classes,
+        "shards": shards,
+        "skipped": list(skipped),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / MANIFEST)
+    return manifest

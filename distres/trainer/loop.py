@@ -295,13 +295,25 @@ class Trainer:
 
     def restore(self, path: Path, meta: dict) -> None:
         self.checkpoints.load(path, meta, self.env.rank, same_layout(meta, self.env, self.plan))
-        s = self.state
+        s, layout = self.state, meta["layout"]
         if self.env.is_main:
             self.tracker.truncate_after(s.step)
+        # The history says where it resumed: [before, now] where the layout changed.
+        self.tracker.log(
+            {
+                "event": "resume",
+                "step": s.step,
+                "epoch": s.epoch,
+                "samples": s.samples_seen,
+                "checkpoint": str(path),
+                "world_size": [layout["world_size"], self.env.world_size],
+                "grad_accum": [layout["grad_accum"], self.plan.grad_accum],
+            }
+        )
         log.info(
             f"resumed from {path}: step {s.step}, epoch {s.epoch + 1} "
             f"(step {s.epoch_step} of {self.steps_per_epoch}), {s.samples_seen} samples "
-            f"seen; written by {meta['layout']['world_size']} rank(s), now {self.env.world_size}"
+            f"seen; written by {layout['world_size']} rank(s), now {self.env.world_size}"
         )
 
     # -- records --------------------------------------------------------------------------
