@@ -17,6 +17,11 @@ from safetensors.torch import load_file
 
 TIMING = {"img_per_s", "step_time_s", "data_wait_frac"}  # fields that follow the wall clock
 
+# Digits at 16 px (random-resized crops; validation resized to 16): a third of the default's
+# compute per step. For tests of mechanisms (resume, signals, consensus, checkpoints), where
+# the steps only have to be real steps; tests about accuracy keep the default's 32 px.
+SMALL = ["data.image_size=16", "data.val_resize=16", "data.random_resized_crop=true"]
+
 
 def torchrun_cmd(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
     return [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from multiproc import assert_same_weights, kill_at_step, records, resumes, train
+from multiproc import SMALL, assert_same_weights, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 # 2 ranks x 64 of the 1,436 digits: 11 steps per epoch, 22 in all.
 BASE = [
+    *SMALL,
     "run.threads=1",
     "run.deterministic=true",
     "train.epochs=2",
@@ -251,7 +252,7 @@ def test_fast_recipe_pieces_resume_exactly(tmp_path, test_rng):
     and progressive resizing (16 px in epoch 0, 32 in epoch 1): a run SIGKILLed in the second
     epoch resumes at the right size and ends bitwise equal to one never interrupted."""
     recipe = [
-        *BASE,
+        *(o for o in BASE if o not in SMALL),  # its own sizes: 16 px, then 32
         "optim.name=lars",
         "optim.lr=1.0",
         "optim.schedule=poly",

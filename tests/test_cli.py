@@ -12,6 +12,7 @@ import torch
 import torchvision
 import yaml
 from conftest import REPO, run_cli
+from multiproc import SMALL
 
 from distres.export import load_weights
 
@@ -81,6 +82,7 @@ def test_early_stop_ends_the_run_with_its_reason(tmp_path):
     run_dir = tmp_path / "run"
     # An improvement must beat 2.0 in top-1: impossible, so it stops after `patience` evals.
     proc = run_cli(
+        *SMALL,
         "train.epochs=10",
         "early_stop.patience=2",
         "early_stop.min_delta=2.0",

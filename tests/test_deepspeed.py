@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
-from multiproc import kill_at_step, records, resumes, train
+from multiproc import SMALL, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
 from distres.config import ConfigError, load_config
@@ -70,6 +70,7 @@ def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage)
 def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):
     overrides = [
         *FAST,
+        *SMALL,
         "engine.name=deepspeed",
         "engine.zero_stage=2",
         "train.epochs=2",

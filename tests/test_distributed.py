@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from multiproc import SMALL
 
 from distres.config import ConfigError, load_config, plan_batch
 from distres.dist import DistEnv, first_host, read_env
 
 HELPER = str(REPO / "tests" / "dist_helper.py")
-FAST = ["run.threads=1", "tracking.log_every=2"]
+FAST = [*SMALL, "run.threads=1", "tracking.log_every=2"]
 
 
 def torchrun(

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import slurm_cluster
 from conftest import REPO
-from multiproc import resumes
+from multiproc import SMALL, resumes
 
 # a real Slurm cluster
 pytestmark = pytest.mark.slow
 
 SBATCH = REPO / "slurm" / "train.sbatch"
-TINY = ["run.threads=1", "tracking.log_every=1"]
+TINY = [*SMALL, "run.threads=1", "tracking.log_every=1"]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run_cli
-from multiproc import train
+from multiproc import SMALL, train
 from PIL import Image
 
 # real W&B (offline) runs under torchrun
@@ -57,7 +57,9 @@ def history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("wandb-2rank")
-    proc = train(2, run_dir, "run.threads=1", "train.epochs=2", "tracking.log_every=5", **NO_KEY)
+    proc = train(
+        2, run_dir, *SMALL, "run.threads=1", "train.epochs=2", "tracking.log_every=5", **NO_KEY
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -120,7 +122,13 @@ def test_plots_and_report(two_rank_run):
 
 
 def test_a_resumed_job_continues_the_same_wandb_run(tmp_path):
-    common = [f"run.dir={tmp_path}", "run.threads=1", "train.epochs=2", "tracking.log_every=2"]
+    common = [
+        f"run.dir={tmp_path}",
+        *SMALL,
+        "run.threads=1",
+        "train.epochs=2",
+        "tracking.log_every=2",
+    ]
     first = subprocess.run(
         [sys.executable, "-m", "distres.train", *common, "train.max_steps=6"],
         cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=300,
