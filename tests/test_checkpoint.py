@@ -109,9 +109,10 @@ def test_resume_on_another_world_size(four_steps_on_two_ranks, tmp_path, world):
     assert summary["steps"] == 14  # 7 steps per epoch on every world size here
 
 
-def _short_run(run_dir: Path, *overrides: str):
+def _short_run(run_dir: Path, *overrides: str, small: bool = True):
     return run_cli(
         f"run.dir={run_dir}",
+        *(SMALL if small else ()),
         "run.threads=1",
         "train.epochs=1",
         "checkpoint.every_steps=3",
@@ -210,6 +211,7 @@ def test_export_of_an_imagenet_variant_loads_into_torchvision(tmp_path):
         "data.image_size=64",
         "train.batch_size=16",
         "train.max_steps=2",
+        small=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "export" / "resnet18.safetensors"
