@@ -120,21 +120,23 @@ def _short_run(run_dir: Path, *overrides: str, small: bool = True):
     )
 
 
+def _shared_run(factory, name: str, *overrides: str) -> Path:
+    """A short run that several tests start from (each on its own copy, see copy_of)."""
+    run_dir = factory.mktemp(name)
+    proc = _short_run(run_dir, *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory) -> Path:
     """One epoch on one process, a checkpoint every 3 steps and the last 10 kept."""
-    run_dir = tmp_path_factory.mktemp("one-epoch")
-    proc = _short_run(run_dir, "checkpoint.keep_last=10")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir
+    return _shared_run(tmp_path_factory, "one-epoch", "checkpoint.keep_last=10")
 
 
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("three-steps")
-    proc = _short_run(run_dir, "train.max_steps=3")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir
+    return _shared_run(tmp_path_factory, "three-steps", "train.max_steps=3")
 
 
 def copy_of(run_dir: Path, tmp_path: Path) -> Path:

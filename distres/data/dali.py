@@ -28,6 +28,7 @@ from distres.data.dali_index import (
     checked_indexes,
     failure_cause,
     first_undecodable,
+    sample_where,
     unconsumed_indexes,
 )
 from distres.data.shardset import ShardSet
@@ -344,13 +345,7 @@ class DaliLoader:
         return Batch(x, y.to(self.device, non_blocking=True))
 
     def _label(self, raw, where) -> int:
-        return parse_label(bytes(np.asarray(raw)), self._where(where), self.num_classes)
-
-    @staticmethod
-    def _where(where) -> str:
-        # source_info is "<tar path>:<offset>:<member name>"
-        path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
-        return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
+        return parse_label(bytes(np.asarray(raw)), sample_where(where), self.num_classes)
 
     def resume_from_ranks(
         self, epoch: int, states: list[dict], micro_batch: int, world_size: int

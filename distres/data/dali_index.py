@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from distres.data.api import DataError
 from distres.data.shardset import ShardSet
 
@@ -193,3 +195,9 @@ def failure_cause(e: BaseException) -> tuple[str, str | None]:
     )
     named = re.search(r"(/[^\s'\"]+\.tar)", str(e))
     return cause, named.group(1) if named else None
+
+
+def sample_where(where) -> str:
+    """`<shard>: sample 'key'` from DALI's source_info ("<tar path>:<offset>:<member name>")."""
+    path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
+    return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
