@@ -65,3 +65,11 @@ def test_startup_prints_each_phase_and_the_imports():
     )
     assert len(phases) == 2 and all(float(v) > 0 for v in phases.values()), out
     assert re.search(r"^  torch\s+[0-9.]+$", out, re.M), out
+
+
+def test_gpu_decode_prints_the_cpu_rows_and_skips_the_gpu_ones_without_cuda(tmp_path):
+    out = bench("gpu_decode.py", "--data-dir", str(tmp_path), "--images", "24")
+    ms = re.findall(r"^cpu .*?([0-9.]+) ms/image$", out, re.M)
+    assert len(ms) == 4 and all(float(v) > 0 for v in ms), out
+    assert len(list((tmp_path / "src").glob("*/*.jpg"))) == 24  # the photos it decoded
+    assert "no CUDA device: the GPU rows were skipped" in out, out
