@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import threading
-from typing import NoReturn
 
 
 class _Stderr(logging.StreamHandler):
@@ -45,7 +44,7 @@ def setup_logging(main: bool = True) -> None:
     logging.getLogger("distres.data").setLevel(logging.INFO)
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int) -> None:
     """Leave a command whose outputs are all written, without Python's module teardown.
 
     Tearing down torch's module graph at interpreter exit costs 1-2 s of CPU per process, on
@@ -53,7 +52,17 @@ def exit_process(code: int) -> NoReturn:
     that matters is done here: a live non-daemon thread means a normal exit (which waits for
     it); otherwise the atexit handlers run (logging, W&B, multiprocessing's children) and
     stdio is flushed before the process ends.
+
+    In a multiprocessing child (`torchrun --run-path`, whose workers run the script as a
+    function and report its return to the agent) a success returns and a failure raises
+    SystemExit: ending the process here would leave the agent waiting for that return.
     """
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        if code:
+            sys.exit(code)
+        return
     main = threading.main_thread()
     if any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)

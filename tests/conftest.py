@@ -35,16 +35,28 @@ def digits_dirs(data_cache) -> tuple[Path, Path]:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 300, module: str = "distres.train"
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    module: str = "distres.train",
+    fresh: bool = False,
 ):
-    """Run `python -m <module> args...` as a user would; returns the CompletedProcess."""
+    """Run `python -m <module> args...` as a user would; returns the CompletedProcess.
+
+    The command runs in a process forked from one with torch already imported (see
+    launcher.py); fresh=True starts a new interpreter instead."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}  # this checkout
+    if not fresh:
+        from launcher import run_module
+
+        return run_module(module, list(args), cwd=cwd or REPO, env=env, timeout=timeout)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},  # this checkout
+        env=env,
     )
 
 

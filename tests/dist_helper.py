@@ -129,6 +129,6 @@ def mode_eval(out: Path, overrides: list[str]) -> int:
 if __name__ == "__main__":
     mode, out_dir, *rest = sys.argv[1:]
     torch.set_num_threads(1)
-    sys.exit(
-        {"train": mode_train, "accum": mode_accum, "eval": mode_eval}[mode](Path(out_dir), rest)
-    )
+    code = {"train": mode_train, "accum": mode_accum, "eval": mode_eval}[mode](Path(out_dir), rest)
+    if code:  # a success returns: under `torchrun --run-path` the agent waits for the return
+        sys.exit(code)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import webdataset as wds
-from conftest import REPO, run_cli
+from conftest import run_cli
+from multiproc import train
 from PIL import Image
 
 from distres.data.api import DataError
@@ -206,25 +204,12 @@ def test_skip_runs_to_completion_and_reports_the_count(tmp_path):
 
 @pytest.mark.slow
 def test_error_stops_every_rank_without_a_hang(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "distres.train",
+    proc = train(
+        2,
+        tmp_path / "run",
         *_bad_shard_set(tmp_path),
         "data.on_bad_sample=error",
-        f"run.dir={tmp_path / 'run'}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=240,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode != 0
     assert "sample 'broken': cannot decode" in proc.stdout + proc.stderr

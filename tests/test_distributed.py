@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from launcher import run_module
 from multiproc import SMALL
 
 from distres.config import ConfigError, load_config, plan_batch
@@ -50,9 +51,9 @@ def torchrun(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     if not wait:
         return start(cmd, full_env)
-    return subprocess.run(
-        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    # the agent forked with torch imported, the ranks forked from it (multiproc.torchrun_args)
+    fast = [*cmd[3:5], "--run-path", "--start-method=fork", *cmd[5:]]
+    return run_module("torch.distributed.run", fast, cwd=REPO, env=full_env, timeout=timeout)
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:

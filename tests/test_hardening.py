@@ -308,7 +308,8 @@ def test_predict_refuses_bad_weights_and_python_yaml_tags(trained, tmp_path):
 @pytest.mark.slow
 def test_final_weights_are_byte_identical_across_processes(trained, tmp_path):
     """safetensors writes its metadata from a hash map seeded per process: save the same
-    tensors in 10 processes and compare the bytes."""
+    tensors in 4 new interpreters and compare the bytes (5 metadata keys: an unordered
+    writer gives 4 equal files with odds of 1 in 120^3)."""
     script = (
         "import sys; from safetensors.torch import load_file; "
         "from distres.export import write_safetensors; "
@@ -322,10 +323,10 @@ def test_final_weights_are_byte_identical_across_processes(trained, tmp_path):
             [sys.executable, "-c", script, str(source), str(tmp_path / f"{i}.safetensors")],
             cwd=REPO,
         )
-        for i in range(10)
+        for i in range(4)
     ]
-    assert [p.wait(timeout=300) for p in procs] == [0] * 10
-    blobs = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(10)}
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    blobs = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}
     assert len(blobs) == 1
     from safetensors.torch import load_file
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run_cli
+from launcher import run_module
 from multiproc import SMALL, train
 from PIL import Image
 
@@ -129,15 +130,11 @@ def test_a_resumed_job_continues_the_same_wandb_run(tmp_path):
         "train.epochs=2",
         "tracking.log_every=2",
     ]
-    first = subprocess.run(
-        [sys.executable, "-m", "distres.train", *common, "train.max_steps=6"],
-        cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    first = run_module(
+        "distres.train", [*common, "train.max_steps=6"], cwd=REPO, env=wandb_env(), timeout=300
+    )
     assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run(
-        [sys.executable, "-m", "distres.train", *common],
-        cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    second = run_module("distres.train", common, cwd=REPO, env=wandb_env(), timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     runs = offline_runs(tmp_path)
     assert len(runs) == 2
@@ -162,7 +159,7 @@ def test_evaluate_reproduces_the_recorded_top1(two_rank_run):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "distres.evaluate", "--checkpoint", str(checkpoint), "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = run_module("torch.distributed.run", cmd[3:], cwd=REPO, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     line = next(x for x in two.stdout.splitlines() if x.startswith("{"))
     assert json.loads(line)["val/top1"] == summary["final_val_top1"]
