@@ -17,9 +17,11 @@ of an uncaught exception as Python prints it) uses `run_cli(..., fresh=True)`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing as mp
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,10 +63,14 @@ def _server():
 
 
 def _run_as_main(module: str, argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
-    """In the forked child: become `python -m module argv...` and exit with its status."""
+    """In the forked child: become `python -m module argv...` (or `python module argv...` for
+    a path ending in .py) and exit with its status."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # multiprocessing set this process's default start method to the server's (forkserver):
+    # back to the platform's default, as in a new interpreter (DataLoader workers use it)
+    mp.set_start_method(None, force=True)
     if env.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when torch loaded, in the server
         import torch
 
@@ -80,7 +86,11 @@ def _run_as_main(module: str, argv: list[str], cwd: str, env: dict, out: str, er
     sys.modules.pop(module, None)
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module.endswith(".py"):  # a script: `python path/to/script.py argv...`
+            sys.path.insert(0, os.path.dirname(os.path.abspath(module)))
+            runpy.run_path(module, run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -96,6 +106,28 @@ def _run_as_main(module: str, argv: list[str], cwd: str, env: dict, out: str, er
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (torchrun starts its workers in their own sessions, so killing
+    the agent's process group would leave them running)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process below it, the leaves first."""
+    for child in children(pid):
+        kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def start_module(module: str, args: list[str], *, cwd: Path, env: dict, out: str, err: str):
@@ -115,7 +147,7 @@ def run_module(module: str, args: list[str], *, cwd: Path, env: dict, timeout: f
         proc = start_module(module, args, cwd=cwd, env=env, out=out, err=err)
         proc.join(timeout)
         if proc.exitcode is None:
-            proc.kill()
+            kill_tree(proc.pid)  # torchrun's ranks too: they would outlive their agent
             proc.join(30)
             raise subprocess.TimeoutExpired([module, *args], timeout)
         read = lambda p: Path(p).read_text() if os.path.exists(p) else ""  # noqa: E731

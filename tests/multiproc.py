@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from conftest import REPO
-from launcher import run_module, start_module
+from launcher import children, kill_tree, run_module, start_module
 from safetensors.torch import load_file
 
 TIMING = {"img_per_s", "step_time_s", "data_wait_frac"}  # fields that follow the wall clock
@@ -59,20 +59,6 @@ def train(
     )
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of pid (torchrun starts its workers in their own sessions, so killing
-    the agent's process group would leave them running)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 300) -> int:
     """Launch 2 ranks and SIGKILL the agent and every worker once rank 0 has logged step
     `target` and a checkpoint has been committed; the step reached when the kill landed.
@@ -100,8 +86,7 @@ def kill_at_step(run_dir: Path, target: int, *overrides: str, timeout: float = 3
             time.sleep(0.005)
     finally:
         if proc.is_alive():
-            for pid in [*children(proc.pid), proc.pid]:
-                os.kill(pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.join(timeout=30)
     assert reached >= target, f"the run ended (rc {proc.exitcode}) before step {target}"
     return reached

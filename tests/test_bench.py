@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO
+from launcher import run_module
 
 pytestmark = pytest.mark.slow
 
 
 def bench(script: str, *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *args],
+    """`python bench/SCRIPT args...`, forked with torch imported (launcher.py)."""
+    proc = run_module(
+        str(REPO / "bench" / script),
+        list(args),
         cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout, installed or not
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

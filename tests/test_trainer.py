@@ -334,3 +334,24 @@ def test_fit_returns_the_summary_in_a_plain_python_process(tmp_path):
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stop_reason"] == "completed"
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def _exit_with(code: int, marker: str) -> None:
+    from distres.log import exit_process
+
+    exit_process(code)
+    Path(marker).write_text("returned")  # what the caller does next: report to its parent
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_process_leaves_a_multiprocessing_child_to_its_parent(tmp_path, code):
+    """Under `torchrun --run-path` a rank is a multiprocessing child whose parent waits for the
+    function's return: a success returns, a failure exits with its code."""
+    import multiprocessing
+
+    marker = tmp_path / "marker"
+    proc = multiprocessing.get_context("fork").Process(target=_exit_with, args=(code, str(marker)))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == code
+    assert marker.exists() == (code == 0)
