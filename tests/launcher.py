@@ -47,7 +47,7 @@ PRELOAD = [
     "distres.data.torch_loader",
     "distres.evaluate",
     "distres.checkpoint",
-    "torch.distributed.run",  # torchrun's agent: the workers it starts are new interpreters
+    "torch.distributed.run",  # torchrun's agent; the ranks it forks (--run-path) start here too
 ]
 
 _context = None
