@@ -22,21 +22,19 @@ TIMING = {"img_per_s", "step_time_s", "data_wait_frac"}  # fields that follow th
 SMALL = ["data.image_size=16", "data.val_resize=16", "data.random_resized_crop=true"]
 
 
-def torchrun_args(nproc: int, run_dir: Path, *overrides: str, fresh: bool = False) -> list[str]:
-    """`python -m torch.distributed.run ARGS`: nproc ranks of distres.train.
+# torchrun's own options to fork each rank from its agent, which the tests start with torch
+# already imported (launcher.py): a rank starts in a fraction of a second instead of ~6 s of
+# imports. The wrappers, Slurm and DeepSpeed tests launch `-m distres.train` as users do.
+FORKED_RANKS = ["--run-path", "--start-method=fork"]
 
-    By default the ranks are forked from torchrun's agent (`--run-path` with `--start-method
-    fork`, both torchrun's own options), which the tests start with torch already imported
-    (launcher.py): a rank then starts in a fraction of a second instead of ~6 s of imports.
-    fresh=True starts them as users do, `-m distres.train` in new interpreters."""
-    if fresh:
-        entry = ["-m", "distres.train"]
-    else:
-        entry = ["--run-path", "--start-method=fork", str(REPO / "distres" / "train.py")]
+
+def torchrun_args(nproc: int, run_dir: Path, *overrides: str) -> list[str]:
+    """`python -m torch.distributed.run ARGS`: nproc forked ranks of distres/train.py."""
     return [
         "--standalone",
         f"--nproc_per_node={nproc}",
-        *entry,
+        *FORKED_RANKS,
+        str(REPO / "distres" / "train.py"),
         f"run.dir={run_dir}",
         *overrides,
     ]
@@ -46,13 +44,11 @@ def env_with(**extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
 
 
-def train(
-    nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, fresh: bool = False, **env
-):
+def train(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, **env):
     """torchrun of distres.train (see torchrun_args); the CompletedProcess."""
     return run_module(
         "torch.distributed.run",
-        torchrun_args(nproc, run_dir, *overrides, fresh=fresh),
+        torchrun_args(nproc, run_dir, *overrides),
         cwd=REPO,
         env=env_with(**env),
         timeout=timeout,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO
 from launcher import run_module
-from multiproc import SMALL
+from multiproc import FORKED_RANKS, SMALL
 
 from distres.config import ConfigError, load_config, plan_batch
 from distres.dist import DistEnv, first_host, read_env
@@ -51,9 +51,9 @@ def torchrun(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     if not wait:
         return start(cmd, full_env)
-    # the agent forked with torch imported, the ranks forked from it (multiproc.torchrun_args)
-    fast = [*cmd[3:5], "--run-path", "--start-method=fork", *cmd[5:]]
-    return run_module("torch.distributed.run", fast, cwd=REPO, env=full_env, timeout=timeout)
+    # the agent forked with torch imported, the ranks forked from it (multiproc.FORKED_RANKS)
+    args = [*cmd[3:5], *FORKED_RANKS, *cmd[5:]]  # torchrun's options, then the script's
+    return run_module("torch.distributed.run", args, cwd=REPO, env=full_env, timeout=timeout)
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
