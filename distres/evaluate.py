@@ -34,8 +34,10 @@ def evaluate(
     input_dtype: cast the images first (a DeepSpeed bf16/fp16 module holds half weights)."""
     was_training = model.training
     model.eval()
-    # loss sum, top-1 hits, top-5 hits, samples: accumulated on the device, one sync at the end.
+    # loss sum, top-1 hits, top-5 hits: accumulated on the device, one sync at the end; the
+    # sample count on the host (a device tensor made from it per batch would be a host copy)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    count = 0
     for images, labels in batches:
         if input_dtype is not None:
             images = images.to(input_dtype)
@@ -43,14 +45,9 @@ def evaluate(
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top1, top5 = topk_correct(logits, labels)
-        sums += torch.stack(
-            [
-                loss.double(),
-                top1.double(),
-                top5.double(),
-                torch.tensor(len(labels), dtype=torch.float64, device=device),
-            ]
-        )
+        sums[:3] += torch.stack([loss.double(), top1.double(), top5.double()])
+        count += len(labels)
+    sums[3] = float(count)  # a scalar fill, no copy
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)
@@ -127,9 +124,11 @@ def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | N
         model = build_model(model_cfg)
         model.load_state_dict(weights)
         model = model.to(device, memory_format=torch.channels_last)
-        _, val = build_loaders(cfg, device, env.rank, env.world_size)
+        train, val = build_loaders(cfg, device, env.rank, env.world_size, env.local_world_size)
+        train.close()
         amp = resolve_precision(cfg.train.precision, device)
         metrics = evaluate(model, val, device, lambda: autocast(device, amp))
+        val.close()
     return metrics if env.is_main else None
 
 

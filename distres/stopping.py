@@ -103,14 +103,13 @@ class StopConsensus:
         `busy` rides along: this rank's async checkpoint write is still running. After the
         call, peers_busy says whether any rank's was, so a commit waits for none of them.
         """
-        flags = torch.stack(
-            [
-                self.non_finite,
-                torch.tensor(float(self.signal is not None), device=self.device),
-                torch.tensor(float(self.early_stop), device=self.device),
-                torch.tensor(float(busy), device=self.device),
-            ]
-        )
+        # Host values go in as scalar fills (kernel arguments): torch.tensor(x, device=cuda)
+        # would be a blocking copy from pageable memory (pytorch issue 120996).
+        flags = torch.empty(4, device=self.device)
+        flags[0] = self.non_finite
+        flags[1] = float(self.signal is not None)
+        flags[2] = float(self.early_stop)
+        flags[3] = float(busy)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         *stops, busy_anywhere = flags.tolist()

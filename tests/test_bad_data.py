@@ -213,3 +213,18 @@ def test_error_stops_every_rank_without_a_hang(tmp_path):
     )
     assert proc.returncode != 0
     assert "sample 'broken': cannot decode" in proc.stdout + proc.stderr
+
+
+def test_a_worker_error_leaves_no_worker_behind(corrupt_jpeg):
+    """The error is raised in a DataLoader worker; its traceback (kept here by pytest.raises)
+    must not keep the worker alive: workers ignore SIGTERM, so the interpreter's exit, which
+    joins its children, would wait for it forever."""
+    import multiprocessing as mp
+
+    before = set(mp.active_children())
+    ld = loader(corrupt_jpeg, "error")
+    ld.num_workers = 1
+    with pytest.raises(DataError, match="broken") as caught:
+        list(ld)
+    assert caught.value is not None
+    assert set(mp.active_children()) <= before

@@ -43,6 +43,10 @@ BAD = [
     (["train.global_batch=128", "train.grad_accum=2"], ["train.grad_accum", "global_batch"]),
     (["engine.zero_stage=2"], ["engine.zero_stage", "engine.name=deepspeed"]),
     (["engine.compile=true", "engine.sync_bn=true"], ["engine.compile", "engine.sync_bn"]),
+    (["engine.compile_mode=reduce-overhead"], ["engine.compile_mode", "engine.compile=true"]),
+    (["engine.compile=true", "engine.compile_mode=fast"], ["engine.compile_mode", "fast"]),
+    (["data.decode=nvjpeg"], ["data.decode", "nvjpeg"]),
+    (["data.backend=dali", "data.decode=cpu"], ["data.decode=cpu", "torch backend"]),
 ]
 
 

@@ -13,6 +13,8 @@ from distres.config import load_config
 from distres.data import build_loaders
 from distres.data.dali import DaliLoader, dali_available
 
+types = pytest.importorskip("nvidia.dali.types")
+
 pytestmark = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 
 
@@ -300,3 +302,103 @@ def test_progressive_resizing_changes_the_training_size_per_epoch(backend):
         assert batches[0].images.is_contiguous(memory_format=torch.channels_last)
     assert sizes == [16, 16, 24, 32]
     assert next(iter(val)).images.shape[-1] == 32
+
+
+def _ops(pipe) -> dict[str, dict[str, str]]:
+    """Every operator of a defined (not built) pipeline: schema name -> {argument: value},
+    plus its output device, read from DALI's own OpSpec."""
+    pipe._build_graph()
+    ops, todo, seen = {}, list(pipe._graph_outputs), set()
+    while todo:
+        node = todo.pop()
+        op = node.source
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        lines = repr(op.spec).splitlines()
+        name = lines[0].removeprefix("OpSpec for ").rstrip(":")
+        args = dict(x.strip().split(": ", 1) for x in lines if x.startswith("    ") and ": " in x)
+        ops[name] = {**args, "output_device": node.device}
+        todo.extend(op.inputs)
+    return ops
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_gpu_graph_as_defined(train, monkeypatch):
+    """The graph a GPU run builds, inspected on this CPU machine without building it: the
+    mixed (nvJPEG) decoder with NVIDIA's ImageNet settings, the images leave on the GPU in
+    fp16, and the pipeline gets the threads dali_threads gives it, not torchrun's
+    OMP_NUM_THREADS=1."""
+    from distres.data.loaders import dali_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as under torchrun
+    cfg = load_config(None, ["data.backend=dali", "train.precision=bf16",
+                             "data.random_resized_crop=true", "data.hflip=true"])  # fmt: skip
+    train_l, val_l = build_loaders(cfg, torch.device("cpu"))
+    loader = train_l if train else val_l
+    loader.device = torch.device("cuda", 0)
+    loader.out_dtype = torch.float16
+    pipe = loader._pipeline()
+    assert pipe.device_id == 0
+    assert pipe.num_threads == loader.threads == dali_threads(0) >= 1
+    ops = _ops(pipe)
+    decoder = ops["decoders__ImageRandomCrop" if train else "decoders__Image"]
+    assert decoder["device"] == "mixed" and decoder["output_device"] == "gpu"
+    assert float(decoder["hw_decoder_load"]) == pytest.approx(0.99)
+    assert int(decoder["preallocate_width_hint"]) == 5980
+    normalize = ops["CropMirrorNormalize"]
+    assert normalize["output_device"] == "gpu" and normalize["output_layout"] == "HWC"
+    assert int(normalize["dtype"]) == int(types.FLOAT16)
+
+
+def test_dali_threads_follow_the_affinity_mask(monkeypatch):
+    from distres.data import loaders as mod
+
+    monkeypatch.setattr(mod.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert mod.dali_threads(0, 1) == 16
+    assert mod.dali_threads(0, 8) == 2  # unbound ranks share the node's cores
+    monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: {4, 5, 6})
+    assert mod.dali_threads(0, 8) == 3  # a bound rank has its own cores
+    assert mod.dali_threads(5, 8) == 5  # data.dali_threads wins
+
+
+def test_no_pipeline_is_prefetched_past_the_last_epoch():
+    train, _ = loaders("dali", "train.epochs=2")
+    train.set_epoch(0)
+    list(train)
+    assert train._next is not None and train._next[0] == 1  # the next epoch, prefetching
+    train.set_epoch(1)
+    list(train)
+    assert train._next is None  # epoch 2 does not exist
+    train.close()
+    assert train._pipe is None and len(train._held) == 0
+
+
+def test_held_outputs_wait_for_the_consumer_and_the_stream():
+    """The zero-copy GPU hand-over's bookkeeping (HeldOutputs), with a stand-in for the
+    CUDA event: a buffer is let go only once no view of it is alive and the event recorded
+    after that has passed."""
+    from distres.data.batch import HeldOutputs
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    events = []
+    held = HeldOutputs(event=lambda: events.append(Event()) or events[-1])
+    first = torch.zeros(4, 3)
+    view = first[:2].t()  # what the consumer holds (a micro-batch kept for accumulation)
+    held.add("dali-0", first)
+    del first
+    held.add("dali-1", torch.zeros(4, 3))
+    assert len(held) == 2 and not events  # dali-0 still in use; dali-1 not checked yet
+    del view
+    held.release_done()
+    assert len(events) == 2 and len(held) == 2  # both recorded, neither passed yet
+    for e in events:
+        e.done = True
+    held.release_done()
+    assert len(held) == 0

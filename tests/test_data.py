@@ -198,7 +198,7 @@ def test_torch_backend_position_resumes_mid_epoch_exactly():
 def test_rebatch_cuts_uneven_chunks_into_exact_batches(drop_last):
     """Workers hand over chunks of any size (the last of a shard is short); batches straddle
     them, keep the order, and the tail is dropped only for training."""
-    from distres.data.torch_loader import _rebatch
+    from distres.data.batch import rebatch
 
     gen = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 45, (40,), generator=gen).tolist()
@@ -210,7 +210,7 @@ def test_rebatch_cuts_uneven_chunks_into_exact_batches(drop_last):
         )
         for a, n in zip(starts, sizes, strict=True)
     ]
-    batches = list(_rebatch(iter(chunks), 32, drop_last=drop_last))
+    batches = list(rebatch(iter(chunks), 32, drop_last=drop_last))
     total = sum(sizes)
     kept = total // 32 * 32 if drop_last else total
     assert [len(y) for _, y in batches[:-1]] == [32] * (len(batches) - 1)

@@ -299,3 +299,45 @@ def _jpeg(value: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (value, value, value)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_max_side_shrinks_large_images_and_progressive_jpegs_become_baseline(tmp_path):
+    """--max-side re-encodes only images whose longer side exceeds it (aspect kept);
+    progressive JPEGs are re-encoded as baseline (GPU decoders' fast path); a small baseline
+    RGB JPEG stays byte for byte."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+
+    def save(name: str, size: tuple[int, int], **kw) -> bytes:
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(src / name, format="JPEG", quality=90, **kw)
+        return (src / name).read_bytes()
+
+    small = save("1-small.jpg", (120, 80))
+    save("2-large.jpg", (640, 300))
+    save("3-tall.jpg", (90, 500))
+    save("4-progressive.jpg", (100, 100), progressive=True)
+    r = run_cli(
+        "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--max-side", "256",
+        "--workers", "1", module="distres.data.shards",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shard_set = read_shard_set(tmp_path / "out")
+    images = {}
+    with tarfile.open(shard_set.urls[0]) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".jpg"):
+                images[member.name] = tar.extractfile(member).read()
+    data = [images[k] for k in sorted(images)]
+    opened = [Image.open(io.BytesIO(d)) for d in data]
+    assert data[0] == small
+    assert opened[1].size == (256, 120)  # 640x300 -> longer side 256, aspect kept
+    assert opened[2].size == (46, 256)
+    assert opened[3].size == (100, 100)
+    assert not any(im.info.get("progressive") or im.info.get("progression") for im in opened)
+    r = run_cli(
+        "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--max-side", "-1",
+        module="distres.data.shards",
+    )  # fmt: skip
+    assert r.returncode == 2 and "--max-side -1" in r.stderr

@@ -71,6 +71,9 @@ class TinyLoader:
     def resume_from_ranks(self, epoch, states, micro_batch, world_size) -> int:
         raise AssertionError("one layout only in this test")
 
+    def close(self) -> None:
+        self.closed = True
+
 
 class FakeEngine:
     """The Engine contract over a linear model and SGD; tensors through DCP, no process group.
@@ -208,6 +211,7 @@ def test_trainer_runs_in_process_and_resumes_mid_epoch_to_identical_state(tmp_pa
     whole = make_trainer(tmp_path / "whole")
     summary = whole.fit()
     assert summary["stop_reason"] == "completed" and summary["steps"] == 15
+    assert whole.train_data.closed and whole.val_data.closed  # released at the end
     assert summary["samples_seen"] == 15 * BATCH and summary["epochs"] == 3
     saved = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
     assert "step-00000004" in saved and "step-00000012" in saved

@@ -32,7 +32,16 @@ class DataConfig:
         "input pipeline: dali | torch (webdataset + torchvision v2) | "
         "auto (dali wherever it imports)",
     )
-    dali_threads: int = doc(0, "dali: CPU threads per pipeline; 0: torch's thread count")
+    decode: str = doc(
+        "auto",
+        "torch backend: where JPEGs are decoded and augmented. cpu: in the DataLoader "
+        "workers | gpu: workers send bytes and crop boxes, the main process decodes whole "
+        "batches with nvJPEG on the device (on a CPU device the same stage runs with "
+        "libjpeg-turbo) | auto: gpu on a CUDA device that passes a start-up check, else cpu",
+    )
+    dali_threads: int = doc(
+        0, "dali: CPU threads per pipeline; 0: the cores this rank's affinity mask allows"
+    )
     on_bad_sample: str = doc(
         "error",
         "error: stop every rank with the shard and key | skip: "
@@ -81,6 +90,12 @@ class DataConfig:
                 "set data.dataset=shards (or auto), or drop the shard setting"
             )
         _choice("data.backend", self.backend, ("auto", "dali", "torch"))
+        _choice("data.decode", self.decode, ("auto", "cpu", "gpu"))
+        if self.backend == "dali" and self.decode != "auto":
+            raise ConfigError(
+                f"data.decode={self.decode} is the torch backend's setting; DALI decodes on "
+                "the GPU wherever it runs on one (drop data.decode or use data.backend=torch)"
+            )
         _at_least("data.dali_threads", self.dali_threads, 0)
         _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
         _at_least("data.image_size", self.image_size, 8)

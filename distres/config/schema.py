@@ -114,9 +114,10 @@ class TrainConfig:
     max_steps: int = doc(0, "stop after this many optimizer steps; 0: run all epochs")
     eval_every_epochs: int = doc(1, "evaluate on the val set every N epochs (and at the end)")
     stop_check_every: int = doc(
-        1,
-        "optimizer steps between stop-consensus all-reduces (signal, "
-        "non-finite loss); each is one host sync",
+        0,
+        "optimizer steps between stop-consensus all-reduces (signal, non-finite loss, early "
+        "stop); each is one host sync. 0: every step on a CPU, every 25 on a GPU (a stop "
+        "then waits at most 25 steps; epoch ends and the last step always check)",
     )
 
     def __post_init__(self) -> None:
@@ -124,7 +125,7 @@ class TrainConfig:
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.grad_accum", self.grad_accum, 1)
         _at_least("train.global_batch", self.global_batch, 0)
-        _at_least("train.stop_check_every", self.stop_check_every, 1)
+        _at_least("train.stop_check_every", self.stop_check_every, 0)
         _in_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0.0)
@@ -132,10 +133,19 @@ class TrainConfig:
         _at_least("train.eval_every_epochs", self.eval_every_epochs, 1)
 
 
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 @dataclass
 class EngineConfig:
     name: str = doc("ddp", "ddp (DistributedDataParallel; plain on one process) | deepspeed")
     compile: bool = doc(False, "torch.compile the model")
+    compile_mode: str = doc(
+        "default",
+        "torch.compile's mode: default | max-autotune (Triton autotuning, slow first steps) "
+        "| max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs of forward and backward: "
+        "no per-kernel launch cost; the optimizer step stays outside)",
+    )
     sync_bn: bool = doc(False, "SyncBatchNorm across ranks (GPU only; for small per-GPU batches)")
     bucket_cap_mb: int = doc(
         25,
@@ -163,6 +173,9 @@ class EngineConfig:
         _choice("engine.name", self.name, ("ddp", "deepspeed"))
         _at_least("engine.bucket_cap_mb", self.bucket_cap_mb, 1)
         _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("engine.compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"engine.compile_mode={self.compile_mode} needs engine.compile=true")
         _ = self.checkpoint_group  # raises on a bad value
         if self.name == "deepspeed" and self.compile:
             raise ConfigError("engine.compile=true with engine.name=deepspeed: use the ddp engine")

@@ -1,6 +1,10 @@
-"""Reusable host batch buffers (the batch contract itself is in api.py)."""
+"""Batch assembly and buffer lifetimes: cutting worker chunks into exact batches, reusable
+host batch buffers, and device buffers handed over without a copy (the batch contract itself
+is in api.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,7 +29,7 @@ class BufferPool:
                 buf.shape == shape
                 and buf.dtype == dtype
                 and buf.is_contiguous(memory_format=memory_format)
-                and _unshared(buf)
+                and unshared(buf)
             ):
                 return buf.detach()
         buf = torch.empty(shape, dtype=dtype, memory_format=memory_format)
@@ -36,9 +40,104 @@ class BufferPool:
         return buf.detach()
 
 
-def _unshared(buf: torch.Tensor) -> bool:
+def unshared(buf: torch.Tensor) -> bool:
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:  # private API gone: never reuse, allocate fresh each batch
         return False
     # one reference held by buf itself, one by the temporary UntypedStorage object
     return use_count(buf.untyped_storage()._cdata) == 2
+
+
+def rebatch(
+    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    drop_last: bool,
+    pin: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a stream of variable-size chunks into batches of exactly batch_size, each copied
+    once into a tensor of its own.
+
+    pin=True puts the batch in pinned memory (torch's caching host allocator), so the copy to
+    the GPU is truly asynchronous: from pageable memory CUDA stages the copy and waits for the
+    stream's queued kernels first, which stalls the host once per step and leaves the GPU
+    idle while the next step is launched. The allocator does not hand a block out again
+    until the copy that read it has finished.
+    """
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    held = 0
+    for x, y in chunks:
+        images.append(x)
+        labels.append(y)
+        held += len(y)
+        while held >= batch_size:
+            parts_x, parts_y, need = [], [], batch_size
+            while need:
+                x0, y0 = images[0], labels[0]
+                if len(y0) <= need:
+                    parts_x.append(images.pop(0))
+                    parts_y.append(labels.pop(0))
+                    need -= len(y0)
+                else:
+                    parts_x.append(x0[:need])
+                    parts_y.append(y0[:need])
+                    images[0], labels[0], need = x0[need:], y0[need:], 0
+            held -= batch_size
+            yield cat_into(parts_x, pin), cat_into(parts_y, pin)
+    if held and not drop_last:
+        yield cat_into(images, pin), cat_into(labels, pin)
+
+
+def cat_into(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
+
+
+def rebatch_lists(chunks: Iterator[list], batch_size: int, drop_last: bool) -> Iterator[list]:
+    """`rebatch` for chunks that are lists (the GPU-decode stage's records)."""
+    held: list = []
+    for chunk in chunks:
+        held.extend(chunk)
+        while len(held) >= batch_size:
+            yield held[:batch_size]
+            del held[:batch_size]
+    if held and not drop_last:
+        yield held
+
+
+class HeldOutputs:
+    """DALI output buffers handed to torch without a copy, kept until torch is done.
+
+    Freeing the torch tensor (the consumer moves on) drops DALI's buffer while kernels
+    torch queued may still read it, and DALI's allocator orders a reuse after its own
+    stream only. So each output stays here until no tensor shares its storage any more
+    (every view the consumer had is gone: grad accumulation keeps micro-batches across
+    several hand-overs), then until an event recorded on torch's stream at that point has
+    passed. Checked at each hand-over; nothing here blocks.
+    """
+
+    def __init__(self, event: Callable[[], object] | None = None):
+        self._event = event or _stream_event
+        self._items: list[list] = []  # [dali buffer, torch tensor, event or None]
+
+    def add(self, dali_buffer: object, tensor: torch.Tensor) -> None:
+        self.release_done()
+        self._items.append([dali_buffer, tensor, None])
+
+    def release_done(self) -> None:
+        for item in self._items:
+            if item[2] is None and unshared(item[1]):
+                item[2] = self._event()  # after every kernel queued on the tensor so far
+        self._items = [i for i in self._items if i[2] is None or not i[2].query()]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _stream_event():
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream())
+    return event

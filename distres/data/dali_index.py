@@ -201,3 +201,16 @@ def sample_where(where) -> str:
     """`<shard>: sample 'key'` from DALI's source_info ("<tar path>:<offset>:<member name>")."""
     path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
     return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
+
+
+def pipeline_failure(
+    error: RuntimeError, where: str, root: object, near: Callable[[], str | None]
+) -> DataError:
+    """The one-line DataError for a failed DALI run: the sample DALI names, else the first
+    undecodable one `near()` finds (run once, on the way out), else the shard set."""
+    cause, named = failure_cause(error)
+    sample = named or near() or f"{root} (no sample near {where} fails to decode on the CPU)"
+    return DataError(
+        f"{sample}: DALI pipeline failed in {where} ({cause}); DALI decodes a batch as a "
+        "whole, so a bad image stops the run under either data.on_bad_sample policy"
+    )

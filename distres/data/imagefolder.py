@@ -87,16 +87,28 @@ def list_source(src: Path, allow_empty_classes: bool = False) -> tuple[list[Item
 # -- encoding -------------------------------------------------------------------------------
 
 
-def encode_image(path: str, quality: int = 95) -> bytes:
-    """RGB JPEG bytes: RGB JPEGs as they are, anything else decoded and re-encoded."""
+def encode_image(path: str, quality: int = 95, max_side: int = 0) -> bytes:
+    """RGB baseline JPEG bytes: baseline RGB JPEGs no larger than max_side (0: any size) as
+    they are; anything else decoded, shrunk to max_side if larger, and re-encoded.
+
+    Progressive JPEGs are re-encoded as baseline: GPU decoders (nvJPEG's hardware engine,
+    DALI's mixed decoder) take only baseline JPEGs on their fast path and decode progressive
+    ones image by image with CPU Huffman decoding."""
     from PIL import Image
 
     with open(path, "rb") as f:
         data = f.read()
     img = Image.open(io.BytesIO(data))
     img.load()  # decodes fully: a corrupt or truncated file fails here, not at training
-    if img.format == "JPEG" and img.mode == "RGB":
+    too_big = max_side and max(img.size) > max_side
+    progressive = img.info.get("progressive") or img.info.get("progression")
+    if img.format == "JPEG" and img.mode == "RGB" and not too_big and not progressive:
         return data
+    if too_big:
+        # FFCV's max_resolution: the longer side to max_side, aspect kept; antialiased
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if img.mode.startswith("I") or img.mode == "F":
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -127,10 +139,10 @@ def _to_8bit(img):
     return Image.fromarray(scaled, mode="L")
 
 
-def _encode_item(args: tuple[int, Item, int]) -> tuple[int, bytes | None, str | None]:
-    index, item, quality = args
+def _encode_item(args: tuple[int, Item, int, int]) -> tuple[int, bytes | None, str | None]:
+    index, item, quality, max_side = args
     try:
-        return index, encode_image(item.path, quality), None
+        return index, encode_image(item.path, quality, max_side), None
     except Exception as e:  # any decoder failure means an unusable file: report, skip, go on
         # Decoders name the in-memory buffer ("<_io.BytesIO object at 0x...>"): name the file,
         # so the report (and the manifest) is the same on every run.

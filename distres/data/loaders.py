@@ -10,6 +10,7 @@ from distres.config import Config
 from distres.data.api import Loader
 from distres.data.datasets import digits
 from distres.data.shardset import ShardSet, read_shard_set
+from distres.precision import input_dtype, resolve_precision
 
 
 def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
@@ -49,8 +50,31 @@ def host_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -
     return max(1, min(torch.get_num_threads(), cores - cfg.data.num_workers))
 
 
+def dali_threads(setting: int, local_world_size: int = 1) -> int:
+    """data.dali_threads, 0 resolved: the cores this rank may run on.
+
+    Not torch's thread count: torchrun sets OMP_NUM_THREADS=1 for every rank when it starts
+    more than one, which left one DALI thread to read the tars and Huffman-decode what the
+    hardware decoder does not take. A launcher that binds ranks to cores (Slurm's
+    --cpu-bind, torchrun's --numa-binding) gives each rank its own affinity mask; an unbound
+    rank sees every core of the node and takes its share of them."""
+    if setting:
+        return setting
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    if allowed >= (os.cpu_count() or allowed):
+        allowed //= max(1, local_world_size)
+    return max(1, allowed)
+
+
 def build_loaders(
-    cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1
+    cfg: Config,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    local_world_size: int = 1,
 ) -> tuple[Loader, Loader]:
     """The (train, val) loaders of the backend the config resolves to. Each backend is
     imported only when chosen: torchvision's import (which pulls in torch._dynamo) costs
@@ -69,17 +93,16 @@ def build_loaders(
         world_size=world_size,
         skip_bad=d.on_bad_sample == "skip",
         verify=d.verify_checksums,
+        # half precision halves the host->GPU and decode-output bytes on a GPU
+        out_dtype=input_dtype(device, resolve_precision(cfg.train.precision, device)),
     )
     if resolve_backend(d.backend) == "dali":
         from distres.data.dali import DaliLoader
-        from distres.precision import input_dtype, resolve_precision
 
-        out_dtype = input_dtype(device, resolve_precision(cfg.train.precision, device))
         dali = dict(
             batch_size=cfg.train.batch_size,
             image_size=d.image_size,
-            out_dtype=out_dtype,
-            threads=d.dali_threads,
+            threads=dali_threads(d.dali_threads, local_world_size),
             **common,
         )
         train = DaliLoader(
@@ -91,14 +114,17 @@ def build_loaders(
             hflip=d.hflip,
             shuffle_buffer=d.shuffle_buffer,
             size_at=d.train_size,  # image_size every epoch unless progressive resizing
+            epochs=cfg.train.epochs,
             **dali,
         )
         val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
         return train, val
+    from distres.data.gpu_decode import resolve_decode
     from distres.data.torch_loader import ShardLoader
     from distres.data.transforms import train_transform, val_transform
 
     common["num_workers"] = d.num_workers
+    common["decode"] = resolve_decode(d.decode, device)
 
     def transform_at(epoch: int):  # the epoch's size: image_size unless progressive resizing
         size = d.train_size(epoch)

@@ -18,8 +18,9 @@ a byte.
 
 The source is an ImageFolder tree (one folder per class; class indices follow the sorted folder
 names) or a CSV/TSV list of `path,label` rows (label an integer or a class name; relative paths
-are taken from the list's folder). Inputs that are not RGB JPEG (PNG, CMYK, grayscale, palette,
-alpha) are re-encoded to RGB JPEG; RGB JPEGs are stored byte for byte. Unreadable files are
+are taken from the list's folder). Inputs that are not RGB baseline JPEG (PNG, CMYK, grayscale,
+palette, alpha, progressive JPEG) are re-encoded to RGB baseline JPEG, as are images whose longer
+side exceeds --max-side; other JPEGs are stored byte for byte. Unreadable files are
 reported, skipped and counted. Encoding runs on all cores.
 
 Interrupted runs resume: a shard is written under a temporary name and renamed when complete,
@@ -165,9 +166,15 @@ def parse_size(text: str) -> int:
 
 
 def _fingerprint(
-    items: list[Item], classes: dict[str, int], prefix: str, max_bytes: int, quality: int
+    items: list[Item],
+    classes: dict[str, int],
+    prefix: str,
+    max_bytes: int,
+    quality: int,
+    max_side: int = 0,
 ) -> str:
-    h = hashlib.sha256(json.dumps([prefix, max_bytes, quality, classes]).encode())
+    settings = [prefix, max_bytes, quality, classes] + ([max_side] if max_side else [])
+    h = hashlib.sha256(json.dumps(settings).encode())
     for item in items:
         h.update(f"{item.path}\0{item.label}\n".encode())
     return h.hexdigest()
@@ -182,6 +189,7 @@ def build_shard_set(
     quality: int = 95,
     progress: bool = True,
     allow_empty_classes: bool = False,
+    max_side: int = 0,
 ) -> dict:
     """Write the source as a shard set (resuming an interrupted build); the manifest."""
     src, out = Path(src), Path(out)
@@ -190,7 +198,9 @@ def build_shard_set(
         raise ShardError(f"--src {src}: no image files found")
     out.mkdir(parents=True, exist_ok=True)
     journal_path = out / f".{prefix}-progress.json"
-    fingerprint = _fingerprint(items, classes, prefix, shard_size, quality)
+    if max_side < 0:
+        raise ShardError(f"--max-side {max_side}: must be 0 (keep sizes) or a side in pixels")
+    fingerprint = _fingerprint(items, classes, prefix, shard_size, quality, max_side)
     state = {"fingerprint": fingerprint, "shards": [], "next_item": 0, "skipped": []}
     if journal_path.is_file():
         previous = json.loads(journal_path.read_text())
@@ -232,7 +242,7 @@ def build_shard_set(
         on_shard=lambda entry: journal(entry, position["item"]),
     )
     root = src if src.is_dir() else src.parent
-    todo = [(i, items[i], quality) for i in range(state["next_item"], len(items))]
+    todo = [(i, items[i], quality, max_side) for i in range(state["next_item"], len(items))]
     with _progress(progress, len(items), state["next_item"]) as advance:
         for index, jpeg, error in _encode_all(todo, workers):
             item = items[index]
@@ -312,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoding")
     parser.add_argument(
+        "--max-side",
+        type=int,
+        default=0,
+        help="re-encode images whose longer side exceeds this many pixels at that size "
+        "(FFCV's max_resolution; 0: keep every size)",
+    )
+    parser.add_argument(
         "--allow-empty-classes",
         action="store_true",
         help="keep a class folder without images as a class with no samples",
@@ -328,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             quality=args.quality,
             progress=sys.stderr.isatty(),
             allow_empty_classes=args.allow_empty_classes,
+            max_side=args.max_side,
         )
     except (ShardError, ValueError) as e:
         print(f"distres.data.shards: {e}", file=sys.stderr)

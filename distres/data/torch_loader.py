@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
-from distres.data.batch import BufferPool
+from distres.data.batch import BufferPool, rebatch, rebatch_lists
+from distres.data.gpu_decode import DecodeStage, Encoder, pack, unpack
 from distres.data.shardset import ShardSet
 from distres.data.transforms import decode_jpeg
 
@@ -43,8 +44,10 @@ class _SampleStream(IterableDataset):
         in_chans: int,
         stride: tuple[int, int] = (0, 1),
         skip_bad: bool = False,
+        encoder: Callable | None = None,
     ):
         self.shards, self.shard_ids = shards, shard_ids
+        self.encoder = encoder  # data.decode=gpu: bytes + geometry instead of pixels
         self.bad = BadSamples(skip_bad)
         # (rank, world): keep only the samples whose global index is rank mod world.
         self.stride = stride
@@ -74,21 +77,22 @@ class _SampleStream(IterableDataset):
                 rng=random.Random(seed),
             )
         # Chunks are (images, labels, samples skipped since the last chunk); images is None
-        # for a chunk that only carries a skip count.
-        images, labels = [], []
+        # for a chunk that only carries a skip count. With an encoder "images" is the
+        # GPU-decode stage's packed bytes and geometry (gpu_decode.pack).
+        items, labels = [], []
         for sample in samples:
             try:
-                image, label = self._image(sample), self._label(sample)
+                item, label = self._item(sample), self._label(sample)
             except DataError as e:
                 self.bad(e)
                 continue
-            images.append(image)
+            items.append(item)
             labels.append(label)
-            if len(images) == CHUNK:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self.bad.take()
-                images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), self.bad.take()
+            if len(items) == CHUNK:
+                yield self._chunk(items), torch.tensor(labels), self.bad.take()
+                items, labels = [], []
+        if items:
+            yield self._chunk(items), torch.tensor(labels), self.bad.take()
         elif self.bad.count:
             yield None, None, self.bad.take()
 
@@ -116,10 +120,15 @@ class _SampleStream(IterableDataset):
     def _where(self, sample: dict) -> str:
         return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
 
-    def _image(self, sample: dict) -> torch.Tensor:
+    def _chunk(self, items: list) -> torch.Tensor | tuple:
+        return torch.stack(items) if self.encoder is None else pack(items)
+
+    def _item(self, sample: dict) -> torch.Tensor | tuple:
         data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
         if data is None:
             raise DataError(f"{self._where(sample)}: no .jpg/.jpeg/.png member")
+        if self.encoder is not None:
+            return (*self.encoder(data, self._where(sample)), self._where(sample))
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only
             if img.format == "JPEG" and not self._draft_helps(img.size):
@@ -186,6 +195,8 @@ class ShardLoader:
         skip_bad: bool = False,
         transform_at: Callable[[int], Callable] | None = None,
         verify: bool = False,
+        decode: str = "cpu",
+        out_dtype: torch.dtype = torch.float32,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -207,7 +218,12 @@ class ShardLoader:
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * scale)
         self.bias = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * scale * self.inv_std
         self._pool = BufferPool()
-        self.pin_batches = self.device.type == "cuda"  # see _rebatch
+        self.pin_batches = self.device.type == "cuda"  # see rebatch
+        self.stage = None  # data.decode=gpu: decoding and augmentation in gpu_decode
+        if decode == "gpu":
+            self.stage = DecodeStage(
+                self.device, out_dtype, mean, std, in_chans, skip_bad, channels_last
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -241,34 +257,43 @@ class ShardLoader:
         if self.verify:  # in this process, which remembers what it checked (workers do not)
             for i in self.my_shards(self.epoch):
                 self.shards.verify(i)
+        transform = self.transform_at(self.epoch) if self.transform_at else self.transform
         stream = _SampleStream(
             self.shards,
             self.my_shards(self.epoch),
-            self.transform_at(self.epoch) if self.transform_at else self.transform,
+            transform,
             self.shuffle_buffer if self.train else 0,
             seed,
             self.num_classes,
             self.in_chans,
             stride=(self.rank, self.world_size) if self.strided else (0, 1),
             skip_bad=self.skip_bad,
+            encoder=Encoder(transform) if self.stage else None,
         )
         workers = min(self.num_workers, len(stream.shard_ids))
         loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
-            # batches are assembled in pinned memory by _rebatch: pinning the chunks first
+            # batches are assembled in pinned memory by rebatch: pinning the chunks first
             # would only add a copy
             pin_memory=False,
             prefetch_factor=4 if workers else None,
             worker_init_fn=_ignore_stop_signals,
         )
         delivered = 0
-        for images, labels, skipped in loader:
-            self.skipped += skipped
-            if images is not None:
-                delivered += len(labels)
-                yield images, labels
+        chunks = iter(loader)
+        try:
+            for images, labels, skipped in chunks:
+                self.skipped += skipped
+                if images is not None:
+                    delivered += len(labels)
+                    yield images, labels
+        finally:
+            # Workers ignore SIGTERM (_ignore_stop_signals), so one left waiting after an
+            # error or an early stop would hang the interpreter's exit, which joins it; a
+            # traceback kept alive (a logger, a test) would keep this iterator from freeing.
+            getattr(chunks, "_shutdown_workers", lambda: None)()
         if delivered == 0 and self.train:
             raise DataError(
                 f"{self.shards.root}: rank {self.rank} found no usable sample in "
@@ -287,16 +312,22 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         # Training stops at len(self) steps even if a rank could read more (every rank runs
         # the same number of steps); validation reads everything.
-        batches = _rebatch(
-            self._all_chunks(),
-            self.batch_size,
-            drop_last=self.train,
-            pin=self.pin_batches,
-        )
         skip, self._skip = self._skip, 0
         # The order and the augmentation are functions of (seed, epoch, rank), so replaying
         # the first `skip` batches on the host resumes the stream exactly where it stopped.
         self._done = skip
+        if self.stage is not None:
+            records = (unpack(x, y) for x, y in self._all_chunks())
+            batches = rebatch_lists(records, self.batch_size, drop_last=self.train)
+            # replayed batches are read and their geometry drawn, but never decoded
+            for batch in self.stage(itertools.islice(batches, skip, len(self))):
+                self._done += 1
+                self.skipped += self.stage.take_skipped()
+                yield batch
+            return
+        batches = rebatch(
+            self._all_chunks(), self.batch_size, drop_last=self.train, pin=self.pin_batches
+        )
         for images, labels in itertools.islice(batches, skip, len(self)):
             self._done += 1
             yield self._to_device(images, labels)
@@ -319,6 +350,9 @@ class ShardLoader:
         skip = min(len(self), round(len(self) * consumed / max(1, old_total)))
         self._skip = skip
         return len(self) - skip
+
+    def close(self) -> None:
+        """Nothing to release between epochs: workers live for one epoch's iteration."""
 
     def state_dict(self) -> dict:
         """The data position: the epoch and the batches already delivered in it."""
@@ -348,48 +382,3 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # loader mid-step.
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def _rebatch(
-    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    batch_size: int,
-    drop_last: bool,
-    pin: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a stream of variable-size chunks into batches of exactly batch_size, each copied
-    once into a tensor of its own.
-
-    pin=True puts the batch in pinned memory (torch's caching host allocator), so the copy to
-    the GPU is truly asynchronous: from pageable memory CUDA stages the copy and waits for the
-    stream's queued kernels first, which stalls the host once per step and leaves the GPU
-    idle while the next step is launched. The allocator does not hand a block out again
-    until the copy that read it has finished.
-    """
-    images: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    held = 0
-    for x, y in chunks:
-        images.append(x)
-        labels.append(y)
-        held += len(y)
-        while held >= batch_size:
-            parts_x, parts_y, need = [], [], batch_size
-            while need:
-                x0, y0 = images[0], labels[0]
-                if len(y0) <= need:
-                    parts_x.append(images.pop(0))
-                    parts_y.append(labels.pop(0))
-                    need -= len(y0)
-                else:
-                    parts_x.append(x0[:need])
-                    parts_y.append(y0[:need])
-                    images[0], labels[0], need = x0[need:], y0[need:], 0
-            held -= batch_size
-            yield _cat(parts_x, pin), _cat(parts_y, pin)
-    if held and not drop_last:
-        yield _cat(images, pin), _cat(labels, pin)
-
-
-def _cat(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
-    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
-    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))

@@ -54,7 +54,13 @@ class DDPEngine(EngineBase):
         # dynamic=False: training shapes are fixed (the last partial batch is dropped), and
         # progressive resizing's few sizes each get a static graph instead of one with
         # symbolic sizes after the second
-        self.model = torch.compile(wrapped, dynamic=False) if cfg.engine.compile else wrapped
+        mode = cfg.engine.compile_mode
+        self.model = (
+            torch.compile(wrapped, dynamic=False, mode=mode) if cfg.engine.compile else wrapped
+        )
+        # CUDA graphs (reduce-overhead) own their outputs until the next replay: each
+        # micro-step starts a new graph step, so the losses read after it stay valid
+        self.graph_steps = cfg.engine.compile and mode == "reduce-overhead"
         self.optimizer, self.scheduler = self.build_optimizer(self.module)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -70,6 +76,8 @@ class DDPEngine(EngineBase):
         for i, (images, labels) in enumerate(micro_batches):
             sync = self.ddp is None or i == k - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                if self.graph_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     logits = self.model(images)
                 loss = self.loss(logits, labels) / k

@@ -35,7 +35,9 @@ def build(
         torch.set_num_threads(threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
 
-    train_data, val_data = build_loaders(cfg, device, env.rank, env.world_size)
+    train_data, val_data = build_loaders(
+        cfg, device, env.rank, env.world_size, env.local_world_size
+    )
     steps_per_epoch = len(train_data) // plan.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(

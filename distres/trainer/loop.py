@@ -126,7 +126,7 @@ class Trainer:
         last = s.step >= self.total_steps
         if s.step % cfg.tracking.log_every == 0 or last:
             self.log_train()
-        check = s.step % cfg.train.stop_check_every == 0 or last
+        check = s.step % self.stop_check_every == 0 or last
         epoch_end = s.epoch_step == self.steps_per_epoch
         if epoch_end:
             s.epoch, s.epoch_step = s.epoch + 1, 0
@@ -146,6 +146,12 @@ class Trainer:
             with self.window.paused():
                 self.save_checkpoint()
         return reason
+
+    @property
+    def stop_check_every(self) -> int:
+        """train.stop_check_every, 0 resolved: each check reads the all-reduce's result, a
+        host sync that drains the GPU's queue, so a GPU checks every 25 steps."""
+        return self.cfg.train.stop_check_every or (25 if self.device.type == "cuda" else 1)
 
     def checkpoint_due(self, epoch_end: bool) -> bool:
         ck, s = self.cfg.checkpoint, self.state
@@ -180,6 +186,9 @@ class Trainer:
 
     def finish(self, reason: str, wall_s: float) -> dict[str, Any]:
         s, cfg = self.state, self.cfg
+        # training's input is done: a pipeline prefetched for an epoch that will not run
+        # gives its GPU memory back before the last evaluation (the position was kept)
+        self.train_data.close()
         if reason != "non_finite_loss" and s.last_eval.get("step") != s.step:
             # Stopped mid-epoch: the summary still reports this step's accuracy. It is not an
             # evaluation early stopping counts (a preempted run would count one more).
@@ -189,6 +198,7 @@ class Trainer:
             if cfg.checkpoint.on_stop and reason != "non_finite_loss":
                 self.save_checkpoint()
             self.checkpoints.close()
+        self.val_data.close()
         self.report_stop(reason)
         self.tracker.close()
         self.engine.sync_buffers()
@@ -342,6 +352,10 @@ class Trainer:
         if self.device.type == "cuda":
             record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
+            # torch's allocator only; the device's own count also holds DALI's pools, NCCL's
+            # buffers, the CUDA context (and any other process on the GPU)
+            free, total = torch.cuda.mem_get_info(self.device)
+            record["gpu_mem_device_gib"] = (total - free) / 2**30
         self.tracker.log(record)
 
     def skipped_samples(self) -> int:

@@ -1,0 +1,359 @@
+"""The torch backend's GPU-decode stage (data.decode=gpu): workers send compressed bytes and
+crop boxes, one thread of the main process decodes and augments whole batches on the device.
+
+Worker side (`Encoder`): read the JPEG header for the image size and draw the geometry with
+the same random calls, in the same order, as the CPU path's torchvision v2 transform
+(RandomResizedCrop/RandomCrop.make_params, then RandomHorizontalFlip's draw), so a sample
+gets the same crop and flip whichever path runs. No pixels cross the process boundary.
+
+Main side (`DecodeStage`): a thread decodes each batch with nvJPEG
+(torchvision.io.decode_jpeg on a list, device="cuda"), then data/crop_resize.py crops,
+resizes, flips and normalises the batch into one channels_last tensor of the input dtype.
+On H100-class GPUs nvJPEG can write into memory that queued kernels still read
+(pytorch/vision issue 9606), so: the decoder runs only in this thread, on its own stream,
+and that stream is synchronised on the host before every decode call; the training stream
+waits on an event recorded after the batch is written, and `record_stream` keeps the
+caching allocator from handing the batch's memory back to this stream before the training
+stream is done with it (the allocator's cached blocks are the ring of device buffers).
+
+On a CPU device the same stage runs with libjpeg-turbo decoding, which is how CI tests it.
+A batch that fails to decode is retried image by image, then on the CPU; an image that still
+fails follows data.on_bad_sample (an error naming shard and key, or its slot filled with a
+copy of another sample of the batch and counted, keeping the batch shape).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from distres.data.api import BadSamples, Batch, DataError
+from distres.data.crop_resize import GEOMETRY, X, Y, crop_resize
+
+log = logging.getLogger("distres.data")
+
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec, whose GPU decoder is
+# not in the wheels torch's CUDA builds can load everywhere yet; one warning per process
+# would say nothing the docs do not.
+warnings.filterwarnings("ignore", message=r".*decoding and encoding capabilities of TorchVision")
+
+# after the geometry: whether the bytes are a JPEG, and the size its header gives
+IS_JPEG, HEIGHT, WIDTH = GEOMETRY, GEOMETRY + 1, GEOMETRY + 2
+
+GEOMETRIC = (v2.RandomResizedCrop, v2.RandomCrop, v2.Resize, v2.CenterCrop)
+
+
+class Record(NamedTuple):
+    """One sample on its way to the decode stage."""
+
+    data: torch.Tensor  # the compressed image, uint8
+    geometry: torch.Tensor  # float64: GEOMETRY values (data/crop_resize.py), then INFO
+    label: int
+    where: str  # shard and key, for errors
+
+
+def steps(transform: Callable) -> list:
+    """The transform's steps, checked to be ones the stage reproduces (raises ValueError)."""
+    ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+    for op in ops:
+        if not isinstance(op, (*GEOMETRIC, v2.RandomHorizontalFlip)):
+            raise ValueError(f"data.decode=gpu cannot apply {type(op).__name__} on the device")
+        if isinstance(op, v2.RandomCrop) and op.padding_mode != "constant":
+            raise ValueError("data.decode=gpu pads with zeros only (RandomCrop padding_mode)")
+    return ops
+
+
+def _make_params(op, height: int, width: int) -> dict:
+    # query_size reads only the shape: a stride-0 view stands for the image, no pixels
+    probe = torch.empty(1, dtype=torch.uint8).expand(1, height, width)
+    make = getattr(op, "make_params", None) or op._get_params  # torchvision < 0.21
+    return make([probe])
+
+
+def draw(ops: list, height: int, width: int) -> list[float]:
+    """The geometry the CPU path's transform would apply to a height x width image, drawn
+    with the same calls on torch's global RNG (what the worker seeded)."""
+    # per axis: region start, region length, resized length, window offset, window length
+    y, x, flip = [0, height, height, 0, height], [0, width, width, 0, width], 0.0
+    for op in ops:
+        if isinstance(op, v2.RandomHorizontalFlip):
+            if not torch.rand(1) >= op.p:  # _RandomApplyTransform.forward's draw
+                flip = 1.0 - flip
+            continue
+        p = _make_params(op, y[4], x[4]) if not isinstance(op, v2.Resize) else None
+        if isinstance(op, v2.RandomResizedCrop):
+            _crop(y, p["top"], p["height"])
+            _crop(x, p["left"], p["width"])
+            _resize(y, op.size[0])
+            _resize(x, op.size[1])
+        elif isinstance(op, v2.RandomCrop):
+            pad_left, pad_top = p["padding"][0], p["padding"][1]
+            _crop(y, p["top"] - pad_top, p["height"])
+            _crop(x, p["left"] - pad_left, p["width"])
+        elif isinstance(op, v2.CenterCrop):
+            th, tw = op.size
+            _crop(y, round((y[4] - th) / 2.0), th)
+            _crop(x, round((x[4] - tw) / 2.0), tw)
+        else:  # Resize
+            h, w = v2.functional._geometry._compute_resized_output_size(
+                (y[4], x[4]), size=op.size, max_size=op.max_size
+            )
+            _resize(y, h)
+            _resize(x, w)
+    return [*y, *x, flip]
+
+
+def _crop(axis: list, start: int, length: int) -> None:
+    if axis[1] == axis[2]:  # nothing resized yet: the crop is a source region
+        axis[:] = [axis[0] + axis[3] + start, length, length, 0, length]
+    else:  # a window of the resized region
+        axis[3], axis[4] = axis[3] + start, length
+
+
+def _resize(axis: list, length: int) -> None:
+    if axis[3] != 0 or axis[4] != axis[2]:
+        if axis[1] != axis[2]:
+            raise ValueError("data.decode=gpu: a resize after a crop of a resized image")
+        axis[:] = [axis[0] + axis[3], axis[4], axis[4], 0, axis[4]]  # crop -> region
+    axis[2] = axis[4] = length
+
+
+class Encoder:
+    """Worker side: a sample's compressed bytes and geometry, no decoding."""
+
+    def __init__(self, transform: Callable):
+        self.ops = steps(transform)
+
+    def __call__(self, data: bytes, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            img = Image.open(io.BytesIO(data))  # parses the header only
+            width, height = img.size
+            is_jpeg = img.format == "JPEG"
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise DataError(f"{where}: cannot decode image ({e})") from None
+        geometry = [*draw(self.ops, height, width), float(is_jpeg), height, width]
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return raw, torch.tensor(geometry, dtype=torch.float64)
+
+
+def pack(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> tuple:
+    """A worker's (bytes, geometry, where) items as one chunk: all bytes in one tensor, so
+    the chunk crosses to the main process in one shared-memory segment."""
+    data, geometry, where = zip(*items, strict=True)
+    sizes = torch.tensor([len(d) for d in data], dtype=torch.int64)
+    return torch.cat(data), sizes, torch.stack(geometry), list(where)
+
+
+def unpack(chunk: tuple, labels: torch.Tensor) -> list[Record]:
+    data, sizes, geometry, where = chunk
+    parts = data.split(sizes.tolist())
+    return [Record(*r) for r in zip(parts, geometry, labels.tolist(), where, strict=True)]
+
+
+class DecodeStage:
+    """Batches of Records -> Batches on the device, decoded `depth` batches ahead in one
+    thread of the main process."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        out_dtype: torch.dtype,
+        mean: list[float],
+        std: list[float],
+        in_chans: int,
+        skip_bad: bool,
+        channels_last: bool = True,
+        depth: int = 2,
+    ):
+        self.device, self.out_dtype, self.in_chans = device, out_dtype, in_chans
+        self.channels_last, self.depth = channels_last, depth
+        self.bad = BadSamples(skip_bad)
+        self._skipped = 0  # images replaced by a copy, handed over so far (see take_skipped)
+        scale = 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * scale)
+        self.bias = -torch.tensor(mean, device=device).view(1, -1, 1, 1) * scale * self.inv_std
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        from torchvision.io import ImageReadMode
+
+        self.mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+
+    def __call__(self, batches: Iterable[list[Record]]) -> Iterator[Batch]:
+        todo: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            while (records := todo.get()) is not None and not stop.is_set():
+                try:
+                    done.put(self.decode(records))
+                except BaseException as e:  # re-raised in the consumer's thread
+                    done.put(e)
+
+        thread = threading.Thread(target=work, name="distres-decode", daemon=True)
+        thread.start()
+        pending = 0
+        try:
+            for records in batches:
+                todo.put(records)
+                pending += 1
+                if pending > self.depth:
+                    pending -= 1
+                    yield self._hand_over(done.get())
+            while pending:
+                pending -= 1
+                yield self._hand_over(done.get())
+        finally:
+            stop.set()
+            todo.put(None)
+            thread.join()
+
+    def take_skipped(self) -> int:
+        """Images replaced by a copy (on_bad_sample=skip) in the batches handed over since
+        the last call."""
+        n, self._skipped = self._skipped, 0
+        return n
+
+    def _hand_over(self, item) -> Batch:
+        if isinstance(item, BaseException):
+            raise item
+        images, labels, event, skipped = item
+        self._skipped += skipped
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            images.record_stream(current)
+            labels.record_stream(current)
+        return Batch(images, labels)
+
+    def decode(self, records: list[Record]) -> tuple:
+        """One batch, in this stage's thread: (images, labels, ready event or None, images
+        replaced)."""
+        if self.stream is None:
+            return (*self._decode(records), None, self.bad.take())
+        self.stream.synchronize()  # vision 9606: nothing of ours queued while nvJPEG runs
+        with torch.cuda.stream(self.stream):
+            images, labels = self._decode(records)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return images, labels, event, self.bad.take()
+
+    def _decode(self, records: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self._images(records)
+        good = [i for i, im in enumerate(images) if im is not None]
+        if not good:
+            raise DataError(f"{records[0].where}: no image of its batch could be decoded")
+        for i, im in enumerate(images):
+            if im is None:  # on_bad_sample=skip: a copy of another sample keeps the shape
+                images[i] = images[good[i % len(good)]]
+                records[i] = records[good[i % len(good)]]
+        geometry = torch.stack([r.geometry[:GEOMETRY] for r in records])
+        oh, ow = int(geometry[0, Y + 4]), int(geometry[0, X + 4])
+        n, c = len(records), self.in_chans
+        # N x H x W x C storage seen as N x C x H x W: channels_last with no transpose
+        out = torch.empty(n, oh, ow, c, dtype=self.out_dtype, device=self.device)
+        out = out.permute(0, 3, 1, 2)
+        crop_resize(images, geometry, out, self.inv_std, self.bias)
+        if not self.channels_last:
+            out = out.contiguous()
+        labels = torch.tensor([r.label for r in records], dtype=torch.int64)
+        if self.device.type == "cuda":
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+        return out, labels
+
+    def _images(self, records: list[Record]) -> list[torch.Tensor | None]:
+        """Decoded C x H x W uint8 images on the device; None where on_bad_sample=skip left
+        one out. Whole batch first, then image by image, then on the CPU."""
+        jpeg = [i for i, r in enumerate(records) if r.geometry[IS_JPEG] > 0]
+        images: list[torch.Tensor | None] = [None] * len(records)
+        if self.device.type == "cuda" and jpeg:
+            try:
+                decoded = self._nvjpeg([records[i].data for i in jpeg])
+                for i, im in zip(jpeg, decoded, strict=True):
+                    images[i] = im
+            except RuntimeError:
+                for i in jpeg:  # one bad image fails the call: find it
+                    with contextlib.suppress(RuntimeError):
+                        images[i] = self._nvjpeg([records[i].data])[0]
+        for i, r in enumerate(records):
+            if images[i] is None:
+                images[i] = self._on_cpu(r)
+            if images[i] is not None and not self._fits(images[i], r):
+                shape = tuple(images[i].shape)
+                images[i] = self._bad(r, f"decoded as {shape}, not the header's size")
+        return images
+
+    def _nvjpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import decode_jpeg
+
+        return decode_jpeg(datas, mode=self.mode, device=self.device)
+
+    def _on_cpu(self, r: Record) -> torch.Tensor | None:
+        from torchvision.io import decode_image
+
+        from distres.data.transforms import decode_jpeg
+
+        try:
+            if r.geometry[IS_JPEG] > 0:
+                image = decode_jpeg(bytes(r.data.numpy()), mode=self.mode.name)
+            else:
+                image = decode_image(r.data, mode=self.mode)
+        except (RuntimeError, ValueError) as e:
+            return self._bad(r, f"cannot decode image ({e})")
+        return image.to(self.device, non_blocking=True) if self.device.type == "cuda" else image
+
+    def _fits(self, image: torch.Tensor, r: Record) -> bool:
+        size = (int(r.geometry[HEIGHT]), int(r.geometry[WIDTH]))
+        return image.shape[0] == self.in_chans and tuple(image.shape[-2:]) == size
+
+    def _bad(self, r: Record, why: str) -> None:
+        self.bad(DataError(f"{r.where}: {why}"))
+        return None
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """data.decode for a run on `device`: auto is gpu on a CUDA device whose nvJPEG passes
+    `self_check`, else cpu; an explicit gpu on a CUDA device that fails it is an error (every
+    batch would otherwise fall back to the CPU, one image at a time, in one thread)."""
+    if decode == "cpu" or (decode == "auto" and device.type != "cuda"):
+        return "cpu"
+    problem = self_check(device) if device.type == "cuda" else None
+    if problem is None:
+        return "gpu"
+    if decode == "gpu":
+        raise DataError(f"data.decode=gpu: nvJPEG cannot decode on {device}: {problem}")
+    log.warning(
+        f"data.decode=auto: decoding on the CPU, nvJPEG is unusable on {device} ({problem})"
+    )
+    return "cpu"
+
+
+def self_check(device: torch.device) -> str | None:
+    """Why nvJPEG cannot serve this device, or None: a small JPEG decoded through the
+    stage's own path must match libjpeg-turbo's pixels to a few levels."""
+    from torchvision.io import decode_jpeg
+
+    gradient = torch.arange(48 * 64, dtype=torch.float32).view(48, 64) % 251
+    rgb = torch.stack([gradient, gradient.t().reshape(48, 64), 255 - gradient]).byte()
+    buf = io.BytesIO()
+    Image.fromarray(rgb.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+    raw = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    try:
+        stage = DecodeStage(device, torch.float32, [0.0] * 3, [1.0] * 3, 3, skip_bad=False)
+        stage.stream.synchronize()
+        with torch.cuda.stream(stage.stream):
+            on_gpu = stage._nvjpeg([raw])[0].cpu()
+        on_cpu = decode_jpeg(raw)
+    except Exception as e:  # any failure means: not this device
+        return f"{type(e).__name__}: {e}"
+    diff = int((on_gpu.int() - on_cpu.int()).abs().max())
+    return None if diff <= 48 else f"its pixels differ from libjpeg-turbo's by {diff} levels"

@@ -1,0 +1,278 @@
+"""data.decode=gpu: the torch backend's decode stage (workers send bytes and crop boxes, one
+main-process thread decodes and augments whole batches), run here on device=cpu.
+
+What the stage promises against the CPU path (decode + torchvision v2 in the workers): the
+same samples in the same order, the same crop boxes and flips, pixels within one level of
+uint8 (the CPU path rounds to uint8 between its two resize passes, the stage once at the
+end), bitwise equal where nothing is resized; the Batch contract; resume mid-epoch without
+decoding the replayed batches; and data.on_bad_sample for images that only fail to decode.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as F
+
+from distres.data import gpu_decode
+from distres.data.api import DataError
+from distres.data.crop_resize import crop_resize
+from distres.data.gpu_decode import DecodeStage, steps
+from distres.data.shards import read_shard_set, write_shards
+from distres.data.torch_loader import ShardLoader
+from distres.data.transforms import train_transform, val_transform
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CLASSES = {str(i): i for i in range(10)}
+ONE_LEVEL = 1.001  # one uint8 level, with float32 slack from the normalisation
+
+
+def photo(seed: int, size: tuple[int, int], fmt: str = "JPEG", **save) -> bytes:
+    """A smooth, photo-like image (noise blurred), so resampling differences stay small as
+    they do on real photographs."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size[1], size[0]
+    low = torch.rand(3, h // 8 + 2, w // 8 + 2, generator=g) * 255
+    img = F.resize(low, [h, w], antialias=True).clamp(0, 255).byte()
+    mode = save.pop("mode", "RGB")
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).convert(mode).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """48 images of mixed sizes in 3 shards: baseline, progressive and greyscale JPEGs, and
+    PNGs (which the stage decodes on the CPU)."""
+    root = tmp_path_factory.mktemp("photos")
+    samples = []
+    for k in range(48):
+        size = (90 + 13 * (k % 7), 70 + 11 * (k % 5))
+        kind = k % 6
+        if kind == 4:
+            data = photo(k, size, "PNG")
+        elif kind == 5:
+            data = photo(k, size, mode="L", quality=92)
+        else:
+            data = photo(k, size, quality=92, progressive=kind == 3)
+        samples.append((f"img{k:03d}", data, k % 10))
+    write_shards(samples, root, "p", CLASSES, 16)
+    return root
+
+
+def make(root, decode: str, train: bool, transform, **kw) -> ShardLoader:
+    return ShardLoader(
+        read_shard_set(root),
+        train=train,
+        batch_size=kw.pop("batch_size", 8),
+        transform=transform,
+        mean=MEAN,
+        std=STD,
+        num_classes=10,
+        shuffle_buffer=kw.pop("shuffle_buffer", 16),
+        seed=7,
+        decode=decode,
+        **kw,
+    )
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in uint8 levels, for normalised batches."""
+    return ((a.float() - b.float()) * torch.tensor(STD).view(1, -1, 1, 1) * 255).abs()
+
+
+def compare(cpu: ShardLoader, gpu: ShardLoader, epochs=(0, 1)) -> float:
+    worst = 0.0
+    for epoch in epochs:
+        cpu.set_epoch(epoch)
+        gpu.set_epoch(epoch)
+        a, b = list(cpu), list(gpu)
+        assert len(a) == len(b) == len(cpu)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.labels, y.labels)
+            assert y.labels.dtype == torch.int64
+            assert y.images.shape == x.images.shape
+            assert y.images.is_contiguous(memory_format=torch.channels_last)
+            worst = max(worst, float(levels(x.images, y.images).max()))
+    return worst
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_crops_and_flips_match_the_cpu_path(photos, workers):
+    """RandomResizedCrop + flip: the same boxes and flips, drawn by the same RNG calls in
+    the workers, so every pixel is within one level of the CPU path's."""
+    t = train_transform(48, True, 0.08, 0, True)
+    worst = compare(
+        make(photos, "cpu", True, t, num_workers=workers),
+        make(photos, "gpu", True, t, num_workers=workers),
+    )
+    assert worst <= ONE_LEVEL
+
+
+def test_validation_resize_and_center_crop_match_the_cpu_path(photos):
+    # resize 60: no image's short side reaches twice that, where the CPU path would decode
+    # at reduced scale (JPEG draft mode) and the stage, decoding full size, would differ
+    t = val_transform(48, 60)
+    assert compare(make(photos, "cpu", False, t), make(photos, "gpu", False, t), (0,)) <= ONE_LEVEL
+
+
+def test_padded_random_crop_is_bitwise_equal(digits_dirs):
+    """digits' recipe (pad 2, random 32x32 crop, no resize): nothing is resampled, so the
+    stage's output is the CPU path's, bit for bit."""
+    t = train_transform(32, False, 0.08, 2, False)
+    train_dir = digits_dirs[0]
+    cpu = make(train_dir, "cpu", True, t, batch_size=64, shuffle_buffer=256)
+    gpu = make(train_dir, "gpu", True, t, batch_size=64, shuffle_buffer=256)
+    # one after the other: with num_workers=0 both draw from this process's global RNG
+    a, b = list(itertools.islice(cpu, 6)), list(itertools.islice(gpu, 6))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.labels, y.labels)
+        assert torch.equal(x.images, y.images)
+
+
+def test_crop_resize_matches_torchvision_for_any_mix_of_sizes():
+    """The batched kernel against torchvision's per-image functions: random resized crops
+    (down- and upscaling), resize + center crop, zero-padded crops and flips, over images of
+    many sizes; a small canvas budget (many sub-batches) gives the same result."""
+    g = torch.Generator().manual_seed(0)
+    images, geometry, refs = [], [], []
+    for k in range(30):
+        h, w = (int(torch.randint(12, 300, (), generator=g)) for _ in range(2))
+        img = F.gaussian_blur((torch.rand(3, h, w, generator=g) * 255).byte(), [5, 5])
+        s = 40
+        if k % 3 == 0:
+            t, left, ch, cw = RandomResizedCrop.get_params(img, [0.05, 1], [3 / 4, 4 / 3])
+            ref = F.resized_crop(img, t, left, ch, cw, [s, s], antialias=True)
+            geo = [t, ch, s, 0, s, left, cw, s, 0, s]
+        elif k % 3 == 1:
+            resized = F.resize(img, 47, antialias=True)
+            rh, rw = resized.shape[-2:]
+            ref = F.center_crop(resized, [s, s])
+            geo = [0, h, rh, round((rh - s) / 2), s, 0, w, rw, round((rw - s) / 2), s]
+        else:
+            pad = 30
+            top = int(torch.randint(0, h + 2 * pad - s + 1, (), generator=g))
+            left = int(torch.randint(0, w + 2 * pad - s + 1, (), generator=g))
+            ref = F.pad(img, [pad] * 4)[:, top : top + s, left : left + s]
+            geo = [top - pad, s, s, 0, s, left - pad, s, s, 0, s]
+        flip = k % 2
+        images.append(img)
+        geometry.append([*geo, float(flip)])
+        refs.append(ref.flip(-1) if flip else ref)
+    geometry = torch.tensor(geometry, dtype=torch.float64)
+    ref = torch.stack(refs).float()
+    outs = []
+    for budget in (1 << 26, 3 * 120 * 120):
+        out = torch.empty(len(images), 3, 40, 40).contiguous(memory_format=torch.channels_last)
+        crop_resize(images, geometry, out, torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1), budget)
+        assert float((out - ref).abs().max()) <= ONE_LEVEL
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_resume_mid_epoch_replays_without_decoding(photos, monkeypatch):
+    t = train_transform(48, True, 0.08, 0, True)
+    whole = list(make(photos, "gpu", True, t))
+    first = make(photos, "gpu", True, t)
+    taken = list(itertools.islice(first, 2))
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batches": 2}
+    decoded = []
+    real = DecodeStage.decode
+    monkeypatch.setattr(
+        DecodeStage, "decode", lambda self, recs: decoded.append(len(recs)) or real(self, recs)
+    )
+    resumed = make(photos, "gpu", True, t)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(decoded) == len(whole) - 2  # the two replayed batches were never decoded
+    for x, y in zip(whole, taken + rest, strict=True):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]  # the header parses; the entropy-coded data breaks off
+
+
+@pytest.fixture
+def one_truncated(tmp_path):
+    samples = [(f"ok{k:02d}", photo(k, (64, 48)), k % 10) for k in range(7)]
+    samples.insert(3, ("cut-short", truncated(photo(99, (64, 48))), 4))
+    write_shards(samples, tmp_path, "b", CLASSES, 100)
+    return tmp_path
+
+
+def test_an_image_that_only_fails_to_decode_names_shard_and_key(one_truncated):
+    with pytest.raises(DataError, match=r"b-000000\.tar: sample 'cut-short': cannot decode"):
+        list(make(one_truncated, "gpu", False, val_transform(32, 0)))
+
+
+def test_skip_fills_the_slot_with_a_copy_and_counts_it(one_truncated):
+    loader = make(one_truncated, "gpu", False, val_transform(32, 0), skip_bad=True)
+    (batch,) = list(loader)
+    assert batch.images.shape[0] == 8  # the batch shape is kept
+    assert loader.skipped == 1
+    rows = batch.images.flatten(1)
+    assert any(torch.equal(rows[3], rows[i]) for i in range(8) if i != 3)
+    assert batch.labels[3] != 4  # the copy's own label travels with it
+
+
+def test_an_unreadable_header_is_caught_in_the_worker(tmp_path):
+    samples = [(f"ok{k:02d}", photo(k, (64, 48)), k % 10) for k in range(5)]
+    samples.insert(2, ("garbage", b"\xff\xd8 not a jpeg", 1))
+    write_shards(samples, tmp_path, "g", CLASSES, 100)
+    with pytest.raises(DataError, match=r"g-000000\.tar: sample 'garbage': cannot decode"):
+        list(make(tmp_path, "gpu", False, val_transform(32, 0), num_workers=1))
+    loader = make(tmp_path, "gpu", False, val_transform(32, 0), skip_bad=True)
+    assert sum(len(b.labels) for b in loader) == 5 and loader.skipped == 1
+
+
+def test_a_transform_the_stage_cannot_reproduce_is_refused():
+    with pytest.raises(ValueError, match="cannot apply ColorJitter on the device"):
+        steps(v2.Compose([v2.RandomResizedCrop(32), v2.ColorJitter(0.4)]))
+    with pytest.raises(ValueError, match="pads with zeros only"):
+        steps(v2.RandomCrop(32, padding=4, padding_mode="reflect"))
+
+
+def test_half_precision_output_and_contiguous_layout(photos):
+    t = val_transform(48, 56)
+    ref = list(make(photos, "gpu", False, t))
+    half = list(make(photos, "gpu", False, t, out_dtype=torch.float16))
+    plain = list(make(photos, "gpu", False, t, channels_last=False))
+    assert half[0].images.dtype == torch.float16
+    assert half[0].images.is_contiguous(memory_format=torch.channels_last)
+    assert plain[0].images.is_contiguous()
+    for r, h, p in zip(ref, half, plain, strict=True):
+        assert float((r.images - h.images.float()).abs().max()) < 0.01
+        assert torch.equal(r.images, p.images)
+
+
+def test_decode_setting_resolves_per_device():
+    assert gpu_decode.resolve_decode("auto", torch.device("cpu")) == "cpu"
+    assert gpu_decode.resolve_decode("gpu", torch.device("cpu")) == "gpu"
+    assert gpu_decode.resolve_decode("cpu", torch.device("cpu")) == "cpu"
+    # (bad values and data.backend=dali with data.decode: test_config's one-line errors)
+
+
+@pytest.mark.slow
+def test_training_with_the_stage_equals_training_with_cpu_decoding(tmp_path):
+    """distres.train on digits: data.decode=gpu (on the CPU) gives the CPU path's losses
+    exactly, since the padded random crop resamples nothing."""
+    losses = {}
+    for decode in ("cpu", "gpu"):
+        run_dir = tmp_path / decode
+        r = run_cli(
+            "data.backend=torch", f"data.decode={decode}", "train.epochs=1",
+            "tracking.wandb=off", "tracking.progress=false", f"run.dir={run_dir}",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[decode] = [(m["step"], m.get("train/loss"), m.get("val/loss")) for m in rows]
+    assert losses["gpu"] == losses["cpu"] and len(losses["cpu"]) >= 2
