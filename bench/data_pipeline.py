@@ -7,6 +7,9 @@ and rescaled to around 500x375 like an average ImageNet image), then times four 
                   ceiling of what DALI does on this machine (no hand-over to torch)
   distres DALI    distres.data.dali.DaliLoader (the same graph, plus the torch hand-over)
   distres torch   distres.data.torch_loader.ShardLoader (webdataset + torchvision v2 on PIL)
+  torch stage     the same loader with data.decode=gpu: workers send bytes and crop boxes,
+                  one thread of the main process decodes and crops whole batches (nvJPEG on a
+                  GPU; here, without one, libjpeg-turbo and the batched crop-resize on the CPU)
   plain baseline  webdataset .decode("pil") + torchvision RandomResizedCrop/flip/ToTensor/
                   Normalize in DataLoader workers, as a tutorial writes it
 
@@ -76,6 +79,8 @@ def timed(batches, n_batches: int, batch: int) -> float:
         except StopIteration:
             break
         done += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the GPU-decode stage's last batch may still be in flight
     return done * batch / (time.perf_counter() - t0)
 
 
@@ -162,6 +167,30 @@ def distres_torch(shard_set, batch: int, workers: int, epochs: int) -> float:
     return timed(run(), epochs * len(loader), batch)
 
 
+def torch_stage(shard_set, batch: int, workers: int, epochs: int) -> float:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = ShardLoader(
+        shard_set,
+        train=True,
+        batch_size=batch,
+        mean=MEAN,
+        std=STD,
+        num_classes=10,
+        num_workers=workers,
+        shuffle_buffer=1024,
+        transform=train_transform(224, True, 0.08, 0, True),
+        decode="gpu",
+        device=device,
+    )
+
+    def run():
+        for e in range(epochs + 1):
+            loader.set_epoch(e)
+            yield from loader
+
+    return timed(run(), epochs * len(loader), batch)
+
+
 def plain_baseline(shard_set, batch: int, workers: int, epochs: int) -> float:
     import torchvision.transforms as T
     import webdataset as wds
@@ -220,6 +249,7 @@ def main() -> None:
             ("bare DALI", bare_dali, args.workers),
             ("distres DALI", distres_dali, args.workers),
             ("distres torch", distres_torch, args.workers),
+            ("torch stage", torch_stage, args.workers),
             ("plain baseline", plain_baseline, args.workers),
         ):
             results[name] = fn(shard_set, args.batch, par, args.epochs)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see docs/performance.md), about 9 minutes, most
-# valuable first: the GPU JPEG decoder probe (bench/gpu_decode.py: nvJPEG speed, the vision
-# issue 9606 corruption check, decoding under training load), the torch backend's CPU loader
-# probe (bench/torch_loader_probe.py), the throughput grid of bench/train_throughput.py
-# (ResNet-50, 224, batch 256, bf16, channels_last, eager vs torch.compile; synthetic and real
-# data), then the trainer itself on the GPU over the same shards, then the embedded default
-# run with fp16 (GradScaler). Logs go to $OUT, one file per part.
+# One prepared run on a lent GPU machine (see docs/performance.md), under 9 minutes (one
+# device command may run 10), most valuable first: the GPU JPEG decoder probe
+# (bench/gpu_decode.py: nvJPEG speed, the vision issue 9606 corruption check, decoding under
+# training load), the throughput grid of bench/train_throughput.py (ResNet-50, 224, batch
+# 256, bf16, channels_last, eager vs torch.compile; synthetic, and real data decoded by
+# DataLoader workers and by the GPU-decode stage, data.decode=gpu), the trainer itself on the
+# GPU with data.decode=gpu, host syncs per step (bench/host_syncs.py), and CUDA graphs
+# (engine.compile_mode=reduce-overhead). Logs go to $OUT, one file per part.
 #
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
 #
@@ -30,29 +31,35 @@ workers=$(( $(nproc) - 2 ))
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 
+echo "== torchcodec (carried in .whl/ if at all): does it load on this torch?"
+python3 -c "import torchcodec; print('torchcodec', torchcodec.__version__, 'loads')" 2>&1 | tail -n 1 | tee -a "$OUT/gpu.txt"
+
 echo "== bench/gpu_decode.py"
-timeout "${T_DECODE:-120}" python3 bench/gpu_decode.py --data-dir "$data" 2>&1 | tee "$OUT/decode.txt"
+timeout "${T_DECODE:-90}" python3 bench/gpu_decode.py --data-dir "$data" 2>&1 | tee "$OUT/decode.txt"
 
-echo "== bench/torch_loader_probe.py"
-timeout "${T_PROBE:-100}" python3 bench/torch_loader_probe.py --images 4096 2>&1 | tee "$OUT/probe.txt"
-
-echo "== bench/train_throughput.py --preset gpu"
+echo "== bench/train_throughput.py --preset gpu: synthetic vs real, data.decode=cpu and gpu"
 timeout "${T_BENCH:-240}" python3 bench/train_throughput.py --preset gpu --images 6144 \
-    --workers "$workers" --data-dir "$data" 2>&1 | tee "$OUT/throughput.txt"
+    --workers "$workers" --data-dir "$data" --decode cpu,gpu --steps 30 --warmup 10 \
+    2>&1 | tee "$OUT/throughput.txt"
 
-for compile in false ${TRAIN_COMPILE:-}; do
-    echo "== distres.train: ResNet-50 on the GPU over the same shards, engine.compile=$compile"
-    timeout "${T_TRAIN:-90}" torchrun --standalone --nproc_per_node=1 -m distres.train \
-        model.name=resnet50 model.num_classes=10 data.dataset=shards \
-        "data.train_shards=$data/train" "data.val_shards=$data/train" data.image_size=224 \
-        data.val_resize=256 data.random_resized_crop=true data.hflip=true \
-        "data.num_workers=$workers" train.batch_size=256 train.epochs=3 tracking.log_every=8 \
-        engine.compile=$compile tracking.wandb=off tracking.progress=log \
-        run.dir=/tmp/gpu_train_$compile 2>&1 | tee "$OUT/train_compile_$compile.txt"
-    cp /tmp/gpu_train_$compile/metrics.jsonl "$OUT/train_compile_$compile.jsonl" 2>/dev/null
-done
+echo "== distres.train: ResNet-50 on the GPU over the same shards, data.decode=gpu"
+timeout "${T_TRAIN:-75}" torchrun --standalone --nproc_per_node=1 -m distres.train \
+    model.name=resnet50 model.num_classes=10 data.dataset=shards data.backend=torch \
+    "data.train_shards=$data/train" "data.val_shards=$data/train" data.image_size=224 \
+    data.val_resize=256 data.random_resized_crop=true data.hflip=true data.decode=gpu \
+    "data.num_workers=$workers" train.batch_size=256 train.epochs=3 tracking.log_every=8 \
+    tracking.wandb=off tracking.progress=log run.dir=/tmp/gpu_train \
+    2>&1 | tee "$OUT/train_decode_gpu.txt"
+cp /tmp/gpu_train/metrics.jsonl "$OUT/train_decode_gpu.jsonl" 2>/dev/null
 
-echo "== distres.train: the embedded default run, fp16 with GradScaler"
-timeout "${T_DEFAULT:-45}" python3 -m distres.train train.precision=fp16 train.epochs=2 \
-    tracking.wandb=off tracking.progress=false run.dir=/tmp/gpu_default 2>&1 | tail -n 15 | tee "$OUT/default.txt"
+echo "== bench/host_syncs.py: host-device syncs per step (ResNet-50, shards, data.decode=gpu)"
+timeout "${T_SYNC:-60}" python3 bench/host_syncs.py model.name=resnet50 model.num_classes=10 \
+    data.dataset=shards data.backend=torch "data.train_shards=$data/train" \
+    "data.val_shards=$data/train" data.image_size=224 data.random_resized_crop=true \
+    data.decode=gpu "data.num_workers=$workers" train.batch_size=256 train.max_steps=60 \
+    tracking.log_every=20 2>&1 | tail -n 25 | tee "$OUT/host_syncs.txt"
+
+echo "== bench/train_throughput.py: engine.compile_mode=reduce-overhead (CUDA graphs), synthetic"
+timeout "${T_GRAPHS:-60}" python3 bench/train_throughput.py --preset gpu --no-real \
+    --compile reduce-overhead --steps 30 --warmup 10 2>&1 | tee "$OUT/graphs.txt"
 echo "== done"

@@ -12,7 +12,11 @@ img/s, step time, peak memory and MFU, twice:
   pipeline    the input pipeline alone, no training step: the data ceiling
   real        batches from distres's input pipeline (shards of JPEGs written here from
               scikit-learn's sample photos, the DALI backend where it imports, else torch):
-              what a user gets
+              what a user gets; with the torch backend once per --decode (cpu: decoding in
+              DataLoader workers, gpu: the GPU-decode stage, data.decode=gpu)
+
+--compile takes off, on (torch.compile's default mode) and mode names (max-autotune,
+reduce-overhead: CUDA graphs, each step marked as a new graph step as the engine does).
 
 MFU = achieved model FLOP/s over the device's peak. The FLOPs are counted, not assumed: one
 forward pass is run under torch.utils.flop_counter.FlopCounterMode, and a training step is
@@ -73,12 +77,14 @@ def step_flops(model: torch.nn.Module, batch: int, size: int, device: torch.devi
     return 3.0 * counter.get_total_flops() / 2 * batch
 
 
-def make_step(model, opt, precision: str, device: torch.device):
+def make_step(model, opt, precision: str, device: torch.device, graphs: bool = False):
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -109,7 +115,9 @@ def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> 
     return (time.perf_counter() - t0) / steps
 
 
-def real_batches(args, device: torch.device, model_name: str, batch: int, size: int, tmp: str):
+def real_batches(
+    args, device: torch.device, model_name: str, batch: int, size: int, tmp: str, decode: str
+):
     """An endless stream of (images, labels) from distres's loader over written shards."""
     try:
         from distres.config import load_config
@@ -142,13 +150,16 @@ def real_batches(args, device: torch.device, model_name: str, batch: int, size: 
         "data.mean=[0.485,0.456,0.406]",
         "data.std=[0.229,0.224,0.225]",
         f"data.num_workers={args.workers}",
+        f"data.decode={decode}",
+        f"data.backend={'auto' if decode == 'cpu' else 'torch'}",
     ]
     cfg = load_config(None, overrides)
     threads = host_threads(cfg, device)  # as the trainer does: see host_threads
     if threads:
         torch.set_num_threads(threads)
     train, _ = build_loaders(cfg, device, 0, 1)
-    print(f"  (real data: {type(train).__name__}, {args.workers} workers)", flush=True)
+    print(f"  (real data: {type(train).__name__}, {args.workers} workers, decode {decode})",
+          flush=True)  # fmt: skip
 
     def stream():
         for epoch in itertools.count():
@@ -167,7 +178,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--precisions", default=None)
     parser.add_argument("--formats", default="channels_last")
-    parser.add_argument("--compile", default=None, help="off,on")
+    parser.add_argument("--compile", default=None, help="off,on,max-autotune,reduce-overhead")
+    parser.add_argument(
+        "--decode", default=None, help="real data: cpu,gpu (torch backend's data.decode)"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--images", type=int, default=512, help="JPEGs for the real-data run")
@@ -187,6 +201,7 @@ def main() -> None:
     size = args.size or (224 if gpu else 112)
     precisions = (args.precisions or ("bf16" if gpu else "fp32,bf16")).split(",")
     compiles = (args.compile or ("off,on" if gpu else "off")).split(",")
+    decodes = (args.decode or ("cpu,gpu" if gpu else "cpu")).split(",")
     steps, warmup = args.steps or (50 if gpu else 3), args.warmup or (15 if gpu else 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -204,7 +219,7 @@ def main() -> None:
     print(header)
     print("-" * len(header), flush=True)
     tmp = tempfile.TemporaryDirectory()
-    piped: set[int] = set()
+    piped: set[tuple[int, str]] = set()
     grid = itertools.product(models, batches, precisions, args.formats.split(","), compiles)
     for name, batch, precision, fmt, comp in grid:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -215,26 +230,29 @@ def main() -> None:
         flops = step_flops(model, batch, size, device)
         opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **opt_kwargs)
-        net = torch.compile(model) if comp == "on" else model
-        step = make_step(net, opt, precision, device)
+        mode = None if comp in ("on", "off") else comp
+        net = torch.compile(model, mode=mode) if comp != "off" else model
+        step = make_step(net, opt, precision, device, graphs=comp == "reduce-overhead")
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
         y = torch.randint(0, 10, (batch,), device=device)
         runs = [("synthetic", itertools.repeat((x, y)))]
-        if not args.no_real:
+        for decode in [] if args.no_real else decodes:
             try:
-                real = real_batches(args, device, name, batch, size, tmp.name)
+                real = real_batches(args, device, name, batch, size, tmp.name, decode)
             except RuntimeError as e:
                 print(f"  ({e})")
-            else:
-                if batch not in piped:  # the input pipeline alone, once per batch size
-                    piped.add(batch)
-                    seconds = time_steps(lambda x, y: None, real, warmup, steps, device)
-                    print(
-                        f"{'pipeline':9s} {'-':9s} {batch:5d} {'-':4s} {fmt:13s} {'-':7s} "
-                        f"{batch / seconds:8.1f} {seconds * 1e3:8.1f}",
-                        flush=True,
-                    )
-                runs.append(("real", real))
+                continue
+            tag = "" if len(decodes) == 1 else f"/{decode}"
+            if (batch, decode) not in piped:  # the input pipeline alone, once per batch size
+                piped.add((batch, decode))
+                seconds = time_steps(lambda x, y: None, real, warmup, steps, device)
+                label = "pipe" + tag if tag else "pipeline"
+                print(
+                    f"{label:9s} {'-':9s} {batch:5d} {'-':4s} {fmt:13s} {'-':7s} "
+                    f"{batch / seconds:8.1f} {seconds * 1e3:8.1f}",
+                    flush=True,
+                )
+            runs.append(("real" + tag, real))
         for label, stream in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

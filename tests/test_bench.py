@@ -35,11 +35,11 @@ def test_train_throughput_prints_synthetic_pipeline_and_real_rows(tmp_path):
         "train_throughput.py",
         *("--models", "resnet18", "--batches", "8", "--size", "64", "--precisions", "fp32"),
         *("--steps", "2", "--warmup", "1", "--images", "96", "--workers", "1"),
-        *("--data-dir", str(tmp_path)),
+        *("--data-dir", str(tmp_path), "--decode", "cpu,gpu"),
     )
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1]}
-    assert {"synthetic", "pipeline", "real"} <= rows.keys(), out
-    assert rate(rows["synthetic"]) > 0 and rate(rows["real"]) > 0
+    assert {"synthetic", "pipe/cpu", "real/cpu", "pipe/gpu", "real/gpu"} <= rows.keys(), out
+    assert all(rate(rows[k]) > 0 for k in ("synthetic", "real/cpu", "real/gpu", "pipe/gpu"))
     assert rows["synthetic"].split()[1:5] == ["resnet18", "8", "fp32", "channels_last"]
     assert (tmp_path / "train" / "manifest.json").is_file()  # --data-dir keeps the shards
 
@@ -72,3 +72,8 @@ def test_gpu_decode_prints_the_cpu_rows_and_skips_the_gpu_ones_without_cuda(tmp_
     assert len(ms) == 4 and all(float(v) > 0 for v in ms), out
     assert len(list((tmp_path / "src").glob("*/*.jpg"))) == 24  # the photos it decoded
     assert "no CUDA device: the GPU rows were skipped" in out, out
+
+
+def test_host_syncs_says_it_needs_a_gpu():
+    out = bench("host_syncs.py")
+    assert "no CUDA device: nothing to count" in out, out

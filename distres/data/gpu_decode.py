@@ -193,6 +193,8 @@ class DecodeStage:
         stop = threading.Event()
 
         def work() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
             while (records := todo.get()) is not None and not stop.is_set():
                 try:
                     done.put(self.decode(records))
@@ -200,10 +202,14 @@ class DecodeStage:
                     done.put(e)
 
         thread = threading.Thread(target=work, name="distres-decode", daemon=True)
-        thread.start()
         pending = 0
         try:
             for records in batches:
+                if not thread.is_alive() and not pending:
+                    # started once the first records are in: the DataLoader has forked its
+                    # workers by then, so no fork happens while this thread runs CUDA calls
+                    # (a refill mid-epoch, data/torch_loader.py, is the rare exception)
+                    thread.start()
                 todo.put(records)
                 pending += 1
                 if pending > self.depth:
@@ -215,7 +221,8 @@ class DecodeStage:
         finally:
             stop.set()
             todo.put(None)
-            thread.join()
+            if thread.is_alive():
+                thread.join()
 
     def take_skipped(self) -> int:
         """Images replaced by a copy (on_bad_sample=skip) in the batches handed over since
