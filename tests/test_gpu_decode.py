@@ -123,6 +123,39 @@ def test_validation_resize_and_center_crop_match_the_cpu_path(photos):
     assert compare(make(photos, "cpu", False, t), make(photos, "gpu", False, t), (0,)) <= ONE_LEVEL
 
 
+@pytest.mark.parametrize("crop", [48, 128], ids=["inside", "padded"])
+def test_center_crop_without_resize_is_bitwise_equal(photos, crop):
+    """CenterCrop alone (val_resize=0), inside every image or larger than all of them (zero
+    padding around it): nothing is resampled, so the pixels are the CPU path's exactly."""
+    t = val_transform(crop, 0)
+    assert compare(make(photos, "cpu", False, t), make(photos, "gpu", False, t), (0,)) == 0.0
+
+
+def test_cmyk_and_greyscale_images_and_one_channel_models(tmp_path):
+    """A CMYK JPEG (decoded on the CPU: nvJPEG's colour conversion is not trusted with it)
+    and greyscale ones, into 3-channel and 1-channel batches, as the CPU path makes them."""
+    samples = [
+        ("cmyk", photo(1, (80, 60), mode="CMYK", quality=92), 1),
+        ("grey", photo(2, (70, 90), mode="L", quality=92), 2),
+        ("rgb", photo(3, (90, 70), quality=92), 3),
+        ("png", photo(4, (60, 60), "PNG"), 4),
+    ]
+    write_shards(samples, tmp_path, "m", CLASSES, 100)
+    for chans, mean, std in ((3, MEAN, STD), (1, [0.5], [0.25])):
+        batches = []
+        for decode in ("cpu", "gpu"):
+            loader = ShardLoader(
+                read_shard_set(tmp_path), train=False, batch_size=4,
+                transform=val_transform(48, 56), mean=mean, std=std, num_classes=10,
+                in_chans=chans, decode=decode,
+            )  # fmt: skip
+            batches.append(list(loader))
+        (a,), (b,) = batches
+        assert a.images.shape == b.images.shape == (4, chans, 48, 48)
+        diff = ((a.images - b.images) * torch.tensor(std).view(1, -1, 1, 1) * 255).abs()
+        assert float(diff.max()) <= ONE_LEVEL
+
+
 def test_padded_random_crop_is_bitwise_equal(digits_dirs):
     """digits' recipe (pad 2, random 32x32 crop, no resize): nothing is resampled, so the
     stage's output is the CPU path's, bit for bit."""

@@ -61,8 +61,9 @@ class DataConfig:
     )
     val_resize: int = doc(
         0,
-        "val: resize the shorter side to this, then center-crop "
-        "image_size; 0 means round(image_size * 8/7), or none for digits",
+        "val: resize the shorter side to this, then center-crop image_size; 0: no resize, "
+        "the center crop alone (digits' images are image_size already; ImageNet presets "
+        "set 256 for 224, the 0.875 crop)",
     )
     random_resized_crop: bool = doc(False, "train: RandomResizedCrop (ImageNet recipe)")
     rrc_min_scale: float = doc(0.08, "train: smallest area fraction RandomResizedCrop takes")

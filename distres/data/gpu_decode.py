@@ -47,8 +47,11 @@ log = logging.getLogger("distres.data")
 # would say nothing the docs do not.
 warnings.filterwarnings("ignore", message=r".*decoding and encoding capabilities of TorchVision")
 
-# after the geometry: whether the bytes are a JPEG, and the size its header gives
-IS_JPEG, HEIGHT, WIDTH = GEOMETRY, GEOMETRY + 1, GEOMETRY + 2
+# after the geometry: the kind of image (KINDS), and the size its header gives
+KIND, HEIGHT, WIDTH = GEOMETRY, GEOMETRY + 1, GEOMETRY + 2
+# not a JPEG (decoded on the CPU), a JPEG for nvJPEG, a JPEG nvJPEG does not take (CMYK/YCCK:
+# decoded on the CPU, as the cpu path does, rather than trusted to a GPU colour conversion)
+OTHER, NVJPEG, CPU_JPEG = 0, 1, 2
 
 GEOMETRIC = (v2.RandomResizedCrop, v2.RandomCrop, v2.Resize, v2.CenterCrop)
 
@@ -101,9 +104,8 @@ def draw(ops: list, height: int, width: int) -> list[float]:
             _crop(y, p["top"] - pad_top, p["height"])
             _crop(x, p["left"] - pad_left, p["width"])
         elif isinstance(op, v2.CenterCrop):
-            th, tw = op.size
-            _crop(y, round((y[4] - th) / 2.0), th)
-            _crop(x, round((x[4] - tw) / 2.0), tw)
+            _crop(y, _center(y[4], op.size[0]), op.size[0])
+            _crop(x, _center(x[4], op.size[1]), op.size[1])
         else:  # Resize
             h, w = v2.functional._geometry._compute_resized_output_size(
                 (y[4], x[4]), size=op.size, max_size=op.max_size
@@ -111,6 +113,12 @@ def draw(ops: list, height: int, width: int) -> list[float]:
             _resize(y, h)
             _resize(x, w)
     return [*y, *x, flip]
+
+
+def _center(size: int, crop: int) -> int:
+    """Where torchvision's center_crop starts along one axis: zero padding of
+    (crop - size) // 2 before a smaller image, else the rounded centre."""
+    return -((crop - size) // 2) if crop > size else round((size - crop) / 2.0)
 
 
 def _crop(axis: list, start: int, length: int) -> None:
@@ -138,10 +146,12 @@ class Encoder:
         try:
             img = Image.open(io.BytesIO(data))  # parses the header only
             width, height = img.size
-            is_jpeg = img.format == "JPEG"
+            kind = (
+                OTHER if img.format != "JPEG" else NVJPEG if img.mode in ("RGB", "L") else CPU_JPEG
+            )
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise DataError(f"{where}: cannot decode image ({e})") from None
-        geometry = [*draw(self.ops, height, width), float(is_jpeg), height, width]
+        geometry = [*draw(self.ops, height, width), float(kind), height, width]
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return raw, torch.tensor(geometry, dtype=torch.float64)
 
@@ -280,7 +290,7 @@ class DecodeStage:
     def _images(self, records: list[Record]) -> list[torch.Tensor | None]:
         """Decoded C x H x W uint8 images on the device; None where on_bad_sample=skip left
         one out. Whole batch first, then image by image, then on the CPU."""
-        jpeg = [i for i, r in enumerate(records) if r.geometry[IS_JPEG] > 0]
+        jpeg = [i for i, r in enumerate(records) if r.geometry[KIND] == NVJPEG]
         images: list[torch.Tensor | None] = [None] * len(records)
         if self.device.type == "cuda" and jpeg:
             try:
@@ -305,16 +315,20 @@ class DecodeStage:
         return decode_jpeg(datas, mode=self.mode, device=self.device)
 
     def _on_cpu(self, r: Record) -> torch.Tensor | None:
-        from torchvision.io import decode_image
-
+        """The cpu path's decoders: libjpeg-turbo (torchcodec) for JPEGs, PIL for the rest
+        (PNG...), converted the same way, so the pixels are that path's."""
         from distres.data.transforms import decode_jpeg
 
+        data = bytes(r.data.numpy())
         try:
-            if r.geometry[IS_JPEG] > 0:
-                image = decode_jpeg(bytes(r.data.numpy()), mode=self.mode.name)
+            if r.geometry[KIND] != OTHER:
+                image = decode_jpeg(data, mode=self.mode.name)
             else:
-                image = decode_image(r.data, mode=self.mode)
-        except (RuntimeError, ValueError) as e:
+                img = Image.open(io.BytesIO(data))
+                mode = "RGB" if self.in_chans == 3 else "L"
+                img = img.convert(mode) if img.mode != mode else img
+                image = v2.functional.pil_to_tensor(img)
+        except (RuntimeError, ValueError, OSError, SyntaxError) as e:
             return self._bad(r, f"cannot decode image ({e})")
         return image.to(self.device, non_blocking=True) if self.device.type == "cuda" else image
 

@@ -56,6 +56,7 @@ def val_transform(image_size: int, resize: int) -> Callable:
     transform = v2.Compose([*ops, v2.CenterCrop(image_size)])
     # NOTE: JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, never below
     # the requested size, so a large val image headed for a `resize` short side decodes
-    # cheaper (used when the short side is at least twice that size).
-    transform.draft_size = resize or image_size
+    # cheaper (used when the short side is at least twice that size). Only before a resize:
+    # a center crop alone of a reduced image would cover a larger part of the picture.
+    transform.draft_size = resize or None
     return transform
