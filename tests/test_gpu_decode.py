@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 
 import pytest
 import torch
-from conftest import run_cli
+from multiproc import assert_same_weights, kill_at_step, records, resumes, train
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
@@ -295,17 +294,29 @@ def test_decode_setting_resolves_per_device():
 
 
 @pytest.mark.slow
-def test_training_with_the_stage_equals_training_with_cpu_decoding(tmp_path):
-    """distres.train on digits: data.decode=gpu (on the CPU) gives the CPU path's losses
-    exactly, since the padded random crop resamples nothing."""
-    losses = {}
-    for decode in ("cpu", "gpu"):
-        run_dir = tmp_path / decode
-        r = run_cli(
-            "data.backend=torch", f"data.decode={decode}", "train.epochs=1",
-            "tracking.wandb=off", "tracking.progress=false", f"run.dir={run_dir}",
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        losses[decode] = [(m["step"], m.get("train/loss"), m.get("val/loss")) for m in rows]
-    assert losses["gpu"] == losses["cpu"] and len(losses["cpu"]) >= 2
+def test_sigkill_with_the_stage_resumes_to_the_cpu_paths_run(tmp_path, test_rng):
+    """Two torchrun ranks on digits with the torch backend. A run with data.decode=gpu (the
+    stage, on the CPU) SIGKILLed mid-epoch and resumed ends bitwise equal, weights and every
+    train/eval record, to an uninterrupted run with data.decode=cpu: the stage draws the same
+    crops (digits' padded crop resamples nothing) and its resume replays the data position."""
+    common = [
+        "data.backend=torch",
+        "run.threads=1",
+        "run.deterministic=true",
+        "train.epochs=2",
+        "checkpoint.every_steps=3",
+        "tracking.log_every=1",
+        "checkpoint.keep_last=50",
+    ]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = train(2, whole, *common, "data.decode=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_at_step(killed, test_rng.choice([7, 9, 14]), *common, "data.decode=gpu")
+    proc = train(2, killed, *common, "data.decode=gpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert resumes(killed)
+    assert_same_weights(whole, killed)
+    kept = ("train", "eval")
+    assert [r for r in records(killed) if r["event"] in kept] == [
+        r for r in records(whole) if r["event"] in kept
+    ]
