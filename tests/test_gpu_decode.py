@@ -266,10 +266,10 @@ def test_an_unreadable_header_is_caught_in_the_worker(tmp_path):
     assert sum(len(b.labels) for b in loader) == 5 and loader.skipped == 1
 
 
-def test_a_transform_the_stage_cannot_reproduce_is_refused():
-    with pytest.raises(ValueError, match="cannot apply ColorJitter on the device"):
-        steps(v2.Compose([v2.RandomResizedCrop(32), v2.ColorJitter(0.4)]))
-    with pytest.raises(ValueError, match="pads with zeros only"):
+def test_a_transform_the_stage_cannot_reproduce_is_refused(photos):
+    with pytest.raises(DataError, match="cannot apply ColorJitter on the device"):
+        make(photos, "gpu", True, v2.Compose([v2.RandomResizedCrop(32), v2.ColorJitter(0.4)]))
+    with pytest.raises(DataError, match="pads with zeros only"):
         steps(v2.RandomCrop(32, padding=4, padding_mode="reflect"))
 
 

@@ -66,13 +66,16 @@ class Record(NamedTuple):
 
 
 def steps(transform: Callable) -> list:
-    """The transform's steps, checked to be ones the stage reproduces (raises ValueError)."""
+    """The transform's steps, checked to be ones the stage reproduces (DataError if not)."""
     ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
     for op in ops:
         if not isinstance(op, (*GEOMETRIC, v2.RandomHorizontalFlip)):
-            raise ValueError(f"data.decode=gpu cannot apply {type(op).__name__} on the device")
+            raise DataError(
+                f"data.decode=gpu cannot apply {type(op).__name__} on the device; "
+                "use data.decode=cpu for this augmentation"
+            )
         if isinstance(op, v2.RandomCrop) and op.padding_mode != "constant":
-            raise ValueError("data.decode=gpu pads with zeros only (RandomCrop padding_mode)")
+            raise DataError("data.decode=gpu pads with zeros only (RandomCrop padding_mode)")
     return ops
 
 
@@ -347,7 +350,13 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     batch would otherwise fall back to the CPU, one image at a time, in one thread)."""
     if decode == "cpu" or (decode == "auto" and device.type != "cuda"):
         return "cpu"
-    problem = self_check(device) if device.type == "cuda" else None
+    if device.type != "cuda":
+        log.warning(
+            "data.decode=gpu on a CPU device: the stage decodes and resizes in one thread of "
+            "the main process (slower than data.decode=cpu here; it is built for CUDA)"
+        )
+        return "gpu"
+    problem = self_check(device)
     if problem is None:
         return "gpu"
     if decode == "gpu":

@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
 from distres.data.batch import BufferPool, rebatch, rebatch_lists
-from distres.data.gpu_decode import DecodeStage, Encoder, pack, unpack
+from distres.data.gpu_decode import DecodeStage, Encoder, pack, steps, unpack
 from distres.data.shardset import ShardSet
 from distres.data.transforms import decode_jpeg
 
@@ -221,6 +221,8 @@ class ShardLoader:
         self.pin_batches = self.device.type == "cuda"  # see rebatch
         self.stage = None  # data.decode=gpu: decoding and augmentation in gpu_decode
         if decode == "gpu":
+            for t in (transform, *((transform_at(0),) if transform_at else ())):
+                steps(t)  # an augmentation the stage cannot apply: an error before training
             self.stage = DecodeStage(
                 self.device, out_dtype, mean, std, in_chans, skip_bad, channels_last
             )
