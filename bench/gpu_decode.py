@@ -14,6 +14,8 @@ machine it prints the CPU rows and says the GPU rows were skipped. Over the benc
                  pytorch/vision issue 9606 calls for)
   gpu + augment  the same, then a per-image random resized crop to 224 (antialiased), flip,
                  normalisation, stacked as a channels_last bf16 batch
+  gpu stage      the GPU-decode stage (data.decode=gpu) through its thread: nvJPEG, then the
+                 batched crop-resize of data/crop_resize.py to an fp16 channels_last batch
   victims        the 9606 reproduction: tensors whose reads are queued behind a stall on the
                  training stream are freed, then a batch is decoded; a victim's sum that
                  changed means the decoder wrote into memory still being read. Run unsafe
@@ -168,6 +170,43 @@ def gpu_rates(raws, batch: int, device) -> None:
         decode.stream.synchronize()
         n += len(x)
     row("gpu decode + augment to a bf16 batch", f"{n / (time.perf_counter() - t0):8.0f} img/s")
+    try:  # newest row: a failure here must not cost the session the rows after it
+        stage_rates(bs, device)
+    except Exception as e:
+        row("gpu stage: decode + batched crop-resize", f"FAILED: {type(e).__name__}: {e}")
+
+
+def stage_rates(bs: list[list[torch.Tensor]], device) -> None:
+    """The GPU-decode stage itself (data.decode=gpu): nvJPEG, then the batched crop-resize
+    (data/crop_resize.py) to fp16 channels_last, with random-resized-crop boxes and flips
+    drawn as the workers draw them; every batch handed over through the stage's thread."""
+    import io
+
+    from PIL import Image
+
+    from distres.data.gpu_decode import NVJPEG, DecodeStage, Record, draw, steps
+    from distres.data.transforms import train_transform
+
+    ops = steps(train_transform(224, True, 0.08, 0, True))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    stage = DecodeStage(device, torch.float16, mean, std, 3, skip_bad=False)
+    torch.manual_seed(0)
+    records = []
+    for b in bs:
+        batch = []
+        for raw in b:
+            w, h = Image.open(io.BytesIO(raw.numpy().tobytes())).size  # the header only
+            geo = torch.tensor([*draw(ops, h, w), float(NVJPEG), h, w], dtype=torch.float64)
+            batch.append(Record(raw, geo, 0, "bench"))
+        records.append(batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda d: None
+    list(stage(records[:2]))  # warm-up: nvJPEG handles, kernels
+    sync(device)
+    t0 = time.perf_counter()
+    n = sum(len(batch.labels) for batch in stage(records))
+    sync(device)
+    rate = n / (time.perf_counter() - t0)
+    row("gpu stage: decode + batched crop-resize", f"{rate:8.0f} img/s (fp16 channels_last)")
 
 
 def victims(raws, device, safe: bool, iterations: int) -> int:
