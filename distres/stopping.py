@@ -87,8 +87,12 @@ class StopConsensus:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def restore_signal_handlers(self) -> None:
+        """The handlers from before the run; after a stop for a signal, stop signals are
+        ignored instead: the same warning often arrives twice (Slurm's `scancel --full`
+        reaches every rank, and the batch script's trap sends it again), and the default
+        action of a late repeat would kill a rank that is on its way out with exit code 3."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:

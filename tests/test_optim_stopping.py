@@ -97,3 +97,29 @@ def test_lars_scales_each_decayed_layer_by_its_trust_ratio():
             assert step == pytest.approx(2.0 * 0.001 * before[name].norm(), rel=1e-3), name
         else:  # BN / bias: plain SGD
             assert step == pytest.approx(2.0 * grads[name].norm(), rel=1e-4), name
+
+
+def test_after_a_signal_stop_a_repeated_signal_is_ignored_not_fatal():
+    """Slurm's warning often reaches a rank twice (scancel --full, then the batch script's
+    trap): once the run has stopped for it, a late repeat must not kill the rank while it
+    writes its checkpoint and leaves. Without a signal, the old handlers come back."""
+    import os
+    import signal
+
+    from distres.stopping import StopConsensus
+
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        quiet = StopConsensus(torch.device("cpu"))
+        quiet.install_signal_handlers()
+        quiet.restore_signal_handlers()
+        assert signal.getsignal(signal.SIGUSR1) == before
+        stopped = StopConsensus(torch.device("cpu"))
+        stopped.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopped.agree() == "preempted"
+        stopped.restore_signal_handlers()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # the repeat: ignored, this process lives
+    finally:
+        signal.signal(signal.SIGUSR1, before)

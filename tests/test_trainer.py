@@ -359,3 +359,26 @@ def test_exit_process_leaves_a_multiprocessing_child_to_its_parent(tmp_path, cod
     proc.join(60)
     assert proc.exitcode == code
     assert marker.exists() == (code == 0)
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(monkeypatch):
+    """engine.compile_mode goes to torch.compile as its mode; under reduce-overhead (CUDA
+    graphs, which need a GPU to run) every micro-step starts a new graph step, so a loss read
+    after the next replay is never one the graph has overwritten. torch.compile is stood in
+    for (compiling on this CPU takes a minute and makes no CUDA graph); the step is real."""
+    from distres.engine import build_engine
+
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw["mode"]) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, expected in (("default", 0), ("reduce-overhead", 2)):
+        cfg = load_config(
+            None, ["engine.compile=true", f"engine.compile_mode={mode}", "train.grad_accum=2"]
+        )
+        engine = build_engine(cfg, DistEnv(), torch.device("cpu"), plan_batch(cfg, 1), 10)
+        x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        batch = Batch(x, torch.tensor([0, 1, 2, 3]))
+        marks.clear()
+        loss = engine.train_step([batch, batch])
+        assert torch.isfinite(loss) and len(marks) == expected
+    assert modes == ["default", "reduce-overhead"]

@@ -79,9 +79,11 @@ class Trainer:
                 and self.state.epoch < self.cfg.train.epochs
             ):
                 reason = self.train_epoch()
+            # still under the handlers: a stop signal during the final evaluation and
+            # checkpoint only sets a flag, instead of killing the rank halfway through them
+            return self.finish(reason or "completed", time.perf_counter() - t0)
         finally:
             self.consensus.restore_signal_handlers()
-        return self.finish(reason or "completed", time.perf_counter() - t0)
 
     def train_epoch(self) -> str | None:
         """The rest of this epoch; the stop reason if the run stops in it."""
