@@ -146,7 +146,7 @@ def distres_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
     return timed(run(), epochs * len(loader), batch)
 
 
-def distres_torch(shard_set, batch: int, workers: int, epochs: int) -> float:
+def distres_torch(shard_set, batch: int, workers: int, epochs: int, **stage) -> float:
     loader = ShardLoader(
         shard_set,
         train=True,
@@ -157,6 +157,7 @@ def distres_torch(shard_set, batch: int, workers: int, epochs: int) -> float:
         num_workers=workers,
         shuffle_buffer=1024,
         transform=train_transform(224, True, 0.08, 0, True),
+        **stage,
     )
 
     def run():
@@ -168,27 +169,9 @@ def distres_torch(shard_set, batch: int, workers: int, epochs: int) -> float:
 
 
 def torch_stage(shard_set, batch: int, workers: int, epochs: int) -> float:
+    """distres_torch with the GPU-decode stage, on the GPU where there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = ShardLoader(
-        shard_set,
-        train=True,
-        batch_size=batch,
-        mean=MEAN,
-        std=STD,
-        num_classes=10,
-        num_workers=workers,
-        shuffle_buffer=1024,
-        transform=train_transform(224, True, 0.08, 0, True),
-        decode="gpu",
-        device=device,
-    )
-
-    def run():
-        for e in range(epochs + 1):
-            loader.set_epoch(e)
-            yield from loader
-
-    return timed(run(), epochs * len(loader), batch)
+    return distres_torch(shard_set, batch, workers, epochs, decode="gpu", device=device)
 
 
 def plain_baseline(shard_set, batch: int, workers: int, epochs: int) -> float:
