@@ -260,7 +260,7 @@ class DecodeStage:
         replaced)."""
         if self.stream is None:
             return (*self._decode(records), None, self.bad.take())
-        self.stream.synchronize()  # vision 9606: nothing of ours queued while nvJPEG runs
+        # vision 9606: nothing of ours may be queued while nvJPEG runs (_nvjpeg syncs too)
         with torch.cuda.stream(self.stream):
             images, labels = self._decode(records)
             event = torch.cuda.Event()
@@ -315,6 +315,7 @@ class DecodeStage:
     def _nvjpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import decode_jpeg
 
+        self.stream.synchronize()  # before every call, retries too (vision 9606)
         return decode_jpeg(datas, mode=self.mode, device=self.device)
 
     def _on_cpu(self, r: Record) -> torch.Tensor | None:
@@ -379,7 +380,6 @@ def self_check(device: torch.device) -> str | None:
     raw = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     try:
         stage = DecodeStage(device, torch.float32, [0.0] * 3, [1.0] * 3, 3, skip_bad=False)
-        stage.stream.synchronize()
         with torch.cuda.stream(stage.stream):
             on_gpu = stage._nvjpeg([raw])[0].cpu()
         on_cpu = decode_jpeg(raw)
