@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
         "tracking.progress=false",
         "checkpoint.every_epochs=0",
         "checkpoint.save_final=false",
-        "run.dir=/tmp/distres_host_syncs",
+        f"run.dir={tempfile.mkdtemp(prefix='distres-host-syncs-')}",  # fresh: no resume
         *argv,
     ]
     sites: collections.Counter[str] = collections.Counter()
@@ -60,7 +61,8 @@ def main(argv: list[str]) -> int:
         torch.cuda.set_sync_debug_mode(0)
         warnings.showwarning = original
     total = sum(sites.values())
-    print(f"{summary['steps']} steps, {total} host syncs ({total / summary['steps']:.2f} per step)")
+    steps = max(1, summary["steps"])
+    print(f"{summary['steps']} steps, {total} host syncs ({total / steps:.2f} per step)")
     for where, n in sites.most_common():
         print(f"  {n:6d}  {where}")
     return 0
