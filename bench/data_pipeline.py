@@ -13,6 +13,14 @@ and rescaled to around 500x375 like an average ImageNet image), then times four 
   plain baseline  webdataset .decode("pil") + torchvision RandomResizedCrop/flip/ToTensor/
                   Normalize in DataLoader workers, as a tutorial writes it
 
+and the first three again with torchvision's v2 recipe's augmentation: TrivialAugment-wide per
+image (DALI's auto_aug operators in the DALI rows, torchvision v2 in the torch row) and random
+erasing (p 0.25) on each batch after the loader (distres.data.batch_augment, as the trainer
+applies it, in every row). These rows time one epoch: distres defines each epoch's DALI
+pipeline anew (a new shard order), which with an auto-augmentation takes 1-7 s of Python
+(overlapped with the previous epoch in a thread); that cost is printed on its own, since on
+epochs of a few seconds here it would swamp the rate and on ImageNet's it is noise.
+
     python3 bench/data_pipeline.py [--images 1536] [--batch 64] [--workers N] [--epochs 2]
 """
 
@@ -29,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distres.data.api import Batch
+from distres.data.batch_augment import BatchAugment, BatchAugmentSpec
 from distres.data.dali import DaliLoader
 from distres.data.shards import build_shard_set, read_shard_set
 from distres.data.torch_loader import ShardLoader
@@ -67,9 +77,20 @@ def _save_photo(photo: int, box: tuple, size: tuple, out: Path) -> None:
     img.save(out, quality=90)
 
 
-def timed(batches, n_batches: int, batch: int) -> float:
+TA = ("trivialaugment_wide", 0, 0)
+
+
+def erased(batches):
+    """Random erasing on each batch after the loader, as the trainer does it."""
+    spec = BatchAugmentSpec(num_classes=10, mean=tuple(MEAN), std=tuple(STD), random_erasing=0.25)
+    aug = BatchAugment(spec, 0, 0, torch.device("cpu"))
+    for step, (images, labels) in enumerate(batches):
+        yield aug.batch(Batch(images, labels), step, 0)
+
+
+def timed(batches, n_batches: int, batch: int, aug: bool = False) -> float:
     """img/s over n_batches after one warm-up batch."""
-    it = iter(batches)
+    it = iter(erased(batches) if aug else batches)
     next(it)
     t0 = time.perf_counter()
     done = 0
@@ -84,12 +105,15 @@ def timed(batches, n_batches: int, batch: int) -> float:
     return done * batch / (time.perf_counter() - t0)
 
 
-def bare_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
+def bare_dali(shard_set, batch: int, threads: int, epochs: int, aug: bool = False) -> float:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import trivial_augment
 
     paths = list(shard_set.urls)
 
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=0)
+    @pipeline_def(
+        batch_size=batch, num_threads=threads, device_id=None, seed=0, enable_conditionals=aug
+    )
     def pipe():
         jpegs, labels = fn.readers.webdataset(
             paths=paths,
@@ -101,6 +125,8 @@ def bare_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
         )
         images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
         images = fn.resize(images, size=[224, 224], antialias=True)
+        if aug:  # DALI's own TrivialAugment-wide
+            images = trivial_augment.trivial_augment_wide(images, shape=(224, 224))
         images = fn.crop_mirror_normalize(
             images,
             crop=[224, 224],
@@ -114,16 +140,20 @@ def bare_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
 
     p = pipe()
     p.build()
-    steps = epochs * shard_set.num_samples // batch
+    steps = (1 if aug else epochs) * shard_set.num_samples // batch - (1 if aug else 0)
 
     def run():
         while True:
-            yield p.run()
+            images, labels = p.run()
+            x = torch.from_numpy(np.asarray(images.as_tensor())).permute(0, 3, 1, 2)
+            yield x, torch.from_numpy(np.asarray(labels.as_tensor())).view(-1).long()
 
-    return timed(run(), steps, batch)
+    return timed(run(), steps, batch, aug)
 
 
-def distres_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
+def distres_dali(shard_set, batch: int, threads: int, epochs: int, aug: bool = False) -> float:
+    if aug:
+        epochs = 1  # see the module doc
     loader = DaliLoader(
         shard_set,
         train=True,
@@ -136,6 +166,8 @@ def distres_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
         hflip=True,
         threads=threads,
         shuffle_buffer=1024,
+        auto_augment=TA if aug else ("none", 0, 0),
+        epochs=1 if aug else None,
     )
 
     def run():
@@ -143,10 +175,31 @@ def distres_dali(shard_set, batch: int, threads: int, epochs: int) -> float:
             loader.set_epoch(e)
             yield from loader
 
-    return timed(run(), epochs * len(loader), batch)
+    return timed(run(), epochs * len(loader) - (1 if aug else 0), batch, aug)
 
 
-def distres_torch(shard_set, batch: int, workers: int, epochs: int, **stage) -> float:
+def definition_seconds(shard_set) -> float:
+    """Seconds to define (trace) one epoch's DALI pipeline with TrivialAugment-wide."""
+    loader = DaliLoader(
+        shard_set,
+        train=True,
+        batch_size=64,
+        image_size=224,
+        mean=MEAN,
+        std=STD,
+        num_classes=10,
+        random_resized_crop=True,
+        auto_augment=TA,
+    )
+    loader._pipeline(None, 0)  # the first definition pays for imports and conversions
+    t0 = time.perf_counter()
+    loader._pipeline(None, 1)
+    return time.perf_counter() - t0
+
+
+def distres_torch(
+    shard_set, batch: int, workers: int, epochs: int, aug: bool = False, **stage
+) -> float:
     loader = ShardLoader(
         shard_set,
         train=True,
@@ -156,7 +209,7 @@ def distres_torch(shard_set, batch: int, workers: int, epochs: int, **stage) -> 
         num_classes=10,
         num_workers=workers,
         shuffle_buffer=1024,
-        transform=train_transform(224, True, 0.08, 0, True),
+        transform=train_transform(224, True, 0.08, 0, True, TA if aug else ("none", 0, 0)),
         **stage,
     )
 
@@ -165,7 +218,7 @@ def distres_torch(shard_set, batch: int, workers: int, epochs: int, **stage) -> 
             loader.set_epoch(e)
             yield from loader
 
-    return timed(run(), epochs * len(loader), batch)
+    return timed(run(), epochs * len(loader), batch, aug)
 
 
 def torch_stage(shard_set, batch: int, workers: int, epochs: int) -> float:
@@ -228,22 +281,34 @@ def main() -> None:
             flush=True,
         )
         results = {}
-        for name, fn, par in (
-            ("bare DALI", bare_dali, args.workers),
-            ("distres DALI", distres_dali, args.workers),
-            ("distres torch", distres_torch, args.workers),
-            ("torch stage", torch_stage, args.workers),
-            ("plain baseline", plain_baseline, args.workers),
+        for name, fn, aug in (
+            ("bare DALI", bare_dali, False),
+            ("distres DALI", distres_dali, False),
+            ("distres torch", distres_torch, False),
+            ("torch stage", torch_stage, False),
+            ("plain baseline", plain_baseline, False),
+            ("bare DALI +TA+RE", bare_dali, True),
+            ("distres DALI +TA+RE", distres_dali, True),
+            ("distres torch +TA+RE", distres_torch, True),
         ):
-            results[name] = fn(shard_set, args.batch, par, args.epochs)
-            print(f"  {name:15s} {results[name]:7.0f} img/s", flush=True)
+            extra = {"aug": True} if aug else {}
+            results[name] = fn(shard_set, args.batch, args.workers, args.epochs, **extra)
+            print(f"  {name:20s} {results[name]:7.0f} img/s", flush=True)
+        seconds = definition_seconds(shard_set)
     dali_ratio = results["distres DALI"] / results["bare DALI"]
+    aug_ratio = results["distres DALI +TA+RE"] / results["bare DALI +TA+RE"]
     torch_ratio = results["distres torch"] / results["plain baseline"]
-    print(f"\n{'pipeline':15s} {'img/s':>7s}")
+    print(f"\n{'pipeline':20s} {'img/s':>7s}")
     for name, rate in results.items():
-        print(f"{name:15s} {rate:7.0f}")
-    print(f"\ndistres DALI / bare DALI         {dali_ratio:.3f}  (target >= 0.95)")
-    print(f"distres torch / plain baseline   {torch_ratio:.3f}  (target >= 1.3)")
+        print(f"{name:20s} {rate:7.0f}")
+    print(f"\ndistres DALI / bare DALI                {dali_ratio:.3f}  (target >= 0.95)")
+    print(f"distres DALI / bare DALI, +TA+RE        {aug_ratio:.3f}  (target >= 0.95)")
+    print(f"distres torch / plain baseline          {torch_ratio:.3f}  (target >= 1.3)")
+    print(
+        f"defining a TrivialAugment DALI pipeline: {seconds:.2f} s per epoch, in a thread "
+        f"beside the previous epoch (an ImageNet epoch here: "
+        f"{1_281_167 / results['distres DALI +TA+RE']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

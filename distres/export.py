@@ -76,7 +76,7 @@ def save_inference_info(out_dir: str | os.PathLike, cfg, classes: dict[str, int]
             names[index] = name
     info = {
         "classes": names,
-        "image_size": cfg.data.image_size,
+        "image_size": cfg.data.eval_size,  # the evaluation crop (data.val_size)
         "resize": cfg.data.val_resize,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),

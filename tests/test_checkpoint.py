@@ -251,10 +251,14 @@ def test_untrusted_pickles_are_refused(three_steps, tmp_path):
     assert not (REPO / "BOOM").exists() and not (tmp_path / "BOOM").exists()
 
 
-def test_fast_recipe_pieces_resume_exactly(tmp_path, test_rng):
-    """LARS (timm's, its momentum in the DCP checkpoint), the poly schedule, label smoothing
-    and progressive resizing (16 px in epoch 0, 32 in epoch 1): a run SIGKILLed in the second
-    epoch resumes at the right size and ends bitwise equal to one never interrupted."""
+def test_recipe_options_resume_exactly(tmp_path, test_rng):
+    """Every recipe option at once: LARS (timm's, its momentum in the DCP checkpoint), the
+    poly schedule, label smoothing, progressive resizing (16 px in epoch 0, 32 in epoch 1),
+    RandAugment (DALI's, its state in DALI's pipeline checkpoint), color jitter, random
+    erasing, mixup + cutmix, the bce loss, stochastic depth, repeated augmentation (each
+    sample on both ranks) and a separate evaluation size: a
+    run SIGKILLed in the second epoch resumes at the right size and ends bitwise equal to one
+    never interrupted."""
     recipe = [
         *(o for o in BASE if o not in SMALL),  # its own sizes: 16 px, then 32
         "optim.name=lars",
@@ -265,6 +269,16 @@ def test_fast_recipe_pieces_resume_exactly(tmp_path, test_rng):
         "data.progressive_min_size=16",
         "data.progressive_epochs=[0,1]",
         "data.progressive_step=16",
+        "data.auto_augment=randaugment",
+        "data.ra_magnitude=6",
+        "data.color_jitter=0.3",
+        "data.random_erasing=0.5",
+        "data.val_size=24",
+        "train.mixup_alpha=0.2",
+        "train.cutmix_alpha=1.0",
+        "train.loss=bce",
+        "model.drop_path_rate=0.1",
+        "data.aug_repeats=2",
     ]
     whole = tmp_path / "whole"
     proc = train(2, whole, *recipe)

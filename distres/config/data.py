@@ -7,6 +7,8 @@ from typing import Any
 
 from distres.config.base import ConfigError, _at_least, _choice, _in_range, doc
 
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment_wide", "autoaugment")
+
 
 @dataclass
 class DataConfig:
@@ -47,7 +49,15 @@ class DataConfig:
         "error: stop every rank with the shard and key | skip: "
         "report, count (data/skipped in metrics) and go on",
     )
-    image_size: int = doc(32, "training crop size (pixels, square); also the val crop")
+    image_size: int = doc(32, "training crop size (pixels, square)")
+    val_size: int = doc(
+        0,
+        "evaluation crop size (training's evaluation, distres.evaluate, distres.predict, "
+        "final/inference.json); 0: image_size. FixRes (Touvron et al. 2019): a model trained "
+        "on random-resized crops sees objects larger than a center crop shows them, so it "
+        "evaluates best above its training size (torchvision's v2 recipe: train 176, "
+        "evaluate 224 from 232; timm's RSB A3: train 160, evaluate 224)",
+    )
     progressive_min_size: int = doc(
         0,
         "progressive resizing (FFCV): train at this size first, growing to image_size over "
@@ -61,7 +71,7 @@ class DataConfig:
     )
     val_resize: int = doc(
         0,
-        "val: resize the shorter side to this, then center-crop image_size; 0: no resize, "
+        "val: resize the shorter side to this, then center-crop val_size; 0: no resize, "
         "the center crop alone (digits' images are image_size already; ImageNet presets "
         "set 256 for 224, the 0.875 crop)",
     )
@@ -73,6 +83,39 @@ class DataConfig:
         "ignored with random_resized_crop)",
     )
     hflip: bool = doc(False, "train: random horizontal flip (off for digits: a 2 is not a 5)")
+    auto_augment: str = doc(
+        "none",
+        "train: none | randaugment (Cubuk et al. 2020; timm's RSB recipes) | "
+        "trivialaugment_wide (Mueller & Hutter 2021; torchvision's v2 recipe) | autoaugment "
+        "(the ImageNet policy, Cubuk et al. 2019). The same operators, magnitudes and fill "
+        "(128) in both backends: torchvision v2 (torch) and DALI's auto_aug (dali); after the "
+        "crop and flip, per image",
+    )
+    ra_magnitude: int = doc(
+        9,
+        "randaugment: magnitude bin out of 31 (torchvision's scale, 0-30; torchvision's "
+        "default 9; timm's m<N> of 10 is about 3N here, e.g. RSB A3's m6 -> 18)",
+    )
+    ra_num_ops: int = doc(2, "randaugment: operators applied per image")
+    color_jitter: float = doc(
+        0.0,
+        "train: brightness, contrast and saturation jitter of this strength in a random order "
+        "per image (torchvision's ColorJitter(s, s, s); timm's color_jitter); on the device "
+        "after the loader, the same for every backend; 0: off",
+    )
+    aug_repeats: int = doc(
+        1,
+        "train: repeated augmentation (Hoffer et al. 2020; torchvision's --ra-reps 4 in its "
+        "v2 recipe, DeiT's 3): each epoch takes 1/N of the training set and gives each sample "
+        "to N different ranks, each augmenting it its own way; the epoch keeps its length. "
+        "DALI: per sample; torch backend: per shard. 1: off",
+    )
+    random_erasing: float = doc(
+        0.0,
+        "train: probability of erasing a random box (0.02-0.33 of the area, aspect 0.3-3.3) "
+        "with per-pixel normal noise (timm's re_prob, mode pixel; torchvision's v2 recipe: "
+        "0.1); on the device after the loader, the same for every backend; 0: off",
+    )
     mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel mean for normalisation (0-1)")
     std: list[float] = doc([0.229, 0.224, 0.225], "per-channel std for normalisation (0-1)")
     shuffle_buffer: int = doc(2048, "train: samples in the in-memory shuffle buffer")
@@ -101,12 +144,21 @@ class DataConfig:
         _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.val_resize", self.val_resize, 0)
-        if self.val_resize and self.val_resize < self.image_size:
+        if self.val_size:
+            _at_least("data.val_size", self.val_size, 8)
+        if self.val_resize and self.val_resize < self.eval_size:
+            which = "val_size" if self.val_size else "image_size"
             raise ConfigError(
-                f"data.val_resize={self.val_resize}: must be 0 or >= data.image_size="
-                f"{self.image_size} (the center crop is taken from the resized image)"
+                f"data.val_resize={self.val_resize}: must be 0 or >= data.{which}="
+                f"{self.eval_size} (the center crop is taken from the resized image)"
             )
         _in_range("data.rrc_min_scale", self.rrc_min_scale, 0.01, 1.0)
+        _choice("data.auto_augment", self.auto_augment, AUTO_AUGMENTS)
+        _in_range("data.ra_magnitude", self.ra_magnitude, 0, 30)
+        _in_range("data.ra_num_ops", self.ra_num_ops, 1, 14)
+        _in_range("data.color_jitter", self.color_jitter, 0.0, 1.0)
+        _in_range("data.random_erasing", self.random_erasing, 0.0, 1.0)
+        _in_range("data.aug_repeats", self.aug_repeats, 1, 16)
         _at_least("data.crop_padding", self.crop_padding, 0)
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
         _at_least("data.num_workers", self.num_workers, 0)
@@ -128,6 +180,11 @@ class DataConfig:
             for key in ("train_shards", "val_shards"):
                 if not getattr(self, key):
                     raise ConfigError(f"data.{key} is empty: data.dataset=shards needs a path")
+
+    @property
+    def eval_size(self) -> int:
+        """The evaluation crop: val_size, or image_size when it is 0."""
+        return self.val_size or self.image_size
 
     @property
     def source(self) -> str:

@@ -39,6 +39,27 @@ _DEPENDENT_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
         lambda c: not c.data.random_resized_crop,
         "data.random_resized_crop=false",
     ),
+    (
+        "data.ra_magnitude",
+        lambda c: c.data.auto_augment == "randaugment",
+        "data.auto_augment=randaugment",
+    ),
+    (
+        "data.ra_num_ops",
+        lambda c: c.data.auto_augment == "randaugment",
+        "data.auto_augment=randaugment",
+    ),
+    ("train.bce_threshold", lambda c: c.train.loss == "bce", "train.loss=bce"),
+    (
+        "train.mix_prob",
+        lambda c: c.train.mixup_alpha > 0 or c.train.cutmix_alpha > 0,
+        "train.mixup_alpha or train.cutmix_alpha > 0",
+    ),
+    (
+        "train.mix_switch_prob",
+        lambda c: c.train.mixup_alpha > 0 and c.train.cutmix_alpha > 0,
+        "both train.mixup_alpha and train.cutmix_alpha > 0",
+    ),
     ("optim.beta2", lambda c: c.optim.name in ("adamw", "lamb"), "optim.name=adamw or lamb"),
     ("optim.trust_coeff", lambda c: c.optim.name == "lars", "optim.name=lars"),
     ("optim.nesterov", lambda c: c.optim.name in ("sgd", "lars"), "optim.name=sgd or lars"),

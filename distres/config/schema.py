@@ -37,11 +37,23 @@ class ModelConfig:
     in_chans: int = doc(3, "input image channels")
     plain: bool = doc(False, "remove every shortcut (a plain net, for the degradation study)")
     zero_init_residual: bool = doc(False, "zero-init the last BN of each residual branch")
+    drop_path_rate: float = doc(
+        0.0,
+        "stochastic depth: the last block's residual branch is dropped for this fraction of "
+        "the samples in training, earlier blocks linearly less (timm's drop_path; RSB A3: "
+        "0.05, torchvision's v2 recipe: 0); adds no parameters; 0: off",
+    )
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, tuple(ARCHS))
         _at_least("model.num_classes", self.num_classes, 2)
         _at_least("model.in_chans", self.in_chans, 1)
+        _in_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.9)
+        if self.plain and self.drop_path_rate:
+            raise ConfigError(
+                f"model.drop_path_rate={self.drop_path_rate} with model.plain=True: a plain net "
+                "has no shortcut, so dropping a branch would drop the whole signal; set one off"
+            )
         if self.plain and self.zero_init_residual:
             raise ConfigError(
                 "model.zero_init_residual=True with model.plain=True would zero every block's "
@@ -107,7 +119,29 @@ class TrainConfig:
         "samples per optimizer step over all ranks; 0: batch_size x "
         "grad_accum x world size, else grad_accum is derived from it",
     )
-    label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
+    label_smoothing: float = doc(
+        0.0, "label smoothing (cross-entropy; with mixing or bce, folded into the targets)"
+    )
+    loss: str = doc(
+        "ce",
+        "ce (softmax cross-entropy) | bce (binary cross-entropy per class on the one-hot or "
+        "mixed targets: timm's RSB recipes)",
+    )
+    bce_threshold: float = doc(
+        0.2,
+        "bce: targets above this become 1, the rest 0 (RSB's target threshold: a mixed "
+        "image counts fully for both classes); 0: keep soft targets",
+    )
+    mixup_alpha: float = doc(
+        0.0, "mixup: lam ~ Beta(alpha, alpha) (torchvision v2 recipe 0.2, RSB A3 0.1); 0: off"
+    )
+    cutmix_alpha: float = doc(
+        0.0, "cutmix: lam ~ Beta(alpha, alpha) (torchvision v2 recipe and RSB A3: 1.0); 0: off"
+    )
+    mix_prob: float = doc(1.0, "probability that a batch is mixed (mixup or cutmix)")
+    mix_switch_prob: float = doc(
+        0.5, "with both mixup and cutmix on: probability of cutmix for a mixed batch"
+    )
     precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     channels_last: bool = doc(True, "model and inputs in channels_last memory format")
     clip_grad_norm: float = doc(0.0, "clip the global grad norm to this; 0: off")
@@ -127,6 +161,13 @@ class TrainConfig:
         _at_least("train.global_batch", self.global_batch, 0)
         _at_least("train.stop_check_every", self.stop_check_every, 0)
         _in_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
+        _choice("train.loss", self.loss, ("ce", "bce"))
+        _in_range("train.bce_threshold", self.bce_threshold, 0.0, 0.99)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if not 0.0 <= getattr(self, key) <= 100.0:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: must be in [0, 100]")
+        _in_range("train.mix_prob", self.mix_prob, 0.0, 1.0)
+        _in_range("train.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0.0)
         _at_least("train.max_steps", self.max_steps, 0)
@@ -293,15 +334,20 @@ class Config:
     def __post_init__(self) -> None:
         arch = ARCHS[self.model.name]
         size = self.data.image_size
-        if arch.stem == "imagenet" and size < 64:
+        which, small = "image_size", size
+        if self.data.val_size and self.data.val_size < size:
+            which, small = "val_size", self.data.val_size
+        if arch.stem == "imagenet" and small < 64:
             raise ConfigError(
-                f"data.image_size={size} with model.name={self.model.name}: ImageNet-stem "
+                f"data.{which}={small} with model.name={self.model.name}: ImageNet-stem "
                 "models downsample 32x and need >= 64 px; use a CIFAR-style model (resnet20..."
                 "resnet1202, preact_resnet164/1001) for small images"
             )
-        if arch.stem == "cifar" and size > 64:
+        big = max(size, self.data.eval_size)
+        which = "image_size" if big == size else "val_size"
+        if arch.stem == "cifar" and big > 64:
             raise ConfigError(
-                f"data.image_size={size} with model.name={self.model.name}: CIFAR-style models "
+                f"data.{which}={big} with model.name={self.model.name}: CIFAR-style models "
                 "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152"
             )
         if self.data.source == "digits" and self.model.num_classes != 10:

@@ -17,6 +17,7 @@ import base64
 import math
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,8 @@ class DaliLoader:
         size_at: Callable[[int], int] | None = None,
         verify: bool = False,
         epochs: int | None = None,
+        auto_augment: tuple[str, int, int] = ("none", 0, 0),
+        repeats: int = 1,
     ):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.image_size, self.num_classes, self.in_chans = image_size, num_classes, in_chans
@@ -86,6 +89,10 @@ class DaliLoader:
         self.rrc, self.rrc_min_scale = random_resized_crop, rrc_min_scale
         self.crop_padding, self.hflip, self.val_resize = crop_padding, hflip, val_resize
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.auto_augment = auto_augment  # (data.auto_augment, ra_magnitude, ra_num_ops)
+        self.repeats = repeats if train else 1  # data.aug_repeats; see _sequence
+        self._repeat_dir: tempfile.TemporaryDirectory | None = None
+        self._repeated: dict[int, tuple[list[str], list[str], int]] = {}
         self.threads = threads or max(1, torch.get_num_threads())  # see loaders.dali_threads
         self.epochs = epochs  # no pipeline is prefetched for an epoch past the last
         self.rank, self.world_size = rank, world_size
@@ -95,6 +102,8 @@ class DaliLoader:
         self.epoch, self._done, self._pipe, self._held = 0, 0, None, HeldOutputs()
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._next: tuple[int, object] | None = None  # (epoch, pipeline already prefetching)
+        self._defining: tuple[int, Future] | None = None  # (epoch, pipeline being defined)
+        self._definer: ThreadPoolExecutor | None = None
         self._stopped: dict | None = None  # the position an abandoned epoch had reached
         # (epoch, shard paths, index paths, samples): the rest of an epoch resumed on another
         # world size; see resume_from_ranks
@@ -108,17 +117,15 @@ class DaliLoader:
 
     # -- accounting -----------------------------------------------------------------------
     def part(self, rank: int | None = None) -> tuple[int, int]:
-        """[start, end) of the samples DALI's reader gives this rank (its sharding rule)."""
+        """[start, end) of the samples DALI's reader gives this rank (its sharding rule) in
+        this epoch's sequence."""
         r = self.rank if rank is None else rank
-        n, w = sum(self.counts), self.world_size
+        n, w = self._sequence()[2], self.world_size
         return n * r // w, n * (r + 1) // w
 
     def num_samples(self, epoch: int | None = None) -> int:
         if self.train:
-            epoch = self.epoch if epoch is None else epoch
-            if self._subset is not None and self._subset[0] == epoch:
-                return self._subset[3] // self.world_size
-            return sum(self.counts) // self.world_size
+            return self._sequence(epoch)[2] // self.world_size
         start, end = self.part()
         return end - start
 
@@ -146,18 +153,19 @@ class DaliLoader:
             ) from None
         return pipe
 
-    def _pipeline(self, checkpoint: str | None = None):
-        """This epoch's pipeline, defined but not built (a test inspects the GPU graph on a
-        machine without one)."""
+    def _pipeline(self, checkpoint: str | None = None, epoch: int | None = None):
+        """An epoch's pipeline (this one's by default), defined but not built (a test
+        inspects the GPU graph on a machine without one)."""
         from nvidia.dali import fn, pipeline_def, types
 
         from distres.data.dali_graph import image_graph
 
         gpu = self.device.type == "cuda"
-        paths, index_paths = self._epoch_files()
+        epoch = self.epoch if epoch is None else epoch
+        paths, index_paths, _ = self._sequence(epoch)
         if self.verify:
-            self._verify_my_part(paths)
-        size = self.size_at(self.epoch) if self.size_at else self.image_size
+            self._verify_my_part(paths, epoch)
+        size = self.size_at(epoch) if self.size_at else self.image_size
         color = types.RGB if self.in_chans == 3 else types.GRAY
         dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
 
@@ -165,8 +173,10 @@ class DaliLoader:
             batch_size=self.batch_size,
             num_threads=self.threads,
             device_id=(self.device.index or 0) if gpu else None,
-            seed=hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF,
+            seed=hash((self.seed, epoch, self.rank)) & 0x7FFF_FFFF,
             enable_checkpointing=True,
+            # the auto-augmentations pick each image's operator with DALI's conditionals
+            enable_conditionals=self.train and self.auto_augment[0] != "none",
             exec_dynamic=True,
             prefetch_queue_depth=PREFETCH,
         )
@@ -195,6 +205,7 @@ class DaliLoader:
                 crop_padding=self.crop_padding,
                 hflip=self.hflip,
                 val_resize=self.val_resize,
+                aug=self.auto_augment,
                 mean=self.mean,
                 std=self.std,
                 dtype=dtype,
@@ -221,6 +232,9 @@ class DaliLoader:
         # needs a new reader) is built and starts prefetching then, so the epoch boundary
         # costs no stall. Neither changes a sample: the next pipeline is exactly the one a
         # fresh __iter__ would build.
+        more = self.train and (self.epochs is None or self.epoch + 1 < self.epochs)
+        if more and (self._defining is None or self._defining[0] != self.epoch + 1):
+            self._define_next(self.epoch + 1)
         try:
             scheduled = done + PREFETCH
             while self._done < total:
@@ -230,7 +244,6 @@ class DaliLoader:
                 elif self._done > done and scheduled < total:
                     pipe.schedule_run()
                     scheduled += 1
-                more = self.train and (self.epochs is None or self.epoch + 1 < self.epochs)
                 if scheduled >= total and self._next is None and more:
                     self._next = (self.epoch + 1, self._prefetched(self.epoch + 1))
                 images, labels, where = self._outputs(pipe)
@@ -248,25 +261,68 @@ class DaliLoader:
     def close(self) -> None:
         """Release the pipelines (their GPU memory and threads) now rather than at exit: the
         one prefetched for the next epoch, and the outputs still held for the consumer."""
-        self._next = None
+        self._next = self._defining = None
         self._pipe = None
         self._held.clear()
 
     def _epoch_files(self) -> tuple[list[str], list[str]]:
         """The shards and index files the reader takes this epoch, in its order."""
-        if self._subset is not None and self._subset[0] == self.epoch:
-            _, paths, index_paths, _ = self._subset
-            return paths, index_paths
-        order = shard_order(self.shards, self.epoch, self.seed, shuffle=self.train)
+        paths, index_paths, _ = self._sequence()
+        return paths, index_paths
+
+    def _sequence(self, epoch: int | None = None) -> tuple[list[str], list[str], int]:
+        """The epoch's sample sequence, which the reader cuts into one contiguous part per
+        rank: (shards, index files, samples).
+
+        Repeated augmentation (data.aug_repeats=N, torchvision's RASampler): the sequence is
+        the first n // N samples of the epoch's shard order, N times over. Sample j then sits
+        at k * n/N + j for k < N, which the contiguous parts give to N different ranks (N <=
+        world size), each augmenting it with its own seed; the epoch keeps its length and
+        sees a different 1/N of the set each epoch, as the shard order changes."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._subset is not None and self._subset[0] == epoch:
+            _, paths, index_paths, total = self._subset
+            return paths, index_paths, total
+        order = shard_order(self.shards, epoch, self.seed, shuffle=self.train)
         order = [i for i in order if self.counts[i]]  # a shard left with no sample
-        return [self.shards.urls[i] for i in order], [self.index_paths[i] for i in order]
+        paths = [self.shards.urls[i] for i in order]
+        index_paths = [self.index_paths[i] for i in order]
+        n = sum(self.counts)
+        if self.repeats == 1:
+            return paths, index_paths, n
+        if epoch not in self._repeated:
+            if self._repeat_dir is None:
+                self._repeat_dir = tempfile.TemporaryDirectory(prefix="distres-repeat-idx-")
+            out = Path(self._repeat_dir.name) / f"epoch-{epoch}"
+            out.mkdir(exist_ok=True)
+            unique = n // self.repeats
+            kept = unconsumed_indexes(paths, index_paths, [(unique, n)], out)
+            self._repeated = {  # this epoch's and the previous one's (a prefetched pipeline)
+                e: v for e, v in self._repeated.items() if e >= epoch - 1
+            }
+            self._repeated[epoch] = (
+                kept[0] * self.repeats,
+                kept[1] * self.repeats,
+                kept[2] * self.repeats,
+            )
+        return self._repeated[epoch]
+
+    def _define_next(self, epoch: int) -> None:
+        """Define `epoch`'s pipeline in a background thread while this epoch runs. Defining
+        traces the graph in Python: 1-7 s with an auto-augmentation (DALI's conditionals
+        convert each operator's branch), which would otherwise stall every epoch's end.
+        DALI keeps its tracing state per thread."""
+        if self._definer is None:
+            self._definer = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-define")
+        self._defining = (epoch, self._definer.submit(self._pipeline, None, epoch))
 
     def _prefetched(self, epoch: int):
-        current, self.epoch = self.epoch, epoch
-        try:
-            pipe = self._build()
-        finally:
-            self.epoch = current
+        defining, self._defining = self._defining, None
+        if defining is not None and defining[0] == epoch:
+            pipe = defining[1].result()
+        else:
+            pipe = self._pipeline(None, epoch)
+        pipe.build()
         pipe.schedule_run()
         return pipe
 
@@ -305,9 +361,10 @@ class DaliLoader:
             self.shards, Path(self._filtered_dir.name), lambda e: self.bad(e, self.rank == 0)
         )
 
-    def _verify_my_part(self, paths: list[str]) -> None:
+    def _verify_my_part(self, paths: list[str], epoch: int) -> None:
         """data.verify_checksums: the shards overlapping this rank's part, once each."""
-        start, end = self.part()
+        n, w = self._sequence(epoch)[2], self.world_size
+        start, end = n * self.rank // w, n * (self.rank + 1) // w
         position = 0
         by_url = {u: i for i, u in enumerate(self.shards.urls)}
         for url in paths:
@@ -358,21 +415,18 @@ class DaliLoader:
         initial_fill (1,024 at most) samples per old rank are repeated and as many skipped.
         The rest is exact: index files listing only the unconsumed samples feed the reader.
         """
-        self.epoch = epoch
-        order = shard_order(self.shards, epoch, self.seed, shuffle=True)
-        n = sum(self.counts)
+        self.epoch, self._subset = epoch, None
+        urls, indexes, n = self._sequence(epoch)
         consumed = []
         for r, state in enumerate(states):
             start, end = n * r // world_size, n * (r + 1) // world_size
             consumed.append((start, min(end, start + state["batches"] * micro_batch)))
         self._subset_dir = tempfile.TemporaryDirectory(prefix="distres-resume-idx-")
-        urls = [self.shards.urls[i] for i in order]
-        indexes = [self.index_paths[i] for i in order]
         paths, index_paths, total = unconsumed_indexes(
             urls, indexes, consumed, Path(self._subset_dir.name)
         )
         self._subset = (epoch, paths, index_paths, total)
-        self._resume, self._next = None, None
+        self._resume, self._next, self._defining = None, None, None
         return len(self)
 
     # -- data position ----------------------------------------------------------------------

@@ -9,6 +9,9 @@ pipeline's seed, which DALI's pipeline checkpoint restores: a mid-epoch resume i
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 from nvidia.dali import fn, types
 
 # The mixed (GPU) decoder set as NVIDIA's ImageNet pipelines set it. hw_decoder_load: the
@@ -25,6 +28,65 @@ MIXED_DECODER = dict(
 )
 
 
+# The fill of pixels that shears, translations and rotations uncover (both backends).
+AUG_FILL = 128
+
+
+def auto_augment_suite(name: str, size: int):
+    """DALI's augmentations with torchvision v2's magnitude ranges for `name` (its
+    TrivialAugmentWide / RandAugment `_AUGMENTATION_SPACE`): the torch backend and this one
+    apply the same operators at the same magnitudes. DALI's own suites differ in small ways
+    (enhance ranges from 0.01, solarize from 256, translations relative to other bounds)."""
+    from nvidia.dali.auto_aug import augmentations as a
+
+    if name == "trivialaugment_wide":
+        shear, shift, angle, enhance, bits = 0.99, 32 / size, 135, 0.99, 2
+    else:  # randaugment: translations up to 150/331 of the image (torchvision, from AA)
+        shear, shift, angle, enhance, bits = 0.3, 150 / 331, 30, 0.9, 4
+    return [
+        a.identity,
+        a.shear_x.augmentation((0, shear), True),
+        a.shear_y.augmentation((0, shear), True),
+        a.translate_x.augmentation((0, shift), True),
+        a.translate_y.augmentation((0, shift), True),
+        a.rotate.augmentation((0, angle), True),
+        a.brightness.augmentation((0, enhance), True, a.shift_enhance_range),
+        a.color.augmentation((0, enhance), True, a.shift_enhance_range),
+        a.contrast.augmentation((0, enhance), True, a.shift_enhance_range),
+        a.sharpness.augmentation((0, enhance), True, a.sharpness_kernel),
+        a.posterize.augmentation((8, bits), False, a.poster_mask_uint8),
+        # torchvision inverts pixels >= 255 * m (m from 1 to 0): threshold 255 down to 0
+        a.solarize.augmentation((255, 0)),
+        a.auto_contrast,
+        a.equalize,
+    ]
+
+
+def auto_augment(images, name: str, size: int, magnitude: int, num_ops: int, suite=None):
+    """data.auto_augment on uint8 HWC `size` x `size` images (needs the pipeline's
+    enable_conditionals); `suite` narrows the operators (the statistics test, one by one)."""
+    from nvidia.dali.auto_aug import auto_augment as aa
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+
+    # DALI 2.x's own equalize augmentation still calls the deprecated experimental alias
+    warnings.filterwarnings(
+        "ignore", message=".*nvidia.dali.fn.experimental", category=DeprecationWarning
+    )
+
+    common = dict(fill_value=AUG_FILL, interp_type=types.INTERP_LINEAR, shape=(size, size))
+    if name == "autoaugment":
+        return aa.auto_augment_image_net(images, max_translate_rel=150 / 331, **common)
+    if suite is not None:  # DALI refuses a keyword that none of the operators takes
+        takes = set().union(*(inspect.signature(op.op).parameters for op in suite))
+        common = {k: v for k, v in common.items() if k in takes}
+    suite = suite if suite is not None else auto_augment_suite(name, size)
+    if name == "trivialaugment_wide":
+        return trivial_augment.apply_trivial_augment(suite, images, num_magnitude_bins=31, **common)
+    return rand_augment.apply_rand_augment(
+        suite, images, n=num_ops, m=magnitude, num_magnitude_bins=31, **common
+    )
+
+
 def image_graph(
     jpegs,
     *,
@@ -36,14 +98,19 @@ def image_graph(
     crop_padding: int,
     hflip: bool,
     val_resize: int,
+    aug: tuple[str, int, int] = ("none", 0, 0),
     mean: list[float],
     std: list[float],
     dtype,
 ):
     """Encoded images in, normalised `size` x `size` HWC images out. Training: a random
     resized crop (when rrc_min_scale is set) or a zero-padded random translation, then a
-    random flip; validation: a resize of the shorter side to val_resize (0: none) and a centre
-    crop."""
+    random flip, then `aug` (data.auto_augment, ra_magnitude, ra_num_ops); validation: a
+    resize of the shorter side to val_resize (0: none) and a centre crop.
+
+    NOTE: the flip happens in crop_mirror_normalize, after the auto-augmentation (torchvision
+    flips first). Every geometric operator's sign is drawn at random, so the two orders give
+    the same distribution of images."""
     hints = MIXED_DECODER if decoder == "mixed" else {}
     if train and rrc_min_scale is not None:
         images = fn.decoders.image_random_crop(
@@ -75,6 +142,8 @@ def image_graph(
             )
         elif val_resize:
             images = fn.resize(images, resize_shorter=val_resize, antialias=True)
+    if train and aug[0] != "none":
+        images = auto_augment(images, aug[0], size, aug[1], aug[2])
     mirror = fn.random.coin_flip() if train and hflip else 0
     images = fn.crop_mirror_normalize(
         images,

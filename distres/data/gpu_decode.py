@@ -345,11 +345,25 @@ class DecodeStage:
         return None
 
 
-def resolve_decode(decode: str, device: torch.device) -> str:
+def resolve_decode(decode: str, device: torch.device, auto_augment: str = "none") -> str:
     """data.decode for a run on `device`: auto is gpu on a CUDA device whose nvJPEG passes
     `self_check`, else cpu; an explicit gpu on a CUDA device that fails it is an error (every
-    batch would otherwise fall back to the CPU, one image at a time, in one thread)."""
+    batch would otherwise fall back to the CPU, one image at a time, in one thread). The
+    stage crops and resizes whole batches; per-image operators (data.auto_augment) are not
+    among its steps, so auto decodes on the CPU with them."""
     if decode == "cpu" or (decode == "auto" and device.type != "cuda"):
+        return "cpu"
+    if auto_augment != "none":
+        if decode == "gpu":
+            raise DataError(
+                f"data.decode=gpu with data.auto_augment={auto_augment}: the GPU-decode stage "
+                "applies no per-image operators; use data.decode=cpu (or auto), or "
+                "data.backend=dali, which runs them on the GPU"
+            )
+        log.warning(
+            f"data.decode=auto: decoding on the CPU, data.auto_augment={auto_augment} runs "
+            "per image in the DataLoader workers (data.backend=dali runs it on the GPU)"
+        )
         return "cpu"
     if device.type != "cuda":
         log.warning(

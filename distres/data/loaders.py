@@ -115,21 +115,31 @@ def build_loaders(
             shuffle_buffer=d.shuffle_buffer,
             size_at=d.train_size,  # image_size every epoch unless progressive resizing
             epochs=cfg.train.epochs,
+            auto_augment=(d.auto_augment, d.ra_magnitude, d.ra_num_ops),
+            repeats=d.aug_repeats,
             **dali,
         )
-        val = DaliLoader(val_set, train=False, val_resize=d.val_resize, **dali)
+        # evaluation at its own size (data.val_size), training's from image_size
+        val = DaliLoader(
+            val_set, train=False, val_resize=d.val_resize, **{**dali, "image_size": d.eval_size}
+        )
         return train, val
     from distres.data.gpu_decode import resolve_decode
     from distres.data.torch_loader import ShardLoader
     from distres.data.transforms import train_transform, val_transform
 
     common["num_workers"] = d.num_workers
-    common["decode"] = resolve_decode(d.decode, device)
+    common["decode"] = resolve_decode(d.decode, device, d.auto_augment)
 
     def transform_at(epoch: int):  # the epoch's size: image_size unless progressive resizing
         size = d.train_size(epoch)
         return train_transform(
-            size, d.random_resized_crop, d.rrc_min_scale, d.crop_padding, d.hflip
+            size,
+            d.random_resized_crop,
+            d.rrc_min_scale,
+            d.crop_padding,
+            d.hflip,
+            (d.auto_augment, d.ra_magnitude, d.ra_num_ops),
         )
 
     train = ShardLoader(
@@ -139,13 +149,14 @@ def build_loaders(
         shuffle_buffer=d.shuffle_buffer,
         transform=transform_at(0),
         transform_at=transform_at,
+        repeats=d.aug_repeats,
         **common,
     )
     val = ShardLoader(
         val_set,
         train=False,
         batch_size=cfg.train.batch_size,
-        transform=val_transform(d.image_size, d.val_resize),
+        transform=val_transform(d.eval_size, d.val_resize),
         **common,
     )
     return train, val

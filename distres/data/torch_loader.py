@@ -197,6 +197,7 @@ class ShardLoader:
         verify: bool = False,
         decode: str = "cpu",
         out_dtype: torch.dtype = torch.float32,
+        repeats: int = 1,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -210,6 +211,7 @@ class ShardLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.repeats = repeats if train else 1  # data.aug_repeats; see my_shards
         self.epoch = 0
         self._done = self._skip = 0  # batches delivered this epoch; batches to replay
         self.skip_bad, self.verify = skip_bad, verify
@@ -235,7 +237,15 @@ class ShardLoader:
         return not self.train and len(self.shards.urls) < self.world_size
 
     def my_shards(self, epoch: int) -> list[int]:
+        """This rank's shards in `epoch`. Repeated augmentation (data.aug_repeats=N,
+        torchvision's RASampler at shard granularity): each shard of the epoch's order N times
+        in a row, cut to the order's length, dealt round-robin, so a shard's N copies go to N
+        different ranks (N <= world size), each augmenting with its own seed. Every rank reads
+        as many shards as without repeats; the epoch covers a different 1/N of the shards
+        each epoch, as the order changes."""
         order = shard_order(self.shards, epoch, self.seed, shuffle=self.train)
+        if self.repeats > 1:
+            order = [i for i in order for _ in range(self.repeats)][: len(order)]
         return order if self.strided else order[self.rank :: self.world_size]
 
     def num_samples(self, epoch: int | None = None) -> int:

@@ -40,6 +40,7 @@ def train_transform(
     rrc_min_scale: float,
     crop_padding: int,
     hflip: bool,
+    aug: tuple[str, int, int] = ("none", 0, 0),
 ) -> Callable:
     if random_resized_crop:
         ops = [v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True)]
@@ -47,8 +48,26 @@ def train_transform(
         ops = [v2.RandomCrop(image_size, padding=crop_padding or None, pad_if_needed=True)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if aug[0] != "none":
+        ops.append(auto_augment(*aug))
     # uint8 CHW tensor in, uint8 CHW out (torch's uint8 antialiased resize is the fast path)
     return v2.Compose(ops)
+
+
+# The fill of pixels that shears, translations and rotations uncover (DALI's default; both
+# backends use it) and their interpolation (DALI's warp_affine default).
+AUG_FILL = 128
+
+
+def auto_augment(name: str, magnitude: int, num_ops: int) -> v2.Transform:
+    """data.auto_augment as torchvision v2 implements it, on uint8 images (see
+    distres.data.dali_graph.auto_augment_suite for DALI's same operators)."""
+    common = dict(interpolation=v2.InterpolationMode.BILINEAR, fill=AUG_FILL)
+    if name == "trivialaugment_wide":
+        return v2.TrivialAugmentWide(num_magnitude_bins=31, **common)
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=31, **common)
+    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, **common)
 
 
 def val_transform(image_size: int, resize: int) -> Callable:

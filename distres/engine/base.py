@@ -48,6 +48,27 @@ class Engine(Protocol):
     def load_tensors(self, directory: Path, meta: dict) -> None: ...
 
 
+def train_loss(logits: torch.Tensor, targets: torch.Tensor, t) -> torch.Tensor:
+    """train.loss on class indices (N) or soft targets (N x classes, from batch mixing, which
+    has folded label smoothing in already).
+
+    bce is timm's BinaryCrossEntropy: one-hot targets smoothed as cross-entropy would smooth
+    them, thresholded at train.bce_threshold, the mean over samples and classes."""
+    logits = logits.float()
+    if t.loss == "ce":
+        if targets.dim() == 1:
+            return F.cross_entropy(logits, targets, label_smoothing=t.label_smoothing)
+        return F.cross_entropy(logits, targets)
+    if targets.dim() == 1:
+        n = logits.shape[1]
+        off = t.label_smoothing / n
+        dense = torch.full_like(logits, off)
+        targets = dense.scatter_(1, targets.view(-1, 1), 1.0 - t.label_smoothing + off)
+    if t.bce_threshold > 0:
+        targets = (targets > t.bce_threshold).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
 def scaled_lr(cfg: Config, plan: BatchPlan) -> float:
     if cfg.optim.lr_scaling == "linear":
         return cfg.optim.lr * plan.global_batch / 256
@@ -95,9 +116,7 @@ class EngineBase:
         self.num_params = count_params(module)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
-        )
+        return train_loss(logits, labels, self.cfg.train)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp_dtype)

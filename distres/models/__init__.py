@@ -27,6 +27,7 @@ def build_model(cfg: ModelConfig) -> ResNet:
         in_chans=cfg.in_chans,
         plain=cfg.plain,
         zero_init_residual=cfg.zero_init_residual,
+        drop_path_rate=cfg.drop_path_rate,
     )
 
 

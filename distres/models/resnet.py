@@ -22,8 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import stochastic_depth
 
 from distres.models.archs import ARCHS, ArchSpec
+
+
+def drop_branch(block: nn.Module, out: Tensor) -> Tensor:
+    """Stochastic depth (Huang et al. 2016; timm's drop_path): in training, drop a block's
+    residual branch for a random subset of the samples and scale the survivors by
+    1 / (1 - p); the identity in evaluation. No parameters: weights load either way."""
+    if block.drop_path and block.training:
+        return stochastic_depth(out, block.drop_path, "row", training=True)
+    return out
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -51,6 +61,7 @@ class ZeroPadShortcut(nn.Module):
 
 class BasicBlock(nn.Module):
     expansion = 1
+    drop_path = 0.0  # set per block by ResNet (model.drop_path_rate)
 
     def __init__(
         self,
@@ -74,7 +85,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = drop_branch(self, self.bn2(self.conv2(out)))
         if self.shortcut:
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
@@ -82,6 +93,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    drop_path = 0.0
 
     def __init__(
         self,
@@ -108,7 +120,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = drop_branch(self, self.bn3(self.conv3(out)))
         if self.shortcut:
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
@@ -118,6 +130,7 @@ class PreActBottleneck(nn.Module):
     """BN-ReLU-conv ordering; the shortcut stays a clean identity path (He et al. 2016)."""
 
     expansion = 4
+    drop_path = 0.0
 
     def __init__(
         self,
@@ -150,7 +163,7 @@ class PreActBottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(pre)
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = drop_branch(self, self.conv3(self.relu(self.bn3(out))))
         if self.shortcut:
             out = out + identity
         return out
@@ -170,6 +183,7 @@ class ResNet(nn.Module):
         in_chans: int = 3,
         plain: bool = False,
         zero_init_residual: bool = False,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.spec = spec
@@ -208,6 +222,11 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, BLOCKS_TUPLE):
                     nn.init.zeros_(m.last_norm().weight)
+        # stochastic depth rising linearly from 0 at the first block to drop_path_rate at the
+        # last (timm's ResNet; Huang et al. 2016's linear decay of survival)
+        blocks = blocks_in(self)
+        for i, m in enumerate(blocks):
+            m.drop_path = drop_path_rate * i / max(1, len(blocks) - 1)
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int):
         out_planes = planes * block.expansion
@@ -274,11 +293,12 @@ def resnet(
     in_chans: int = 3,
     plain: bool = False,
     zero_init_residual: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> ResNet:
     """Build a registered variant by name, e.g. ``resnet("resnet50")``."""
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHS)}")
-    return ResNet(ARCHS[name], num_classes, in_chans, plain, zero_init_residual)
+    return ResNet(ARCHS[name], num_classes, in_chans, plain, zero_init_residual, drop_path_rate)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from distres.checkpoint import CheckpointStore
 from distres.config import BatchPlan, Config, ConfigError
 from distres.data import build_loaders
+from distres.data.batch_augment import BatchAugment, spec_from_config
 from distres.data.loaders import host_threads
 from distres.dist import DistEnv
 from distres.engine import build_engine
@@ -21,6 +23,8 @@ from distres.trainer.state import (
     TrainState,
     seed_everything,
 )
+
+log = logging.getLogger("distres")
 
 
 def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
@@ -72,6 +76,14 @@ def build(
             mode=early_stopping.mode,
             async_save=cfg.checkpoint.async_save,
         )
+    if cfg.data.aug_repeats > env.world_size and env.is_main:
+        log.warning(
+            f"WARNING: data.aug_repeats={cfg.data.aug_repeats} on {env.world_size} rank(s): "
+            "some repeats of a sample land on the same rank (and in the same batch norm "
+            "statistics); repeated augmentation is meant for aug_repeats <= world size"
+        )
+    spec = spec_from_config(cfg)
+    augment = BatchAugment(spec, cfg.run.seed, env.rank, device) if spec.enabled else None
     trainer = Trainer(
         cfg=cfg,
         env=env,
@@ -89,6 +101,7 @@ def build(
         state=state,
         window=window,
         data=data,
+        augment=augment,
     )
     trainer.attach_checkpoints(store)
     return trainer

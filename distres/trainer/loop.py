@@ -19,6 +19,7 @@ from distres.checkpoint import CheckpointStore
 from distres.checkpoint.manager import CheckpointManager
 from distres.config import BatchPlan, Config, to_yaml
 from distres.data.api import Batch, Loader
+from distres.data.batch_augment import BatchAugment
 from distres.dist import DistEnv
 from distres.engine.base import Engine
 from distres.evaluate import evaluate
@@ -60,6 +61,9 @@ class Trainer:
     window: LossWindow
     data: DataPosition
     checkpoints: CheckpointManager | None = None  # None: checkpoints off
+    # color jitter, random erasing, mixup/cutmix on the device (None: none of them is on);
+    # its draws are functions of the step, so the checkpoint's step is all its state
+    augment: BatchAugment | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoints is None:
@@ -113,6 +117,8 @@ class Trainer:
         s = self.state
         # the gradient norm only on steps that log it (it costs a pass over the grads)
         logs = (s.step + 1) % self.cfg.tracking.log_every == 0 or s.step + 1 >= self.total_steps
+        if self.augment is not None:
+            micro_batches = self.augment(micro_batches, s.step)
         loss = self.engine.train_step(micro_batches, grad_norm=logs)
         self.window.add(loss)
         self.consensus.note_loss(loss)

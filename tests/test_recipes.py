@@ -1,0 +1,498 @@
+"""Modern recipes: auto-augmentation in both backends (the same operators and magnitudes),
+batch augmentation on the device (color jitter, random erasing, mixup/cutmix with soft
+targets), the bce loss, stochastic depth and a separate evaluation size."""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from distres.config import ConfigError, load_config
+from distres.data import build_loaders
+from distres.data.api import Batch, DataError
+from distres.data.batch_augment import BatchAugment, BatchAugmentSpec, spec_from_config
+from distres.data.dali import dali_available
+from distres.engine.base import train_loss
+from distres.export import save_inference_info
+from distres.models.resnet import blocks_in, resnet
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+ALL_BATCH = dict(color_jitter=0.4, random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
+
+
+def _batch(n=16, c=3, size=24, seed=0, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    return Batch(x, torch.randint(0, classes, (n,), generator=g))
+
+
+def _augment(rank=0, seed=0, **kw):
+    spec = BatchAugmentSpec(num_classes=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), **kw)
+    return BatchAugment(spec, seed, rank, torch.device("cpu"))
+
+
+# -- batch augmentation -------------------------------------------------------------------
+def test_batch_augmentation_is_a_function_of_seed_rank_step_and_micro_batch():
+    batch = _batch()
+    first = _augment(**ALL_BATCH)([batch, batch], step=7)
+    again = _augment(**ALL_BATCH)([batch, batch], step=7)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert first[0].images.is_contiguous(memory_format=torch.channels_last)
+    # the two micro-batches of one step, another step, another rank, another seed: all differ
+    others = [
+        first[1],
+        _augment(**ALL_BATCH)([batch], step=8)[0],
+        _augment(rank=1, **ALL_BATCH)([batch], step=7)[0],
+        _augment(seed=1, **ALL_BATCH)([batch], step=7)[0],
+    ]
+    for other in others:
+        assert not torch.equal(other.images, first[0].images)
+
+
+def test_mixup_targets_sum_to_one_and_match_the_pixels_proportions():
+    batch = _batch()
+    aug = _augment(mixup_alpha=0.4)
+    for step in range(20):
+        images, targets = aug([batch], step)[0]
+        lam = aug.last[0]["mix"]["lam"]
+        assert torch.allclose(targets.sum(1), torch.ones(16))
+        expected = batch.images * lam + batch.images.flip(0) * (1 - lam)
+        assert torch.allclose(images, expected, atol=1e-6)
+        own = targets[torch.arange(16), batch.labels]
+        other = targets[torch.arange(16), batch.labels.flip(0)]
+        same = batch.labels == batch.labels.flip(0)
+        assert torch.allclose(own[~same], torch.full_like(own[~same], lam), atol=1e-6)
+        assert torch.allclose(other[~same], torch.full_like(other[~same], 1 - lam), atol=1e-6)
+
+
+def test_cutmix_targets_equal_the_share_of_pasted_pixels():
+    g = torch.Generator().manual_seed(3)
+    # every image a constant, so each pixel says which image it came from
+    values = torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1)
+    images = values.expand(16, 3, 24, 20).contiguous()
+    labels = torch.randperm(10, generator=g).repeat(2)[:16]
+    aug = _augment(cutmix_alpha=1.0, label_smoothing=0.1)
+    boxes = set()
+    for step in range(30):
+        out, targets = aug([Batch(images, labels)], step)[0]
+        assert torch.allclose(targets.sum(1), torch.ones(16), atol=1e-6)
+        pasted = (out != images).float().mean((1, 2, 3))  # share from the partner
+        lam = aug.last[0]["mix"]["lam"]
+        boxes.add(aug.last[0]["mix"]["box"])
+        for i in range(16):
+            if labels[i] == labels[15 - i] or i == 15 - i:
+                continue
+            smooth = 0.1 / 10
+            assert targets[i, labels[15 - i]].item() == pytest.approx(
+                (1 - lam) * (0.9 + smooth) + lam * smooth, abs=1e-5
+            )
+            assert pasted[i].item() == pytest.approx(1 - lam, abs=1e-6)
+    assert len(boxes) > 20  # boxes vary
+
+
+def test_mix_prob_and_switch_prob_choose_as_asked():
+    batch = _batch()
+    none = _augment(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.0)
+    assert not none.spec.mixing
+    aug = _augment(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.5, mix_switch_prob=0.25)
+    kinds = []
+    for step in range(400):
+        aug([batch], step)
+        mix = aug.last[0]["mix"]
+        kinds.append("none" if mix["lam"] == 1.0 else "cutmix" if mix["box"] else "mixup")
+    share = {k: kinds.count(k) / len(kinds) for k in ("none", "mixup", "cutmix")}
+    assert share["none"] == pytest.approx(0.5, abs=0.07)
+    assert share["cutmix"] == pytest.approx(0.5 * 0.25, abs=0.05)
+    assert share["mixup"] == pytest.approx(0.5 * 0.75, abs=0.07)
+
+
+def test_random_erasing_boxes_and_noise():
+    batch = _batch(n=64, size=32)
+    aug = _augment(random_erasing=0.5)
+    hits, areas = 0, []
+    for step in range(10):
+        out = aug([batch], step)[0].images
+        for i, (top, left, h, w) in enumerate(aug.last[0]["erase"]):
+            changed = (out[i] != batch.images[i]).any(0)
+            if h == 0:
+                assert not changed.any()
+                continue
+            hits += 1
+            assert top >= 0 and top + h <= 32 and left >= 0 and left + w <= 32
+            areas.append(h * w / 32**2)
+            region = out[i, :, top : top + h, left : left + w]
+            assert changed[top : top + h, left : left + w].float().mean() > 0.99
+            assert changed.sum() == h * w  # nothing outside the box
+            if h * w >= 64:
+                assert abs(region.mean().item()) < 0.5 and 0.6 < region.std().item() < 1.4
+    assert hits / 640 == pytest.approx(0.5, abs=0.06)
+    assert min(areas) >= 0.015 and max(areas) <= 0.36
+
+
+def test_color_jitter_matches_torchvision_for_the_drawn_factors_and_order():
+    """One image, the factors and order our jitter drew, replayed with torchvision's
+    functional ops (on 0-1 floats): the same pixels."""
+    from torchvision.transforms.v2 import functional as TF
+
+    spec = dict(color_jitter=0.4)
+    aug = _augment(**spec)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    pixels = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    batch = Batch((pixels - mean) / std, torch.zeros(4, dtype=torch.int64))
+    out = aug([batch], 0)[0].images * std + mean
+    factors, order = aug.last[0]["jitter"]
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for i in range(4):
+        x = pixels[i]
+        for op in order[i]:
+            x = ops[op](x, float(factors[i, op]))
+        assert torch.allclose(out[i], x, atol=1e-5)
+    assert factors.min() >= 0.6 and factors.max() <= 1.4
+
+
+def test_soft_targets_without_mixing_give_the_label_smoothed_loss():
+    logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (16,))
+    cfg = load_config(None, ["train.label_smoothing=0.1"])
+    aug = _augment(label_smoothing=0.1)
+    soft = aug.targets(labels, 1.0)
+    assert torch.allclose(
+        train_loss(logits, soft, cfg.train), train_loss(logits, labels, cfg.train)
+    )
+    bce = load_config(None, ["train.loss=bce", "train.bce_threshold=0.2"]).train
+    mixed = aug.targets(labels, 0.7)
+    expected = F.binary_cross_entropy_with_logits(logits, (mixed > 0.2).float())
+    assert torch.allclose(train_loss(logits, mixed, bce), expected)
+    # hard labels under bce: one-hot (0.1 smoothing puts 0.01 off-target: below 0.2)
+    one_hot = F.one_hot(labels, 10).float()
+    assert torch.allclose(
+        train_loss(logits, labels, bce), F.binary_cross_entropy_with_logits(logits, one_hot)
+    )
+
+
+def test_batch_augment_config_keys_and_their_checks():
+    cfg = load_config(
+        None,
+        [
+            "data.color_jitter=0.3",
+            "data.random_erasing=0.25",
+            "train.mixup_alpha=0.1",
+            "train.cutmix_alpha=1.0",
+            "train.mix_switch_prob=0.3",
+        ],
+    )
+    spec = spec_from_config(cfg)
+    assert spec.enabled and spec.mixing and spec.mix_switch_prob == 0.3
+    assert not spec_from_config(load_config(None, [])).enabled
+    for bad, key in [
+        ("train.mixup_alpha=-1", "train.mixup_alpha"),
+        ("train.mix_prob=1.5", "train.mix_prob"),
+        ("data.random_erasing=2", "data.random_erasing"),
+        ("train.loss=focal", "train.loss"),
+        ("data.auto_augment=augmix", "data.auto_augment"),
+        ("data.ra_magnitude=31", "data.ra_magnitude"),
+        ("model.drop_path_rate=0.1 model.plain=true", "model.drop_path_rate"),
+        ("data.ra_magnitude=12", "data.ra_magnitude=12 has no effect here"),
+        ("train.loss=ce train.bce_threshold=0.3", "train.bce_threshold=0.3 has no effect"),
+        ("train.mixup_alpha=0.2 train.mix_switch_prob=0.3", "needs both train.mixup_alpha"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, bad.split())
+
+
+# -- stochastic depth ---------------------------------------------------------------------
+def test_drop_path_is_linear_per_block_identity_in_eval_and_adds_no_parameters():
+    torch.manual_seed(0)
+    plain = resnet("resnet20", num_classes=10)
+    dropped = resnet("resnet20", num_classes=10, drop_path_rate=0.2)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    rates = [b.drop_path for b in blocks_in(dropped)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert np.allclose(np.diff(rates), 0.2 / (len(rates) - 1))
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(x), dropped(x))
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    a = dropped(x)
+    torch.manual_seed(1)
+    b = dropped(x)
+    assert torch.equal(a, b)  # drawn from torch's RNG (which checkpoints restore)
+    assert not torch.allclose(a, plain(x))
+
+
+# -- evaluation size ----------------------------------------------------------------------
+def test_val_size_sets_the_evaluation_crop_in_both_backends_and_inference_json(tmp_path):
+    over = ["data.image_size=24", "data.val_size=32", "data.crop_padding=2", "train.batch_size=8"]
+    backends = ["torch", *(["dali"] if dali_available() else [])]
+    for backend in backends:
+        cfg = load_config(None, [*over, f"data.backend={backend}"])
+        train, val = build_loaders(cfg, torch.device("cpu"))
+        assert next(iter(train)).images.shape[-2:] == (24, 24), backend
+        assert next(iter(val)).images.shape[-2:] == (32, 32), backend
+        train.close(), val.close()
+    save_inference_info(tmp_path, cfg, {str(i): i for i in range(10)})
+    assert json.loads((tmp_path / "inference.json").read_text())["image_size"] == 32
+    with pytest.raises(ConfigError, match=r"data.val_resize=200: must be 0 or >= data.val_size"):
+        load_config("configs/resnet50_imagenet.yaml", ["data.val_size=224", "data.val_resize=200"])
+    with pytest.raises(ConfigError, match=r"data.val_size=96 with model.name=resnet20"):
+        load_config(None, ["data.val_size=96"])
+    fast = load_config("configs/resnet50_imagenet_fast.yaml", [])
+    assert (fast.data.image_size, fast.data.eval_size, fast.data.val_resize) == (192, 224, 256)
+
+
+# -- auto-augmentation ---------------------------------------------------------------------
+AA_OVER = [
+    "data.image_size=24",
+    "train.batch_size=8",
+    "data.random_resized_crop=true",
+    "train.epochs=1",  # no next-epoch pipeline defined in the background
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_auto_augment_is_deterministic_for_a_seed_and_changes_with_it(backend):
+    def first_batches(*extra):
+        cfg = load_config(None, [*AA_OVER, f"data.backend={backend}", *extra])
+        train, val = build_loaders(cfg, torch.device("cpu"))
+        train.set_epoch(0)
+        out = [b.images.clone() for _, b in zip(range(2), train, strict=False)]
+        train.close(), val.close()
+        return torch.stack(out)
+
+    ta = ["data.auto_augment=trivialaugment_wide"]
+    a, b = first_batches(*ta), first_batches(*ta)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, first_batches(*ta, "run.seed=1"))
+    assert not torch.equal(a, first_batches())  # the augmentation changes the images
+
+
+def test_the_gpu_decode_stage_refuses_per_image_operators():
+    from distres.data.gpu_decode import resolve_decode
+
+    with pytest.raises(DataError, match=r"data.decode=gpu with data.auto_augment=randaugment"):
+        resolve_decode("gpu", torch.device("cuda"), "randaugment")
+    assert resolve_decode("auto", torch.device("cuda"), "randaugment") == "cpu"
+
+
+# The per-operator comparison: one test image, each operator alone at every magnitude the
+# recipe can draw, 192 draws per backend; four statistics per draw (_stats) whose distributions
+# must agree (_differ). The allowance on the means: 2 levels of 255 (or percent points of
+# uncovered area); 4 for sharpness (DALI leaves a 1-pixel border) and 10 for equalize (DALI's
+# follows OpenCV's lookup table, torchvision's PIL's; both documented).
+DRAWS, SIZE = 192, 48
+ALLOWANCE = {"Sharpness": 4.0, "Equalize": 10.0}
+
+
+def _test_image() -> np.ndarray:
+    """A 48x48 RGB image with gradients, edges and texture (not a flat field that most
+    operators leave alone)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    r = 40 + 3.5 * x
+    g = 30 + 2.0 * y + 40 * (((x // 8) + (y // 8)) % 2)
+    b = 128 + 90 * np.sin(x / 5) * np.cos(y / 7)
+    img = np.stack([r, g, b], axis=-1)
+    img[12:30, 16:36] = [220, 60, 40]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _one_op_torch(name: str, op: str, magnitude: int) -> v2.Transform:
+    base = v2.TrivialAugmentWide if name == "trivialaugment_wide" else v2.RandAugment
+
+    class OneOp(base):
+        _AUGMENTATION_SPACE: ClassVar[dict] = {op: base._AUGMENTATION_SPACE[op]}
+
+    common = dict(interpolation=v2.InterpolationMode.BILINEAR, fill=128, num_magnitude_bins=31)
+    if base is v2.RandAugment:
+        return OneOp(num_ops=1, magnitude=magnitude, **common)
+    return OneOp(**common)
+
+
+def _stats(outputs: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per draw: mean absolute change, mean value, spread of values (levels of 255), and the
+    share of pixels uncovered by a geometric operator (exactly the fill, which the test image
+    never holds) in percent: how far shears, translations and rotations go."""
+    x = outputs.astype(np.float32).reshape(len(outputs), -1)
+    change = np.abs(x - image.astype(np.float32).reshape(1, -1)).mean(1)
+    filled = (outputs == 128).all(-1).reshape(len(outputs), -1).mean(1) * 100
+    return np.stack([change, x.mean(1), x.std(1), filled], axis=1)
+
+
+def _differ(a: np.ndarray, b: np.ndarray, allowance: float) -> bool:
+    """Per statistic: a two-sample Kolmogorov-Smirnov distance with `allowance` of slack in
+    the value (each CDF against the other's shifted by it, the Levy distance's form) over
+    0.25; 192 draws of one distribution stay near 0.1. The slack absorbs systematic offsets of
+    a fraction of a level (DALI rounds where torchvision truncates), which alone would put a
+    plain KS distance at 1 for an operator with few distinct outcomes."""
+    for i in range(a.shape[1]):
+        x, y = np.sort(a[:, i]), np.sort(b[:, i])
+        grid = np.union1d(x, y)
+
+        def cdf(v, at):
+            return np.searchsorted(v, at, side="right") / len(v)
+
+        gap = max(
+            (cdf(x, grid) - cdf(y, grid + allowance)).max(),
+            (cdf(y, grid) - cdf(x, grid + allowance)).max(),
+        )
+        if gap > 0.25:
+            return True
+    return False
+
+
+@needs_dali
+def test_auto_augment_operators_agree_between_backends_statistically():
+    from nvidia.dali import fn, pipeline_def, types
+
+    from distres.data import dali_graph
+
+    image = _test_image()
+    torch.manual_seed(0)
+    chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    # torchvision's names in the order of dali_graph.auto_augment_suite
+    names = [
+        "Identity",
+        "ShearX",
+        "ShearY",
+        "TranslateX",
+        "TranslateY",
+        "Rotate",
+        "Brightness",
+        "Color",
+        "Contrast",
+        "Sharpness",
+        "Posterize",
+        "Solarize",
+        "AutoContrast",
+        "Equalize",
+    ]
+    cases = [("trivialaugment_wide", 0), ("randaugment", 18)]
+    suites = {name: dali_graph.auto_augment_suite(name, SIZE) for name, _ in cases}
+
+    @pipeline_def(batch_size=DRAWS, num_threads=1, device_id=None, seed=5, enable_conditionals=True)
+    def pipe():
+        data = fn.external_source(
+            source=lambda: [image] * DRAWS, layout="HWC", batch=True, dtype=types.UINT8
+        )
+        outs = []
+        for name, m in cases:
+            for op in suites[name]:
+                outs.append(dali_graph.auto_augment(data, name, SIZE, m, 1, suite=[op]))
+        return tuple(outs)
+
+    p = pipe()
+    p.build()
+    dali_out = [np.stack([np.asarray(t) for t in o]) for o in p.run()]
+    failures, k = [], 0
+    for name, m in cases:
+        for op in names:
+            t = _one_op_torch(name, op, m)
+            ours = np.stack([t(chw).permute(1, 2, 0).numpy() for _ in range(DRAWS)])
+            a, b = _stats(ours, image), _stats(dali_out[k], image)
+            k += 1
+            if _differ(a, b, ALLOWANCE.get(op, 2.0)):
+                ours_, theirs = a.mean(0).round(1).tolist(), b.mean(0).round(1).tolist()
+                failures.append(f"{name} m={m} {op}: torchvision {ours_}, DALI {theirs}")
+    assert not failures, "torchvision / DALI differ:\n" + "\n".join(failures)
+
+
+def test_auto_augment_in_the_torch_transform_after_crop_and_flip():
+    from distres.data.transforms import train_transform
+
+    t = train_transform(24, True, 0.08, 0, True, ("randaugment", 12, 3))
+    kinds = [type(op).__name__ for op in t.transforms]
+    assert kinds == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
+    ra = t.transforms[-1]
+    assert (ra.num_ops, ra.magnitude, ra.num_magnitude_bins) == (3, 12, 31)
+    assert ra.interpolation == v2.InterpolationMode.BILINEAR
+    assert len(ra._AUGMENTATION_SPACE) == 14
+
+
+# -- repeated augmentation ----------------------------------------------------------------
+def _id_shards(tmp_path, n=96, per_shard=8):
+    """n constant-colour JPEGs whose colour encodes the sample's number (steps of 10 levels,
+    far beyond JPEG's error), in shards of per_shard."""
+    import io
+
+    from PIL import Image
+
+    from distres.data.shards import write_shards
+
+    def jpeg(i):
+        buf = io.BytesIO()
+        colour = (10 * (i // 25) + 5, 10 * (i % 25) + 5, 128)
+        Image.new("RGB", (8, 8), colour).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    samples = [(f"s{i:04d}", jpeg(i), i % 10) for i in range(n)]
+    write_shards(samples, tmp_path, "x", {str(i): i for i in range(10)}, per_shard)
+    from distres.data.shardset import read_shard_set
+
+    return read_shard_set(tmp_path)
+
+
+def _ids(images: torch.Tensor) -> list[int]:
+    """The sample numbers of a batch of identity-transformed images (0-255 pixel values)."""
+    px = images[:, :2].float().mean((2, 3))
+    return [round((r - 5) / 10) * 25 + round((g - 5) / 10) for r, g in px.tolist()]
+
+
+def _rank_loaders(backend, shards, world, repeats):
+    common = dict(
+        train=True,
+        batch_size=4,
+        mean=[0.0],
+        std=[1 / 255],  # pixels stay 0-255: they name the sample
+        num_classes=10,
+        world_size=world,
+        shuffle_buffer=16,
+        repeats=repeats,
+    )
+    if backend == "dali":
+        from distres.data.dali import DaliLoader
+
+        return [
+            DaliLoader(shards, image_size=8, crop_padding=0, rank=r, **common) for r in range(world)
+        ]
+    from distres.data.torch_loader import ShardLoader
+    from distres.data.transforms import train_transform
+
+    t = train_transform(8, False, 0.08, 0, False)
+    return [ShardLoader(shards, transform=t, rank=r, **common) for r in range(world)]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_repeated_augmentation_spreads_repeats_over_ranks_and_keeps_the_epoch(backend, tmp_path):
+    shards = _id_shards(tmp_path)
+    world, repeats = 3, 3
+    plain = _rank_loaders(backend, shards, world, 1)
+    loaders = _rank_loaders(backend, shards, world, repeats)
+    seen_by_epoch = []
+    for epoch in (0, 1):
+        seen: dict[int, list[int]] = {}
+        for rank, loader in enumerate(loaders):
+            loader.set_epoch(epoch)
+            plain[rank].set_epoch(epoch)
+            assert len(loader) == len(plain[rank])  # the epoch keeps its length
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            for b in batches:
+                for i in _ids(b.images):
+                    seen.setdefault(i, []).append(rank)
+            loader.close()
+        # every sample seen this epoch: N times, once on each of N ranks
+        assert all(sorted(r) == list(range(world)) for r in seen.values()), seen
+        assert len(seen) == 96 // repeats
+        seen_by_epoch.append(set(seen))
+    assert seen_by_epoch[0] != seen_by_epoch[1]  # another third of the set next epoch
+    with pytest.raises(ConfigError, match=r"data.aug_repeats"):
+        load_config(None, ["data.aug_repeats=0"])
