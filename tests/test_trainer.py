@@ -382,3 +382,31 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(monk
         loss = engine.train_step([batch, batch])
         assert torch.isfinite(loss) and len(marks) == expected
     assert modes == ["default", "reduce-overhead"]
+
+
+def test_batch_mixing_reaches_training_steps_only(tmp_path):
+    """Mixup's soft targets reach every training step; evaluation sees the val loader's own
+    batches, never mixed."""
+    from distres.data.batch_augment import BatchAugment, spec_from_config
+
+    trainer = make_trainer(tmp_path, "train.mixup_alpha=0.4", checkpoints=False)
+    trainer.augment = BatchAugment(spec_from_config(trainer.cfg), 0, 0, torch.device("cpu"))
+    dims, step = [], trainer.engine.train_step
+
+    def spy(micro_batches, grad_norm=False):
+        dims.extend(y.dim() for _, y in micro_batches)
+        return step(micro_batches, grad_norm)
+
+    trainer.engine.train_step = spy
+    evaluated = []
+    trainer.engine.module.register_forward_pre_hook(
+        lambda m, args: None if m.training else evaluated.append(args[0])
+    )
+    trainer.fit()
+    assert dims and set(dims) == {2}
+    raw = []
+    for epoch in range(4):
+        val = TinyLoader(2, seed=2)
+        val.set_epoch(epoch)
+        raw += [b.images for b in val]
+    assert evaluated and all(any(torch.equal(x, r) for r in raw) for x in evaluated)

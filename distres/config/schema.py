@@ -350,6 +350,12 @@ class Config:
                 f"data.{which}={big} with model.name={self.model.name}: CIFAR-style models "
                 "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152"
             )
+        if self.data.auto_augment != "none" and self.model.in_chans != 3:
+            raise ConfigError(
+                f"data.auto_augment={self.data.auto_augment} with model.in_chans="
+                f"{self.model.in_chans}: its colour operators (color, contrast, equalize) are "
+                "defined on RGB images; use data.auto_augment=none"
+            )
         if self.data.source == "digits" and self.model.num_classes != 10:
             raise ConfigError(
                 f"model.num_classes={self.model.num_classes} with data.dataset=digits: digits "

@@ -32,34 +32,71 @@ MIXED_DECODER = dict(
 AUG_FILL = 128
 
 
-def auto_augment_suite(name: str, size: int):
-    """DALI's augmentations with torchvision v2's magnitude ranges for `name` (its
-    TrivialAugmentWide / RandAugment `_AUGMENTATION_SPACE`): the torch backend and this one
-    apply the same operators at the same magnitudes. DALI's own suites differ in small ways
-    (enhance ranges from 0.01, solarize from 256, translations relative to other bounds)."""
+# torchvision's AutoAugmentPolicy.IMAGENET, the AutoAugment paper's ImageNet policy as
+# torchvision lists it: per sub-policy, (operator, probability, magnitude bin of 10). DALI's
+# own ImageNet policy is another table (TensorFlow's, with SolarizeAdd), so it is rebuilt here.
+AUTOAUGMENT_IMAGENET = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+    (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+)
+
+
+def auto_augment_suite(name: str, size: int) -> dict:
+    """DALI's augmentations with torchvision v2's magnitude ranges for `name`, by
+    torchvision's operator names (its TrivialAugmentWide / RandAugment / AutoAugment
+    `_AUGMENTATION_SPACE`): the torch backend and this one apply the same operators at the same
+    magnitudes. DALI's own suites differ in small ways (enhance ranges from 0.01, solarize from
+    256, translations relative to other bounds)."""
     from nvidia.dali.auto_aug import augmentations as a
 
     if name == "trivialaugment_wide":
         shear, shift, angle, enhance, bits = 0.99, 32 / size, 135, 0.99, 2
-    else:  # randaugment: translations up to 150/331 of the image (torchvision, from AA)
+    else:  # randaugment, autoaugment: translations up to 150/331 of the image
         shear, shift, angle, enhance, bits = 0.3, 150 / 331, 30, 0.9, 4
-    return [
-        a.identity,
-        a.shear_x.augmentation((0, shear), True),
-        a.shear_y.augmentation((0, shear), True),
-        a.translate_x.augmentation((0, shift), True),
-        a.translate_y.augmentation((0, shift), True),
-        a.rotate.augmentation((0, angle), True),
-        a.brightness.augmentation((0, enhance), True, a.shift_enhance_range),
-        a.color.augmentation((0, enhance), True, a.shift_enhance_range),
-        a.contrast.augmentation((0, enhance), True, a.shift_enhance_range),
-        a.sharpness.augmentation((0, enhance), True, a.sharpness_kernel),
-        a.posterize.augmentation((8, bits), False, a.poster_mask_uint8),
+    suite = {
+        "Identity": a.identity,
+        "ShearX": a.shear_x.augmentation((0, shear), True),
+        "ShearY": a.shear_y.augmentation((0, shear), True),
+        "TranslateX": a.translate_x.augmentation((0, shift), True),
+        "TranslateY": a.translate_y.augmentation((0, shift), True),
+        "Rotate": a.rotate.augmentation((0, angle), True),
+        "Brightness": a.brightness.augmentation((0, enhance), True, a.shift_enhance_range),
+        "Color": a.color.augmentation((0, enhance), True, a.shift_enhance_range),
+        "Contrast": a.contrast.augmentation((0, enhance), True, a.shift_enhance_range),
+        "Sharpness": a.sharpness.augmentation((0, enhance), True, a.sharpness_kernel),
+        "Posterize": a.posterize.augmentation((8, bits), False, a.poster_mask_uint8),
         # torchvision inverts pixels >= 255 * m (m from 1 to 0): threshold 255 down to 0
-        a.solarize.augmentation((255, 0)),
-        a.auto_contrast,
-        a.equalize,
-    ]
+        "Solarize": a.solarize.augmentation((255, 0)),
+        "AutoContrast": a.auto_contrast,
+        "Equalize": a.equalize,
+    }
+    if name == "autoaugment":
+        del suite["Identity"]
+        suite["Invert"] = a.invert
+    return suite
 
 
 def auto_augment(images, name: str, size: int, magnitude: int, num_ops: int, suite=None):
@@ -67,24 +104,37 @@ def auto_augment(images, name: str, size: int, magnitude: int, num_ops: int, sui
     enable_conditionals); `suite` narrows the operators (the statistics test, one by one)."""
     from nvidia.dali.auto_aug import auto_augment as aa
     from nvidia.dali.auto_aug import rand_augment, trivial_augment
+    from nvidia.dali.auto_aug.core import Policy
 
     # DALI 2.x's own equalize augmentation still calls the deprecated experimental alias
     warnings.filterwarnings(
         "ignore", message=".*nvidia.dali.fn.experimental", category=DeprecationWarning
     )
-
+    # torchvision's policy has a sub-policy (Equalize 0.0, Equalize 0.8) that DALI flags
+    warnings.filterwarnings("ignore", message=".*is used with probability 0", category=UserWarning)
     common = dict(fill_value=AUG_FILL, interp_type=types.INTERP_LINEAR, shape=(size, size))
+    ops = auto_augment_suite(name, size)
     if name == "autoaugment":
-        return aa.auto_augment_image_net(images, max_translate_rel=150 / 331, **common)
-    if suite is not None:  # DALI refuses a keyword that none of the operators takes
-        takes = set().union(*(inspect.signature(op.op).parameters for op in suite))
-        common = {k: v for k, v in common.items() if k in takes}
-    suite = suite if suite is not None else auto_augment_suite(name, size)
+        policy = Policy(
+            "torchvision ImageNet",
+            num_magnitude_bins=10,
+            sub_policies=[[(ops[op], p, m) for op, p, m in sub] for sub in AUTOAUGMENT_IMAGENET],
+        )
+        used = {op for sub in AUTOAUGMENT_IMAGENET for op, _, _ in sub}
+        return aa.apply_auto_augment(policy, images, **_taken(common, [ops[o] for o in used]))
+    suite = suite if suite is not None else list(ops.values())
+    common = _taken(common, suite)
     if name == "trivialaugment_wide":
         return trivial_augment.apply_trivial_augment(suite, images, num_magnitude_bins=31, **common)
     return rand_augment.apply_rand_augment(
         suite, images, n=num_ops, m=magnitude, num_magnitude_bins=31, **common
     )
+
+
+def _taken(kwargs: dict, augmentations) -> dict:
+    """The keywords some of `augmentations` take (DALI refuses one that none takes)."""
+    takes = set().union(*(inspect.signature(op.op).parameters for op in augmentations))
+    return {k: v for k, v in kwargs.items() if k in takes}
 
 
 def image_graph(
