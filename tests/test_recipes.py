@@ -263,8 +263,19 @@ AA_OVER = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
-def test_auto_augment_is_deterministic_for_a_seed_and_changes_with_it(backend):
+@pytest.mark.parametrize(
+    "backend, name",
+    [
+        ("torch", "trivialaugment_wide"),
+        ("torch", "randaugment"),
+        ("torch", "autoaugment"),
+        # one DALI case: defining a pipeline with an auto-augmentation takes seconds here,
+        # and every DALI operator draws from the pipeline's seed alike (RandAugment's DALI
+        # resume is in test_checkpoint's recipe test)
+        pytest.param("dali", "trivialaugment_wide", marks=needs_dali),
+    ],
+)
+def test_auto_augment_is_deterministic_for_a_seed_and_changes_with_it(backend, name):
     def first_batches(*extra):
         cfg = load_config(None, [*AA_OVER, f"data.backend={backend}", *extra])
         train, val = build_loaders(cfg, torch.device("cpu"))
@@ -273,11 +284,24 @@ def test_auto_augment_is_deterministic_for_a_seed_and_changes_with_it(backend):
         train.close(), val.close()
         return torch.stack(out)
 
-    ta = ["data.auto_augment=trivialaugment_wide"]
+    ta = [f"data.auto_augment={name}"]
     a, b = first_batches(*ta), first_batches(*ta)
     assert torch.equal(a, b)
     assert not torch.equal(a, first_batches(*ta, "run.seed=1"))
     assert not torch.equal(a, first_batches())  # the augmentation changes the images
+
+
+def test_torch_backend_resumes_an_auto_augmented_epoch_mid_way_exactly():
+    """The position (epoch, batches delivered) replays the pass with the same seeded draws:
+    the batches after it are the ones an uninterrupted pass gives."""
+    cfg = load_config(None, [*AA_OVER, "data.backend=torch", "data.auto_augment=randaugment"])
+    whole, _ = build_loaders(cfg, torch.device("cpu"))
+    whole.set_epoch(1)
+    expected = [b.images.clone() for _, b in zip(range(5), whole, strict=False)]
+    resumed, _ = build_loaders(cfg, torch.device("cpu"))
+    resumed.load_state_dict({"epoch": 1, "batches": 3})
+    got = [b.images for _, b in zip(range(2), resumed, strict=False)]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected[3:], strict=True))
 
 
 def test_the_gpu_decode_stage_refuses_per_image_operators():
