@@ -234,6 +234,27 @@ def test_drop_path_is_linear_per_block_identity_in_eval_and_adds_no_parameters()
     assert not torch.allclose(a, plain(x))
 
 
+def test_drop_branch_is_torchvisions_stochastic_depth_without_importing_torchvision():
+    import subprocess
+    import sys
+
+    from torchvision.ops import stochastic_depth
+
+    from distres.models.resnet import drop_branch
+
+    block = torch.nn.Module()
+    block.drop_path = 0.3
+    x = torch.randn(64, 8, 4, 4)
+    torch.manual_seed(5)
+    ours = drop_branch(block, x)
+    torch.manual_seed(5)
+    assert torch.equal(ours, stochastic_depth(x, 0.3, "row", training=True))
+    # a DALI run never imports torchvision (2-3 s per rank); the model must not either
+    code = "import sys, distres.trainer.build; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # -- evaluation size ----------------------------------------------------------------------
 def test_val_size_sets_the_evaluation_crop_in_both_backends_and_inference_json(tmp_path):
     over = ["data.image_size=24", "data.val_size=32", "data.crop_padding=2", "train.batch_size=8"]
@@ -291,17 +312,39 @@ def test_auto_augment_is_deterministic_for_a_seed_and_changes_with_it(backend, n
     assert not torch.equal(a, first_batches())  # the augmentation changes the images
 
 
-def test_torch_backend_resumes_an_auto_augmented_epoch_mid_way_exactly():
-    """The position (epoch, batches delivered) replays the pass with the same seeded draws:
-    the batches after it are the ones an uninterrupted pass gives."""
-    cfg = load_config(None, [*AA_OVER, "data.backend=torch", "data.auto_augment=randaugment"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_an_auto_augmented_epoch_resumes_mid_way_exactly(backend):
+    """The position a loader saves after 3 batches (torch: the batch count, replayed with the
+    same seeded draws; DALI: its pipeline checkpoint, RandAugment's state included) gives the
+    batches an uninterrupted pass gives after it."""
+    over = [*AA_OVER, f"data.backend={backend}", "data.auto_augment=randaugment"]
+    cfg = load_config(None, over)
     whole, _ = build_loaders(cfg, torch.device("cpu"))
     whole.set_epoch(1)
-    expected = [b.images.clone() for _, b in zip(range(5), whole, strict=False)]
+    expected, state = [], None
+    for i, b in zip(range(5), whole, strict=False):
+        expected.append(b.images.clone())
+        if i == 2:
+            state = whole.state_dict()
+    whole.close()
     resumed, _ = build_loaders(cfg, torch.device("cpu"))
-    resumed.load_state_dict({"epoch": 1, "batches": 3})
-    got = [b.images for _, b in zip(range(2), resumed, strict=False)]
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    got = [b.images.clone() for _, b in zip(range(2), resumed, strict=False)]
+    resumed.close()
     assert all(torch.equal(x, y) for x, y in zip(got, expected[3:], strict=True))
+
+
+def test_decoding_in_the_main_process_leaves_torchs_global_rng_alone():
+    """With num_workers=0 the augmentation draws happen in the training process, whose
+    global RNG the model draws from too (stochastic depth): the loader must neither reseed
+    nor advance it, or a resumed run's masks would differ."""
+    cfg = load_config(None, [*AA_OVER, "data.backend=torch", "data.auto_augment=randaugment"])
+    train, _ = build_loaders(cfg, torch.device("cpu"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _ in zip(range(3), train, strict=False):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_the_gpu_decode_stage_refuses_per_image_operators():

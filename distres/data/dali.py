@@ -26,12 +26,13 @@ import torch
 from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
 from distres.data.batch import HeldOutputs
 from distres.data.dali_index import (
-    IMAGE_EXTS,
     checked_indexes,
     first_undecodable,
     pipeline_failure,
+    repeated_indexes,
     sample_where,
     unconsumed_indexes,
+    verify_part,
 )
 from distres.data.shardset import ShardSet
 
@@ -156,63 +157,41 @@ class DaliLoader:
     def _pipeline(self, checkpoint: str | None = None, epoch: int | None = None):
         """An epoch's pipeline (this one's by default), defined but not built (a test
         inspects the GPU graph on a machine without one)."""
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import types
 
-        from distres.data.dali_graph import image_graph
+        from distres.data.dali_graph import epoch_pipeline
 
         gpu = self.device.type == "cuda"
         epoch = self.epoch if epoch is None else epoch
-        paths, index_paths, _ = self._sequence(epoch)
-        if self.verify:
-            self._verify_my_part(paths, epoch)
-        size = self.size_at(epoch) if self.size_at else self.image_size
-        color = types.RGB if self.in_chans == 3 else types.GRAY
-        dtype = types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT
-
-        @pipeline_def(
+        paths, index_paths, n = self._sequence(epoch)
+        w, r = self.world_size, self.rank
+        if self.verify:  # the shards overlapping this rank's part
+            verify_part(self.shards, paths, self.counts, n * r // w, n * (r + 1) // w)
+        return epoch_pipeline(
+            paths,
+            index_paths,
+            checkpoint=checkpoint,
             batch_size=self.batch_size,
-            num_threads=self.threads,
+            threads=self.threads,
             device_id=(self.device.index or 0) if gpu else None,
-            seed=hash((self.seed, epoch, self.rank)) & 0x7FFF_FFFF,
-            enable_checkpointing=True,
-            # the auto-augmentations pick each image's operator with DALI's conditionals
-            enable_conditionals=self.train and self.auto_augment[0] != "none",
-            exec_dynamic=True,
-            prefetch_queue_depth=PREFETCH,
+            seed=hash((self.seed, epoch, r)) & 0x7FFF_FFFF,
+            rank=r,
+            world_size=w,
+            train=self.train,
+            initial_fill=min(self.shuffle_buffer, 1024),
+            prefetch=PREFETCH,
+            decoder="mixed" if gpu else "cpu",
+            color=types.RGB if self.in_chans == 3 else types.GRAY,
+            size=self.size_at(epoch) if self.size_at else self.image_size,
+            rrc_min_scale=self.rrc_min_scale if self.rrc else None,
+            crop_padding=self.crop_padding,
+            hflip=self.hflip,
+            val_resize=self.val_resize,
+            aug=self.auto_augment,
+            mean=self.mean,
+            std=self.std,
+            dtype=types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT,
         )
-        def pipeline():
-            jpegs, labels = fn.readers.webdataset(
-                paths=paths,
-                index_paths=index_paths,
-                ext=[";".join(IMAGE_EXTS), "cls"],
-                missing_component_behavior="error",
-                dtypes=[types.UINT8, types.UINT8],
-                shard_id=self.rank,
-                num_shards=self.world_size,
-                random_shuffle=self.train,
-                initial_fill=min(self.shuffle_buffer, 1024),
-                pad_last_batch=not self.train,
-                name="reader",
-            )
-            where = fn.get_property(jpegs, key="source_info")
-            images = image_graph(
-                jpegs,
-                decoder="mixed" if gpu else "cpu",
-                color=color,
-                train=self.train,
-                size=size,
-                rrc_min_scale=self.rrc_min_scale if self.rrc else None,
-                crop_padding=self.crop_padding,
-                hflip=self.hflip,
-                val_resize=self.val_resize,
-                aug=self.auto_augment,
-                mean=self.mean,
-                std=self.std,
-                dtype=dtype,
-            )
-            return images, labels, where
-
-        return pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
 
     def __iter__(self) -> Iterator[Batch]:
         resume, self._resume = self._resume, None
@@ -272,13 +251,7 @@ class DaliLoader:
 
     def _sequence(self, epoch: int | None = None) -> tuple[list[str], list[str], int]:
         """The epoch's sample sequence, which the reader cuts into one contiguous part per
-        rank: (shards, index files, samples).
-
-        Repeated augmentation (data.aug_repeats=N, torchvision's RASampler): the sequence is
-        the first n // N samples of the epoch's shard order, N times over. Sample j then sits
-        at k * n/N + j for k < N, which the contiguous parts give to N different ranks (N <=
-        world size), each augmenting it with its own seed; the epoch keeps its length and
-        sees a different 1/N of the set each epoch, as the shard order changes."""
+        rank: (shards, index files, samples); with data.aug_repeats, see repeated_indexes."""
         epoch = self.epoch if epoch is None else epoch
         if self._subset is not None and self._subset[0] == epoch:
             _, paths, index_paths, total = self._subset
@@ -294,17 +267,9 @@ class DaliLoader:
             if self._repeat_dir is None:
                 self._repeat_dir = tempfile.TemporaryDirectory(prefix="distres-repeat-idx-")
             out = Path(self._repeat_dir.name) / f"epoch-{epoch}"
-            out.mkdir(exist_ok=True)
-            unique = n // self.repeats
-            kept = unconsumed_indexes(paths, index_paths, [(unique, n)], out)
-            self._repeated = {  # this epoch's and the previous one's (a prefetched pipeline)
-                e: v for e, v in self._repeated.items() if e >= epoch - 1
-            }
-            self._repeated[epoch] = (
-                kept[0] * self.repeats,
-                kept[1] * self.repeats,
-                kept[2] * self.repeats,
-            )
+            # this epoch's and the previous one's (a prefetched pipeline) are kept
+            self._repeated = {e: v for e, v in self._repeated.items() if e >= epoch - 1}
+            self._repeated[epoch] = repeated_indexes(paths, index_paths, n, self.repeats, out)
         return self._repeated[epoch]
 
     def _define_next(self, epoch: int) -> None:
@@ -360,18 +325,6 @@ class DaliLoader:
         return checked_indexes(
             self.shards, Path(self._filtered_dir.name), lambda e: self.bad(e, self.rank == 0)
         )
-
-    def _verify_my_part(self, paths: list[str], epoch: int) -> None:
-        """data.verify_checksums: the shards overlapping this rank's part, once each."""
-        n, w = self._sequence(epoch)[2], self.world_size
-        start, end = n * self.rank // w, n * (self.rank + 1) // w
-        position = 0
-        by_url = {u: i for i, u in enumerate(self.shards.urls)}
-        for url in paths:
-            i = by_url[url]
-            if position < end and position + self.counts[i] > start:
-                self.shards.verify(i)
-            position += self.counts[i]
 
     def _to_batch(self, images, labels, where, keep: int) -> Batch:
         # The dynamic executor hands out reference-counted buffers: zero copy, on the GPU

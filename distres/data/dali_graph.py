@@ -1,6 +1,7 @@
-"""The per-image part of the DALI graph: decode, augment, normalise (`data.backend=dali`).
+"""The DALI graph (`data.backend=dali`): an epoch's pipeline (`epoch_pipeline`: the reader and
+the per-image part, `image_graph`: decode, augment, normalise).
 
-`DaliLoader` builds the reader and calls `image_graph` inside its `pipeline_def`; the same
+`DaliLoader` says which shards and settings each epoch's pipeline gets; the same
 operators run on the GPU ("mixed" decoding: nvJPEG) or on the CPU (`device_id=None`).
 Augmentation ends in `crop_mirror_normalize` with HWC layout, so the NCHW view the model gets
 has channels_last strides with no extra copy. Every random operator draws from the
@@ -135,6 +136,60 @@ def _taken(kwargs: dict, augmentations) -> dict:
     """The keywords some of `augmentations` take (DALI refuses one that none takes)."""
     takes = set().union(*(inspect.signature(op.op).parameters for op in augmentations))
     return {k: v for k, v in kwargs.items() if k in takes}
+
+
+def epoch_pipeline(
+    paths: list[str],
+    index_paths: list[str],
+    *,
+    checkpoint: str | None,
+    batch_size: int,
+    threads: int,
+    device_id: int | None,
+    seed: int,
+    rank: int,
+    world_size: int,
+    train: bool,
+    initial_fill: int,
+    prefetch: int,
+    **image,
+):
+    """One epoch's pipeline, defined (not built): the webdataset reader over `paths` in this
+    order, this rank's contiguous part of them, then `image_graph(**image)`. Outputs: images,
+    labels, each sample's source_info (shard and key, for error messages)."""
+    from nvidia.dali import pipeline_def
+
+    from distres.data.dali_index import IMAGE_EXTS
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        seed=seed,
+        enable_checkpointing=True,
+        # the auto-augmentations pick each image's operator with DALI's conditionals
+        enable_conditionals=train and image.get("aug", ("none",))[0] != "none",
+        exec_dynamic=True,
+        prefetch_queue_depth=prefetch,
+    )
+    def pipeline():
+        jpegs, labels = fn.readers.webdataset(
+            paths=paths,
+            index_paths=index_paths,
+            ext=[";".join(IMAGE_EXTS), "cls"],
+            missing_component_behavior="error",
+            dtypes=[types.UINT8, types.UINT8],
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=train,
+            initial_fill=initial_fill,
+            pad_last_batch=not train,
+            name="reader",
+        )
+        where = fn.get_property(jpegs, key="source_info")
+        return image_graph(jpegs, train=train, **image), labels, where
+
+    return pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
 
 
 def image_graph(

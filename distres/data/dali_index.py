@@ -185,6 +185,29 @@ def unconsumed_indexes(
     return paths, index_paths, total
 
 
+def repeated_indexes(
+    urls: list[str], indexes: list[str], total: int, repeats: int, out: Path
+) -> tuple[list[str], list[str], int]:
+    """Repeated augmentation's sequence (data.aug_repeats=N, torchvision's RASampler): the
+    first total // N samples of the shards in this order, N times over (index files under
+    `out`). Sample j sits at k * total/N + j for k < N, which the reader's contiguous rank
+    parts give to N different ranks (N <= world size), each augmenting it its own way."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, index_paths, kept = unconsumed_indexes(urls, indexes, [(total // repeats, total)], out)
+    return paths * repeats, index_paths * repeats, kept * repeats
+
+
+def verify_part(shards, urls: list[str], counts: list[int], start: int, end: int) -> None:
+    """data.verify_checksums: the shards among `urls` (the reader's order) that overlap
+    samples [start, end), once each."""
+    position, by_url = 0, {u: i for i, u in enumerate(shards.urls)}
+    for url in urls:
+        i = by_url[url]
+        if position < end and position + counts[i] > start:
+            shards.verify(i)
+        position += counts[i]
+
+
 def failure_cause(e: BaseException) -> tuple[str, str | None]:
     """DALI's line about the data in one of its errors (it names the operator, and the file
     when it knows it), and the shard it names, if any."""

@@ -9,6 +9,7 @@ shares, then samples are mixed in a seeded buffer, so a run is reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import random
@@ -64,8 +65,13 @@ class _SampleStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         seed = hash((self.seed, worker)) & 0x7FFF_FFFF
         # NOTE: v2 transforms draw from torch's global RNG; seeding it here makes the
-        # augmentation a function of (seed, epoch, rank, worker), in a worker or in main.
-        torch.manual_seed(seed)
+        # augmentation a function of (seed, epoch, rank, worker). In the main process
+        # (num_workers=0) that RNG is also the model's (stochastic depth, dropout), so the
+        # stream keeps its own state and swaps it in around each sample: the model's draws
+        # stay where a checkpoint restores them, and a replay on resume draws the same.
+        rng = _StreamRng(seed) if info is None else None
+        if rng is None:
+            torch.manual_seed(seed)
         samples = self._read([self.shards.urls[i] for i in self.shard_ids[worker::workers]])
         if self.stride[1] > 1:
             samples = self._strided(samples)
@@ -82,7 +88,9 @@ class _SampleStream(IterableDataset):
         items, labels = [], []
         for sample in samples:
             try:
-                item, label = self._item(sample), self._label(sample)
+                with rng or contextlib.nullcontext():
+                    item = self._item(sample)
+                label = self._label(sample)
             except DataError as e:
                 self.bad(e)
                 continue
@@ -292,6 +300,9 @@ class ShardLoader:
             pin_memory=False,
             prefetch_factor=4 if workers else None,
             worker_init_fn=_ignore_stop_signals,
+            # its iterator draws a base seed; from torch's global RNG (the model's) without
+            # a generator, one draw per pass that a resumed run would make at another step
+            generator=torch.Generator().manual_seed(seed & 0x7FFF_FFFF),
         )
         delivered = 0
         chunks = iter(loader)
@@ -386,6 +397,22 @@ class ShardLoader:
         if self.memory_format != torch.channels_last:
             out = out.contiguous(memory_format=self.memory_format)
         return Batch(out, labels.to(self.device, non_blocking=True))
+
+
+class _StreamRng:
+    """A stream's own state of torch's global CPU generator, swapped in while it draws."""
+
+    def __init__(self, seed: int):
+        self.state = torch.Generator().manual_seed(seed).get_state()
+        self.outer: torch.Tensor | None = None
+
+    def __enter__(self) -> None:
+        self.outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+
+    def __exit__(self, *exc) -> None:
+        self.state = torch.get_rng_state()
+        torch.set_rng_state(self.outer)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import stochastic_depth
 
 from distres.models.archs import ARCHS, ArchSpec
 
@@ -30,9 +29,15 @@ from distres.models.archs import ARCHS, ArchSpec
 def drop_branch(block: nn.Module, out: Tensor) -> Tensor:
     """Stochastic depth (Huang et al. 2016; timm's drop_path): in training, drop a block's
     residual branch for a random subset of the samples and scale the survivors by
-    1 / (1 - p); the identity in evaluation. No parameters: weights load either way."""
+    1 / (1 - p); the identity in evaluation. No parameters: weights load either way.
+
+    torchvision.ops.stochastic_depth(mode="row") written out: importing torchvision costs a
+    DALI run 2-3 s per rank at start-up (distres.data.loaders)."""
     if block.drop_path and block.training:
-        return stochastic_depth(out, block.drop_path, "row", training=True)
+        keep = 1.0 - block.drop_path
+        shape = (out.shape[0],) + (1,) * (out.dim() - 1)
+        mask = torch.empty(shape, dtype=out.dtype, device=out.device).bernoulli_(keep)
+        return out * mask.div_(keep)
     return out
 
 
