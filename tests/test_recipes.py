@@ -318,7 +318,7 @@ def test_an_auto_augmented_epoch_resumes_mid_way_exactly(backend):
     same seeded draws; DALI: its pipeline checkpoint, RandAugment's state included) gives the
     batches an uninterrupted pass gives after it."""
     over = [*AA_OVER, f"data.backend={backend}", "data.auto_augment=randaugment"]
-    cfg = load_config(None, over)
+    cfg = load_config(None, [*over, "train.epochs=3"])  # DALI defines epoch 2's meanwhile
     whole, _ = build_loaders(cfg, torch.device("cpu"))
     whole.set_epoch(1)
     expected, state = [], None
@@ -332,6 +332,12 @@ def test_an_auto_augmented_epoch_resumes_mid_way_exactly(backend):
     got = [b.images.clone() for _, b in zip(range(2), resumed, strict=False)]
     resumed.close()
     assert all(torch.equal(x, y) for x, y in zip(got, expected[3:], strict=True))
+    # DALI defines the next epoch's pipeline in a thread: a daemon one, or distres's fast
+    # exit (distres.log.exit_process) would fall back to Python's seconds-long teardown
+    import threading
+
+    main = threading.main_thread()
+    assert not [t for t in threading.enumerate() if t is not main and not t.daemon]
 
 
 def test_decoding_in_the_main_process_leaves_torchs_global_rng_alone():
@@ -358,8 +364,9 @@ def test_the_gpu_decode_stage_refuses_per_image_operators():
 # The per-operator comparison: one test image, each operator alone at every magnitude the
 # recipe can draw, 192 draws per backend; four statistics per draw (_stats) whose distributions
 # must agree (_differ). The allowance on the means: 2 levels of 255 (or percent points of
-# uncovered area); 4 for sharpness (DALI leaves a 1-pixel border) and 10 for equalize (DALI's
-# follows OpenCV's lookup table, torchvision's PIL's; both documented).
+# uncovered area); 4 for sharpness (DALI leaves a 1-pixel border) and 3 for equalize (DALI's
+# follows OpenCV's lookup table, torchvision's PIL's; both documented; the test image's grain
+# keeps its histogram free of the gaps where the two part most).
 DRAWS, SIZE = 192, 48
 ALLOWANCE = {"Sharpness": 4.0, "Equalize": 3.0}
 

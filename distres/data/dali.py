@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import math
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,6 @@ class DaliLoader:
         self._resume: tuple[int, str] | None = None  # (batches done, DALI checkpoint)
         self._next: tuple[int, object] | None = None  # (epoch, pipeline already prefetching)
         self._defining: tuple[int, Future] | None = None  # (epoch, pipeline being defined)
-        self._definer: ThreadPoolExecutor | None = None
         self._stopped: dict | None = None  # the position an abandoned epoch had reached
         # (epoch, shard paths, index paths, samples): the rest of an epoch resumed on another
         # world size; see resume_from_ranks
@@ -276,10 +276,18 @@ class DaliLoader:
         """Define `epoch`'s pipeline in a background thread while this epoch runs. Defining
         traces the graph in Python: 1-7 s with an auto-augmentation (DALI's conditionals
         convert each operator's branch), which would otherwise stall every epoch's end.
-        DALI keeps its tracing state per thread."""
-        if self._definer is None:
-            self._definer = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-define")
-        self._defining = (epoch, self._definer.submit(self._pipeline, None, epoch))
+        DALI keeps its tracing state per thread. A daemon thread: a live non-daemon one
+        would make the process's exit wait for Python's teardown (distres.log.exit_process)."""
+        future: Future = Future()
+
+        def define() -> None:
+            try:
+                future.set_result(self._pipeline(None, epoch))
+            except BaseException as e:  # raised where the pipeline is wanted
+                future.set_exception(e)
+
+        threading.Thread(target=define, name="distres-dali-define", daemon=True).start()
+        self._defining = (epoch, future)
 
     def _prefetched(self, epoch: int):
         defining, self._defining = self._defining, None
