@@ -337,7 +337,7 @@ class Config:
         which, small = "image_size", size
         if self.data.val_size and self.data.val_size < size:
             which, small = "val_size", self.data.val_size
-        if arch.stem == "imagenet" and small < 64:
+        if arch.stem != "cifar" and small < 64:
             raise ConfigError(
                 f"data.{which}={small} with model.name={self.model.name}: ImageNet-stem "
                 "models downsample 32x and need >= 64 px; use a CIFAR-style model (resnet20..."
@@ -348,7 +348,8 @@ class Config:
         if arch.stem == "cifar" and big > 64:
             raise ConfigError(
                 f"data.{which}={big} with model.name={self.model.name}: CIFAR-style models "
-                "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152"
+                "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152 "
+                "or another ImageNet-stem model"
             )
         if self.data.auto_augment != "none" and self.model.in_chans != 3:
             raise ConfigError(

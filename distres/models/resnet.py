@@ -6,6 +6,10 @@ Three families share one class:
   names, state_dict keys, shapes, init and forward are torchvision's, so weights move both ways.
 - CIFAR-style ResNet-20/32/44/56/110/1202 (He et al. 2015, section 4.2): 3x3 stem, three
   stages of 16/32/64 channels, option-A (parameter-free) shortcuts as in the paper.
+- ResNeXt-50/101 and Wide ResNet-50/101 (torchvision's names: only the 3x3 conv's groups and
+  width change), ResNet-D (timm's resnet50d: deep stem, average-pool downsampling) and
+  SE-ResNet (timm's seresnet50: an SE gate on each branch), each loading the other library's
+  weights as they are.
 - Pre-activation bottleneck ResNet-164/1001 (He et al. 2016, "Identity Mappings"): the 1000+
   layer nets whose training the tutorial promises.
 
@@ -96,6 +100,23 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) with timm's SEModule names and sizes: a gate per
+    channel from the globally pooled features, reduced 16x (rounded to a multiple of 8)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        reduced = max(8, int(channels / 16 + 4) // 8 * 8)
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.bn = nn.Identity()  # timm's slot for an optional norm (no parameters)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * gate.sigmoid()
+
+
 class Bottleneck(nn.Module):
     expansion = 4
     drop_path = 0.0
@@ -107,14 +128,20 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         shortcut: bool = True,
+        groups: int = 1,
+        width_per_group: int = 64,
+        se: bool = False,
     ):
         super().__init__()
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
+        # torchvision's width rule: ResNeXt widens the grouped 3x3, Wide ResNet doubles it
+        width = int(planes * (width_per_group / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.se = SqueezeExcite(planes * self.expansion) if se else None
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.shortcut = shortcut
@@ -125,7 +152,10 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = drop_branch(self, self.bn3(self.conv3(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        out = drop_branch(self, out)
         if self.shortcut:
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
@@ -196,8 +226,22 @@ class ResNet(nn.Module):
         self.preact = block is PreActBottleneck
         self.plain = plain
         self.inplanes = spec.stem_width
-        if spec.stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_chans, self.inplanes, 7, stride=2, padding=3, bias=False)
+        if spec.stem == "deep":
+            # timm's deep stem (ResNet-C): its Sequential indices are the state_dict's names
+            w = spec.stem_width
+            self.inplanes = 2 * w
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_chans, w, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                conv3x3(w, w),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                conv3x3(w, self.inplanes),
+            )
+        if spec.stem in ("imagenet", "deep"):
+            if spec.stem == "imagenet":
+                self.conv1 = nn.Conv2d(in_chans, self.inplanes, 7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(self.inplanes)
             self.relu = nn.ReLU(inplace=True)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -241,13 +285,28 @@ class ResNet(nn.Module):
                 downsample = ZeroPadShortcut(self.inplanes, out_planes, stride)
             elif self.preact:
                 downsample = conv1x1(self.inplanes, out_planes, stride)
+            elif self.spec.avg_down:
+                # ResNet-D: average, then project (timm's downsample_avg and its indices)
+                pool = (
+                    nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                    if stride > 1
+                    else nn.Identity()
+                )
+                downsample = nn.Sequential(
+                    pool, conv1x1(self.inplanes, out_planes), nn.BatchNorm2d(out_planes)
+                )
             else:
                 downsample = nn.Sequential(
                     conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
                 )
-        layers = [block(self.inplanes, planes, stride, downsample, shortcut=not self.plain)]
+        spec, extra = self.spec, {}
+        if block is Bottleneck:
+            extra = dict(groups=spec.groups, width_per_group=spec.width_per_group, se=spec.se)
+        layers = [block(self.inplanes, planes, stride, downsample, not self.plain, **extra)]
         self.inplanes = out_planes
-        layers += [block(self.inplanes, planes, shortcut=not self.plain) for _ in range(1, blocks)]
+        layers += [
+            block(self.inplanes, planes, shortcut=not self.plain, **extra) for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def stages(self) -> list[nn.Sequential]:
