@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -57,14 +59,36 @@ def evaluate(
     return {"val/loss": loss / n, "val/top1": top1 / n, "val/top5": top5 / n, "val/samples": int(n)}
 
 
+class FlipTTA(nn.Module):
+    """Test-time augmentation: the mean of the probabilities of an image and its mirror image,
+    returned as log-probabilities (a cross-entropy of them is the loss of the mean)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.model(x).float().log_softmax(1)
+        b = self.model(x.flip(3)).float().log_softmax(1)
+        return torch.logaddexp(a, b) - math.log(2)
+
+
+def resize_for(val_size: int, val_resize: int, size: int) -> int:
+    """The resize that keeps the run's crop ratio (val_size / val_resize, e.g. 224 / 256) at
+    another evaluation size; 0 stays 0 (a centre crop alone)."""
+    return round(size * val_resize / val_size) if val_resize else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m distres.evaluate --checkpoint PATH [section.key=value ...]`: top-1, top-5 and
-    loss of a checkpoint on a validation set; one process, or every rank under torchrun."""
+    loss of a checkpoint on a validation set; one process, or every rank under torchrun.
+    --sizes evaluates at several resolutions (one table; the crop ratio kept), --tta flip adds
+    the mirror image, --ema takes the EMA of the weights, --write-best records the best size in
+    the run's final/inference.json (what distres.predict uses)."""
     import argparse
     import json
     import sys
     import tempfile
-    from pathlib import Path
 
     from distres import checkpoint as ckpt
     from distres.config import ConfigError, load_config
@@ -78,8 +102,34 @@ def main(argv: list[str] | None = None) -> int:
         help="DeepSpeed checkpoints: load with DeepSpeed's full unpickler (only for "
         "checkpoints you wrote)",
     )
+    parser.add_argument(
+        "--sizes",
+        help="evaluation sizes, e.g. 160,192,224,256,288 (FixRes: a model trained at 176 is "
+        "best evaluated larger); each keeps the run's val_resize / val_size ratio",
+    )
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time aug.")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights")
+    parser.add_argument(
+        "--write-best",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FINAL_DIR",
+        help="with --sizes: write the best size (by val/top1) into FINAL_DIR/inference.json "
+        "(default: the run's final/), so that distres.predict uses it",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    sizes: list[int] = []
+    if args.sizes is not None:
+        try:
+            sizes = [int(x) for x in args.sizes.split(",")]
+        except ValueError:
+            parser.error(f"--sizes {args.sizes}: expected sizes in pixels, e.g. 160,224,288")
+        if not sizes or min(sizes) < 8 or len(set(sizes)) != len(sizes):
+            parser.error(f"--sizes {args.sizes}: distinct sizes of at least 8 pixels")
+    if args.write_best is not None and not sizes:
+        parser.error("--write-best needs --sizes")
     try:
         found = ckpt.find_resume(Path(args.checkpoint), args.checkpoint)
         if found is None:
@@ -90,7 +140,24 @@ def main(argv: list[str] | None = None) -> int:
             f.write(meta["config"])
             f.flush()
             cfg = load_config(f.name, args.overrides)
-        metrics = _evaluate_checkpoint(cfg, path, args.trust_checkpoint)
+            cfgs = [cfg]
+            if sizes:
+                d = cfg.data
+                cfgs = [
+                    load_config(
+                        f.name,
+                        [
+                            *args.overrides,
+                            f"data.val_size={size}",
+                            f"data.val_resize={resize_for(d.eval_size, d.val_resize, size)}",
+                        ],
+                    )
+                    for size in sizes
+                ]
+        results = _evaluate_checkpoint(cfgs, path, args.trust_checkpoint, args.ema, args.tta)
+        if results is not None and args.write_best is not None:
+            final = Path(args.write_best) if args.write_best else Path(cfg.run.dir) / "final"
+            best = write_best(final, cfgs, results)
     except ckpt.CheckpointError as e:
         print(f"distres.evaluate: {e}", file=sys.stderr)
         return 5
@@ -100,36 +167,102 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"distres.evaluate: data error: {e}", file=sys.stderr)
         return 1
-    if metrics is not None:
+    except WriteBestError as e:
+        print(f"distres.evaluate: --write-best: {e}", file=sys.stderr)
+        return 2
+    if results is None:  # not rank 0
+        return 0
+    head = {"checkpoint": str(path), "step": meta["step"], "tta": args.tta, "ema": args.ema}
+    if not sizes:
+        print(json.dumps({**head, **results[0]}))
         recorded = meta["state"].get("train", {}).get("last_eval", {})
-        same_step = recorded.get("step") == meta["step"]
-        print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
-        if same_step:
+        if recorded.get("step") == meta["step"] and not (args.ema or args.tta != "none"):
             print(f"recorded at training time: val/top1 {recorded['val/top1']:.4f}")
+        return 0
+    rows = [
+        {"size": c.data.eval_size, "resize": c.data.val_resize, **m}
+        for c, m in zip(cfgs, results, strict=True)
+    ]
+    top = max(rows, key=lambda r: (r["val/top1"], -r["size"]))
+    print(json.dumps({**head, "sizes": rows, "best": top["size"]}))
+    print(f"{'size':>6} {'resize':>6} {'top1':>8} {'top5':>8} {'loss':>8}")
+    for r in rows:
+        mark = "  <- best" if r is top else ""
+        print(
+            f"{r['size']:>6} {r['resize'] or '-':>6} {r['val/top1']:>8.4f} {r['val/top5']:>8.4f} "
+            f"{r['val/loss']:>8.4f}{mark}"
+        )
+    if args.write_best is not None:
+        print(f"{best}: image_size {top['size']}, resize {top['resize']}")
     return 0
 
 
-def _evaluate_checkpoint(cfg, path, trust: bool = False) -> dict[str, float] | None:
-    """Every rank evaluates its part of the val set; rank 0 gets the metrics."""
+class WriteBestError(ValueError):
+    """inference.json that --write-best cannot update; the message names it."""
+
+
+def write_best(final: Path, cfgs: list, results: list[dict]) -> Path:
+    """Record the best evaluation size (and its resize) in `final`/inference.json."""
+    import json
+    import os
+
+    from distres.export import INFERENCE
+
+    path = final / INFERENCE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WriteBestError(
+            f"{path}: missing (a run with checkpoint.save_final=true writes it)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise WriteBestError(f"{path}: unreadable ({e})") from None
+    if not isinstance(info, dict):
+        raise WriteBestError(f"{path}: not a JSON object")
+    index = max(
+        range(len(results)), key=lambda i: (results[i]["val/top1"], -cfgs[i].data.eval_size)
+    )
+    info["image_size"] = cfgs[index].data.eval_size
+    info["resize"] = cfgs[index].data.val_resize
+    info["sizes_evaluated"] = {
+        str(c.data.eval_size): round(m["val/top1"], 6) for c, m in zip(cfgs, results, strict=True)
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _evaluate_checkpoint(
+    cfgs: list, path, trust: bool = False, ema: bool = False, tta: str = "none"
+) -> list[dict[str, float]] | None:
+    """Every rank evaluates its part of the val set, once per config (size); rank 0 gets the
+    metrics."""
     from distres.data import build_loaders
     from distres.dist import pick_device, process_group, read_env
     from distres.export import checkpoint_weights
     from distres.models import build_model
     from distres.precision import autocast, resolve_precision
 
+    cfg = cfgs[0]
     env = read_env()
     device = pick_device(cfg.run.device, env.local_rank)
+    results = []
     with process_group(env, device):
-        weights, model_cfg, _ = checkpoint_weights(path, trust)
+        weights, model_cfg, _ = checkpoint_weights(path, trust, ema)
         model = build_model(model_cfg)
         model.load_state_dict(weights)
         model = model.to(device, memory_format=torch.channels_last)
-        train, val = build_loaders(cfg, device, env.rank, env.world_size, env.local_world_size)
-        train.close()
+        if tta == "flip":
+            model = FlipTTA(model)
         amp = resolve_precision(cfg.train.precision, device)
-        metrics = evaluate(model, val, device, lambda: autocast(device, amp))
-        val.close()
-    return metrics if env.is_main else None
+        for c in cfgs:
+            _, val = build_loaders(
+                c, device, env.rank, env.world_size, env.local_world_size, with_train=False
+            )
+            results.append(evaluate(model, val, device, lambda: autocast(device, amp)))
+            val.close()
+    return results if env.is_main else None
 
 
 if __name__ == "__main__":

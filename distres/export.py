@@ -130,12 +130,13 @@ def load_weights(path: str | os.PathLike, map_location: str = "cpu") -> nn.Modul
 
 
 def checkpoint_weights(
-    path: str | os.PathLike, trust: bool = False
+    path: str | os.PathLike, trust: bool = False, ema: bool = False
 ) -> tuple[dict[str, torch.Tensor], ModelConfig, Path]:
     """The model weights of a sharded checkpoint (any world size), consolidated in this one
     process, with the model config the checkpoint records and the checkpoint used (the newest
     complete one, for a directory of them). Nothing is unpickled beyond
-    tensors and the checkpoint formats' own classes unless `trust` (DeepSpeed's files only)."""
+    tensors and the checkpoint formats' own classes unless `trust` (DeepSpeed's files only).
+    ema=True: the EMA of the weights instead (train.ema_decay)."""
     from distres import checkpoint as ckpt
 
     path = Path(path)
@@ -147,8 +148,14 @@ def checkpoint_weights(
         model_cfg = ModelConfig(**meta["model"])
     except (TypeError, ConfigError) as e:
         raise ckpt.CheckpointError(f"{path / ckpt.META}: bad model config ({e})") from None
+    if ema and "ema" not in meta["tensors"].get("parts", []):
+        raise ckpt.CheckpointError(
+            f"{path}: holds no EMA of the weights (its run had train.ema_decay=0)"
+        )
     reader = ckpt.tensor_format(path, meta)
-    return reader.consolidated_weights(path, meta, build_model(model_cfg), trust), model_cfg, path
+    part = "ema" if ema else "model"
+    weights = reader.consolidated_weights(path, meta, build_model(model_cfg), trust, part)
+    return weights, model_cfg, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,17 +177,25 @@ def main(argv: list[str] | None = None) -> int:
         help="DeepSpeed checkpoints: load with DeepSpeed's full unpickler (only for "
         "checkpoints you wrote; the default admits tensors and DeepSpeed's own classes)",
     )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="the EMA of the weights (a run with train.ema_decay > 0) instead of the weights",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         parser.error(f"--out {out}: must end in .safetensors")
     try:
-        weights, model_cfg, used = checkpoint_weights(args.checkpoint, args.trust_checkpoint)
+        weights, model_cfg, used = checkpoint_weights(
+            args.checkpoint, args.trust_checkpoint, args.ema
+        )
         write_model_files(weights, model_cfg, out)
     except (ckpt.CheckpointError, OSError) as e:
         print(f"distres.export: {e}", file=sys.stderr)
         return 5 if isinstance(e, ckpt.CheckpointError) else 2
-    print(f"{out}: {len(weights)} tensors of {model_cfg.name} from {used}")
+    what = "the EMA of " if args.ema else ""
+    print(f"{out}: {len(weights)} tensors of {what}{model_cfg.name} from {used}")
     return 0
 
 

@@ -30,12 +30,27 @@ def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> 
     ]
 
 
+def _split_head(groups: list[dict], model: nn.Module, head_lr: float) -> list[dict]:
+    """Each group split in two: the body at the base lr, the head (fc) at head_lr. The LR
+    schedule multiplies each group's own lr, so the ratio holds at every step."""
+    head = {id(p) for p in model.fc.parameters()}
+    out = []
+    for g in groups:
+        body = [p for p in g["params"] if id(p) not in head]
+        mine = [p for p in g["params"] if id(p) in head]
+        out += [{**g, "params": body}] if body else []
+        out += [{**g, "params": mine, "lr": head_lr}] if mine else []
+    return out
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device, lr: float | None = None
 ):
     """SGD or AdamW at `lr` (default cfg.lr; the engine passes the batch-scaled value)."""
     lr = cfg.lr if lr is None else lr
     groups = param_groups(model, cfg.weight_decay, cfg.no_wd_bn_bias)
+    if cfg.head_lr_mult != 1.0:
+        groups = _split_head(groups, model, lr * cfg.head_lr_mult)
     # NOTE: the fused kernels exist for CUDA; foreach is the fast multi-tensor path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "sgd":

@@ -42,6 +42,11 @@ def plot_curves(run_dir: str | Path) -> Path:
     ax_lr.set(xlabel="step", ylabel="lr", title="learning rate")
     ax_top1.plot([r["step"] for r in evals], [r["val/top1"] for r in evals], "o-", label="top-1")
     ax_top1.plot([r["step"] for r in evals], [r["val/top5"] for r in evals], "s--", label="top-5")
+    ema = [r for r in evals if "val_ema/top1" in r]
+    if ema:
+        ax_top1.plot(
+            [r["step"] for r in ema], [r["val_ema/top1"] for r in ema], "^-", label="EMA top-1"
+        )
     ax_top1.set(xlabel="step", ylabel="accuracy", title="validation", ylim=(0, 1))
     ax_top1.legend()
     fig.suptitle(run_dir.name)

@@ -257,6 +257,11 @@ class Tracker:
                 f"eval  epoch {record['epoch'] + 1}/{self.epochs} step {record['step']} "
                 f"val/loss {record['val/loss']:.4f} val/top1 {record['val/top1']:.4f} "
                 f"val/top5 {record['val/top5']:.4f}"
+                + (
+                    f" val_ema/top1 {record['val_ema/top1']:.4f}"
+                    if "val_ema/top1" in record
+                    else ""
+                )
             )
 
     def print(self, line: str) -> None:

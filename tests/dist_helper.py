@@ -24,9 +24,10 @@ from distres.config import load_config, plan_batch
 from distres.dist import pick_device, process_group, read_env
 
 
-def weights_hash(module: torch.nn.Module) -> str:
+def weights_hash(module: torch.nn.Module | dict) -> str:
+    state = module if isinstance(module, dict) else module.state_dict()
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -58,18 +59,25 @@ def mode_train(out: Path, overrides: list[str]) -> int:
         loop.Trainer.train_epoch = patched
 
     captured = {}
-    original_fit = loop.Trainer.fit
+    original_fit, original_restore = loop.Trainer.fit, loop.Trainer.restore
 
     def fit(self, resume_from=None):
         summary = original_fit(self, resume_from)
         captured["hash"] = weights_hash(self.engine.module)
+        if self.ema is not None:  # its BN statistics were averaged at the last save
+            captured["ema"] = weights_hash(self.ema.module)
         return summary
 
-    loop.Trainer.fit = fit
+    def restore(self, path, meta):
+        original_restore(self, path, meta)
+        if self.ema is not None:
+            captured["ema_at_resume"] = weights_hash(self.ema.module)
+
+    loop.Trainer.fit, loop.Trainer.restore = fit, restore
     cfg = load_config(None, overrides)
     summary = train.run(cfg)
     code = train.EXIT_CODES[summary["stop_reason"]]
-    record = {"rank": env.rank, "summary": summary, "hash": captured["hash"], "exit": code}
+    record = {"rank": env.rank, "summary": summary, "exit": code, **captured}
     (out / f"rank{env.rank}.json").write_text(json.dumps(record))
     return code
 

@@ -256,8 +256,9 @@ def test_recipe_options_resume_exactly(tmp_path, test_rng):
     poly schedule, label smoothing, progressive resizing (16 px in epoch 0, 32 in epoch 1),
     RandAugment, color jitter, random erasing, mixup + cutmix, the bce loss, stochastic
     depth, repeated augmentation (each shard on both ranks) and a separate evaluation size:
-    a run SIGKILLed in the second epoch resumes at the right size and ends bitwise equal to
-    one never interrupted.
+    an EMA of the weights updated every other step with the warm-up: a run SIGKILLed in the
+    second epoch resumes at the right size and ends bitwise equal to one never interrupted,
+    the EMA included.
 
     On the torch backend, decoding in the main process: there the data's draws and the
     model's (stochastic depth) share torch's global RNG, which is where exactness broke
@@ -283,6 +284,9 @@ def test_recipe_options_resume_exactly(tmp_path, test_rng):
         "model.drop_path_rate=0.1",
         "data.aug_repeats=2",
         "data.backend=torch",
+        "train.ema_decay=0.9",
+        "train.ema_every=2",
+        "train.ema_warmup=true",
     ]
     whole = tmp_path / "whole"
     proc = train(2, whole, *recipe)
@@ -296,3 +300,8 @@ def test_recipe_options_resume_exactly(tmp_path, test_rng):
     assert resumes(killed)
     assert_same_weights(whole, killed)
     assert records(killed) == records(whole)
+    assert "val_ema/top1" in records(whole)[-1]
+    from distres.export import checkpoint_weights
+
+    ema = [checkpoint_weights(run / "checkpoints", ema=True)[0] for run in (whole, killed)]
+    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])

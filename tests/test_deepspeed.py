@@ -31,7 +31,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 # The default config (ResNet-20 on digits, SGD with warmup and cosine), shortened to 4 epochs:
 # 44 optimizer steps cover warmup, the cosine decay and 4 evaluations.
-DEFAULT_SHORT = [*FAST, "train.epochs=4"]
+DEFAULT_SHORT = [*FAST, "train.epochs=4", "train.ema_decay=0.9", "checkpoint.final_weights=ema"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,14 @@ def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage)
     s_ddp = json.loads((ddp_default / "summary.json").read_text())
     assert s_ours["final_val_top1"] == pytest.approx(s_ddp["final_val_top1"], abs=0.005)
     assert s_ours["final_val_top1"] >= 0.9  # it learns (0.99 after the default 15 epochs)
+    # the EMA (replicated parameters under ZeRO-1/2) is DDP's, within the same tolerance;
+    # final/ holds it (checkpoint.final_weights=ema)
+    assert s_ours["final_val_ema_top1"] == pytest.approx(s_ddp["final_val_ema_top1"], abs=0.005)
+    ema_ours = load_file(tmp_path / "final" / "model.safetensors")
+    ema_ddp = load_file(ddp_default / "final" / "model.safetensors")
+    for k, v in ema_ddp.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema_ours[k], v, rtol=1e-3, atol=1e-4, msg=k)
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):

@@ -165,6 +165,57 @@ def test_evaluate_reproduces_the_recorded_top1(two_rank_run):
     assert json.loads(line)["val/top1"] == summary["final_val_top1"]
 
 
+def test_evaluate_size_table_equals_single_size_evaluations_and_writes_the_best(
+    two_rank_run, tmp_path
+):
+    """--sizes: one row per size, each equal to an evaluation at that size alone (the crop
+    ratio kept: 16 / 16 here), on one rank and on two; --tta flip changes the numbers;
+    --write-best records the best in inference.json, which distres.predict then reads."""
+    checkpoint = str(two_rank_run / "checkpoints")
+    final = Path(shutil.copytree(two_rank_run / "final", tmp_path / "final"))
+    proc = run_cli(
+        "--checkpoint", checkpoint, "--sizes", "16,24", "--write-best", str(final),
+        module="distres.evaluate",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(proc.stdout.splitlines()[0])
+    assert [(r["size"], r["resize"]) for r in table["sizes"]] == [(16, 16), (24, 24)]
+    assert "<- best" in proc.stdout
+    for row in table["sizes"]:
+        size = row["size"]
+        single = run_cli(
+            "--checkpoint", checkpoint, f"data.val_size={size}", f"data.val_resize={size}",
+            module="distres.evaluate",
+        )  # fmt: skip
+        assert single.returncode == 0, single.stderr[-2000:]
+        alone = json.loads(single.stdout.splitlines()[0])
+        assert {k: alone[k] for k in row if k.startswith("val/")} == {
+            k: v for k, v in row.items() if k.startswith("val/")
+        }, size
+    info = json.loads((final / "inference.json").read_text())
+    best = max(table["sizes"], key=lambda r: (r["val/top1"], -r["size"]))
+    assert (info["image_size"], info["resize"]) == (best["size"], best["resize"])
+    assert info["sizes_evaluated"] == {
+        str(r["size"]): round(r["val/top1"], 6) for r in table["sizes"]
+    }
+    # two ranks: the same table, number for number
+    cmd = ["--standalone", "--nproc_per_node=2", "-m", "distres.evaluate"]
+    cmd += ["--checkpoint", checkpoint, "--sizes", "16,24", "run.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    two = run_module("torch.distributed.run", cmd, cwd=REPO, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    distributed = json.loads(next(x for x in two.stdout.splitlines() if x.startswith("{")))
+    assert distributed["sizes"] == table["sizes"]
+    flip = run_cli(
+        "--checkpoint", checkpoint, "--sizes", "16", "--tta", "flip", module="distres.evaluate"
+    )
+    assert flip.returncode == 0, flip.stderr[-2000:]
+    (flipped,) = json.loads(flip.stdout.splitlines()[0])["sizes"]
+    assert flipped["val/samples"] == 361 and flipped["val/loss"] != table["sizes"][0]["val/loss"]
+    bad = run_cli("--checkpoint", checkpoint, "--write-best", module="distres.evaluate")
+    assert bad.returncode == 2 and "--write-best needs --sizes" in bad.stderr
+
+
 def test_predict_names_the_top5_classes(two_rank_run, digits_dirs, tmp_path):
     val_dir = digits_dirs[1]
     shard = sorted(val_dir.glob("*.tar"))[0]

@@ -169,12 +169,12 @@ def validate_tensors(path: Path, meta: dict) -> None:
 
 
 def consolidated_weights(
-    path: Path, meta: dict, model: torch.nn.Module, trust: bool = False
+    path: Path, meta: dict, model: torch.nn.Module, trust: bool = False, part: str = "model"
 ) -> dict[str, torch.Tensor]:
-    """The model's weights from a checkpoint of any world size, in this one process (DCP's
-    files hold nothing to trust: `trust` changes nothing)."""
+    """The model's weights (part="ema": its EMA's) from a checkpoint of any world size, in
+    this one process (DCP's files hold nothing to trust: `trust` changes nothing)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    state = {part: get_model_state_dict(model)}
     load_tensors(path, state)
-    return state["model"]
+    return state[part]

@@ -22,6 +22,13 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class TensorPart(Stateful, Protocol):
+    """A part whose state is tensors the same on every rank (the EMA of the weights): the
+    engine writes them beside its own, in its format, so they reshard as its tensors do."""
+
+    def missing(self, model: Any) -> None: ...  # the checkpoint predates this part
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -31,15 +38,19 @@ class CheckpointManager:
         ranks: Mapping[str, Stateful],
         header: Callable[[], dict],
         checks: tuple[Mapping[str, Check], Mapping[str, Check]],
+        tensors: Mapping[str, TensorPart] | None = None,
     ):
         """engine: writes and loads the tensors (checkpoint_info, save_tensors, load_tensors);
         header: what meta.json says besides the parts (layout, model, config, metric);
-        checks: (shared, per rank) part checks; every part must have one."""
+        checks: (shared, per rank) part checks; every part must have one;
+        tensors: parts of tensors the engine writes with its own (their names go to
+        meta.json's "tensors"."parts", checked by the engine's format)."""
         for kind, parts, known in (("shared", shared, checks[0]), ("rank", ranks, checks[1])):
             if set(parts) != set(known):
                 raise ValueError(f"{kind} parts {sorted(parts)} != their checks {sorted(known)}")
         self.store, self.engine, self.header = store, engine, header
         self.shared, self.ranks = dict(shared), dict(ranks)
+        self.tensors = dict(tensors or {})
         self.saved_step = -1
 
     @property
@@ -52,17 +63,18 @@ class CheckpointManager:
             return None
         meta = {
             **self.header(),
-            "tensors": self.engine.checkpoint_info(),
+            "tensors": {**self.engine.checkpoint_info(), "parts": sorted(self.tensors)},
             "state": {name: part.state_dict() for name, part in self.shared.items()},
         }
         mine = {name: part.state_dict() for name, part in self.ranks.items()}
         store = self.store
+        parts = {name: part.state_dict() for name, part in self.tensors.items()}
         path = store.save(
             step,
             meta,
             mine,
             metric,
-            write=lambda d: self.engine.save_tensors(d, store.group, store.async_save),
+            write=lambda d: self.engine.save_tensors(d, store.group, store.async_save, parts),
         )
         self.saved_step = step
         return path
@@ -72,7 +84,14 @@ class CheckpointManager:
         rank's file when the batch layout is the one that wrote it; on another layout only
         parts with a `reshard(states, layout)` (the data position) are placed, from every old
         rank's state."""
-        self.engine.load_tensors(path, meta)
+        saved = meta["tensors"].get("parts", [])
+        parts = {n: p.state_dict() for n, p in self.tensors.items() if n in saved}
+        self.engine.load_tensors(path, meta, parts)
+        for name, part in self.tensors.items():
+            if name in parts:
+                part.load_state_dict(parts[name])
+            else:
+                part.missing(self.engine.module)
         for name, part in self.shared.items():
             part.load_state_dict(meta["state"][name])
         if same_layout:

@@ -138,6 +138,9 @@ def validate(
         value = layout.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CheckpointError(f"{path / META}: layout.{key}={value!r} is not a count")
+    parts = meta["tensors"].get("parts", [])
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise CheckpointError(f"{path / META}: tensors.parts={parts!r} is not a list of names")
     _check_parts(path / META, meta["state"], shared or {})
     for rank in range(layout["world_size"]):
         read_rank_state(path, rank, ranks or {})

@@ -50,6 +50,10 @@ _DEPENDENT_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
         "data.auto_augment=randaugment",
     ),
     ("train.bce_threshold", lambda c: c.train.loss == "bce", "train.loss=bce"),
+    *(
+        (f"train.{key}", lambda c: c.train.ema_decay > 0, "train.ema_decay > 0")
+        for key in ("ema_batch", "ema_every", "ema_warmup")
+    ),
     (
         "train.mix_prob",
         lambda c: c.train.mixup_alpha > 0 or c.train.cutmix_alpha > 0,

@@ -43,9 +43,28 @@ class ModelConfig:
         "the samples in training, earlier blocks linearly less (timm's drop_path; RSB A3: "
         "0.05, torchvision's v2 recipe: 0); adds no parameters; 0: off",
     )
+    init_from: str = doc(
+        "",
+        "fine-tuning: initial weights from a .safetensors file, a .pth/.pt state dict "
+        "(weights_only), a distres final/ or checkpoint directory; distres, torchvision or timm "
+        "names; a head of another size is re-initialised; a fresh start only (a resume loads "
+        "its checkpoint)",
+    )
+    freeze: list[str] = doc(
+        [],
+        "parts left untrained, e.g. [stem, layer1]: stem, layer1..layerN, fc; their "
+        "parameters get no gradient and their batch norms keep their running statistics",
+    )
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, tuple(ARCHS))
+        parts = ("stem", *(f"layer{i + 1}" for i in range(len(ARCHS[self.name].layers))), "fc")
+        for part in self.freeze:
+            _choice("model.freeze", part, parts)
+        if len(set(self.freeze)) == len(parts):
+            raise ConfigError(
+                f"model.freeze={list(self.freeze)} freezes every part: nothing would train"
+            )
         _at_least("model.num_classes", self.num_classes, 2)
         _at_least("model.in_chans", self.in_chans, 1)
         _in_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.9)
@@ -90,10 +109,17 @@ class OptimConfig:
         [0.5, 0.75], "step: epochs at which lr drops; values below 1 are fractions of train.epochs"
     )
     step_gamma: float = doc(0.1, "step: lr multiplier at each milestone")
+    head_lr_mult: float = doc(
+        1.0,
+        "the classifier head's (fc) lr as a multiple of lr, at every step of the schedule "
+        "(fine-tuning: a fresh head learns faster than the pretrained body)",
+    )
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adamw", "lars", "lamb"))
         _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
+        if self.head_lr_mult <= 0:
+            raise ConfigError(f"optim.head_lr_mult={self.head_lr_mult!r}: must be > 0")
         _choice("optim.schedule", self.schedule, ("cosine", "poly", "step", "constant"))
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
@@ -142,6 +168,28 @@ class TrainConfig:
     mix_switch_prob: float = doc(
         0.5, "with both mixup and cutmix on: probability of cutmix for a mixed batch"
     )
+    ema_decay: float = doc(
+        0.0,
+        "an exponential moving average of the weights (timm's ModelEmaV3, torchvision's "
+        "--model-ema): its decay per ema_batch samples seen, so its horizon in samples holds on "
+        "any world size and global batch (a step of B samples decays by "
+        "ema_decay ** (B / ema_batch)); reported as val_ema/*; 0: off",
+    )
+    ema_batch: int = doc(
+        256,
+        "the samples ema_decay is stated per (set it to a recipe's global batch to take its "
+        "per-step decay as it is)",
+    )
+    ema_every: int = doc(
+        1,
+        "update the EMA every N optimizer steps, with the decay of the N steps' samples "
+        "(torchvision's --model-ema-steps 32)",
+    )
+    ema_warmup: bool = doc(
+        False,
+        "timm's EMA warm-up: the decay is at most 1 - (1 + t) ** -2/3, t in ema_batch units of "
+        "samples seen, so early weights fade fast",
+    )
     precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     channels_last: bool = doc(True, "model and inputs in channels_last memory format")
     clip_grad_norm: float = doc(0.0, "clip the global grad norm to this; 0: off")
@@ -168,6 +216,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be in [0, 100]")
         _in_range("train.mix_prob", self.mix_prob, 0.0, 1.0)
         _in_range("train.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay!r}: must be in [0, 1); 0: off")
+        _at_least("train.ema_batch", self.ema_batch, 1)
+        _at_least("train.ema_every", self.ema_every, 1)
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0.0)
         _at_least("train.max_steps", self.max_steps, 0)
@@ -256,6 +308,11 @@ class CheckpointConfig:
     async_save: bool = doc(False, "write in the background; training goes on meanwhile")
     resume: str = doc("auto", "auto (latest complete one in the dir, if any) | none | PATH")
     save_final: bool = doc(True, "write final/model.safetensors and final/model.yaml")
+    final_weights: str = doc(
+        "model",
+        "model | ema: which weights final/ (and distres.predict) gets; ema needs "
+        "train.ema_decay > 0",
+    )
     trust: bool = doc(
         False,
         "engine.name=deepspeed: load DeepSpeed's checkpoint files with its full unpickler "
@@ -268,6 +325,7 @@ class CheckpointConfig:
         _at_least("checkpoint.keep_last", self.keep_last, 1)
         if not self.resume:
             raise ConfigError("checkpoint.resume='': use auto, none or a checkpoint path")
+        _choice("checkpoint.final_weights", self.final_weights, ("model", "ema"))
 
     @property
     def enabled(self) -> bool:
@@ -277,13 +335,21 @@ class CheckpointConfig:
 @dataclass
 class EarlyStopConfig:
     patience: int = doc(0, "evaluations without improvement before stopping; 0: off")
-    monitor: str = doc("val/top1", "val/top1 | val/top5 | val/loss")
+    monitor: str = doc(
+        "val/top1",
+        "val/top1 | val/top5 | val/loss, or val_ema/* (the EMA's, with train.ema_decay > 0); "
+        "also picks the best checkpoint",
+    )
     mode: str = doc("auto", "auto (max for accuracies, min for loss) | max | min")
     min_delta: float = doc(0.0, "an improvement must exceed this")
 
     def __post_init__(self) -> None:
         _at_least("early_stop.patience", self.patience, 0)
-        _choice("early_stop.monitor", self.monitor, ("val/top1", "val/top5", "val/loss"))
+        _choice(
+            "early_stop.monitor",
+            self.monitor,
+            tuple(f"{p}/{m}" for p in ("val", "val_ema") for m in ("top1", "top5", "loss")),
+        )
         _choice("early_stop.mode", self.mode, ("auto", "max", "min"))
         _at_least("early_stop.min_delta", self.min_delta, 0.0)
 
@@ -350,6 +416,23 @@ class Config:
                 f"data.{which}={big} with model.name={self.model.name}: CIFAR-style models "
                 "keep full resolution in stage 1 and are meant for <= 64 px; use resnet18..152 "
                 "or another ImageNet-stem model"
+            )
+        ema = self.train.ema_decay > 0
+        if not ema and (self.early_stop.monitor.startswith("val_ema/")):
+            raise ConfigError(
+                f"early_stop.monitor={self.early_stop.monitor} with train.ema_decay=0: there is "
+                "no EMA to evaluate; set train.ema_decay (e.g. 0.9998) or monitor val/*"
+            )
+        if not ema and self.checkpoint.final_weights == "ema":
+            raise ConfigError(
+                "checkpoint.final_weights=ema with train.ema_decay=0: there is no EMA; set "
+                "train.ema_decay or checkpoint.final_weights=model"
+            )
+        if ema and self.engine.name == "deepspeed" and self.engine.zero_stage == 3:
+            raise ConfigError(
+                f"train.ema_decay={self.train.ema_decay} with engine.zero_stage=3: ZeRO-3 "
+                "partitions the parameters, so no rank holds the whole model to average; use "
+                "engine.zero_stage=1 or 2 (their parameters are replicated)"
             )
         if self.data.auto_augment != "none" and self.model.in_chans != 3:
             raise ConfigError(

@@ -75,8 +75,10 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     local_world_size: int = 1,
+    with_train: bool = True,
 ) -> tuple[Loader, Loader]:
-    """The (train, val) loaders of the backend the config resolves to. Each backend is
+    """The (train, val) loaders of the backend the config resolves to (with_train=False:
+    (None, val), for evaluation). Each backend is
     imported only when chosen: torchvision's import (which pulls in torch._dynamo) costs
     2-3 s of CPU per rank and run that a DALI run does not need, and the reverse for DALI."""
     train_set, val_set = resolve_shard_sets(cfg)
@@ -105,7 +107,7 @@ def build_loaders(
             threads=dali_threads(d.dali_threads, local_world_size),
             **common,
         )
-        train = DaliLoader(
+        train = with_train and DaliLoader(
             train_set,
             train=True,
             random_resized_crop=d.random_resized_crop,
@@ -123,7 +125,7 @@ def build_loaders(
         val = DaliLoader(
             val_set, train=False, val_resize=d.val_resize, **{**dali, "image_size": d.eval_size}
         )
-        return train, val
+        return train or None, val
     from distres.data.gpu_decode import resolve_decode
     from distres.data.torch_loader import ShardLoader
     from distres.data.transforms import train_transform, val_transform
@@ -142,7 +144,7 @@ def build_loaders(
             (d.auto_augment, d.ra_magnitude, d.ra_num_ops),
         )
 
-    train = ShardLoader(
+    train = with_train and ShardLoader(
         train_set,
         train=True,
         batch_size=cfg.train.batch_size,
@@ -159,4 +161,4 @@ def build_loaders(
         transform=val_transform(d.eval_size, d.val_resize),
         **common,
     )
-    return train, val
+    return train or None, val

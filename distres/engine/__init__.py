@@ -15,12 +15,18 @@ if TYPE_CHECKING:
 
 
 def build_engine(
-    cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, steps_per_epoch: int
+    cfg: Config,
+    env: DistEnv,
+    device: torch.device,
+    plan: BatchPlan,
+    steps_per_epoch: int,
+    fresh: bool = True,
 ) -> DDPEngine | DeepSpeedEngine:
+    """fresh: a fresh start, not a resume (model.init_from applies only then)."""
     if cfg.engine.name == "deepspeed":
         from distres.engine.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, env, device, plan, steps_per_epoch)
+        return DeepSpeedEngine(cfg, env, device, plan, steps_per_epoch, fresh)
     from distres.engine.ddp import DDPEngine
 
-    return DDPEngine(cfg, env, device, plan, steps_per_epoch)
+    return DDPEngine(cfg, env, device, plan, steps_per_epoch, fresh)

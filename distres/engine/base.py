@@ -44,8 +44,12 @@ class Engine(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def checkpoint_info(self) -> dict: ...
-    def save_tensors(self, directory: Path, group: Any, async_save: bool) -> Future | None: ...
-    def load_tensors(self, directory: Path, meta: dict) -> None: ...
+    # `parts`: the tensor parts' state_dicts by name (the EMA), written beside the engine's
+    # own tensors, and on load filled in place (only those the checkpoint holds)
+    def save_tensors(
+        self, directory: Path, group: Any, async_save: bool, parts: dict[str, dict]
+    ) -> Future | None: ...
+    def load_tensors(self, directory: Path, meta: dict, parts: dict[str, dict]) -> None: ...
 
 
 def train_loss(logits: torch.Tensor, targets: torch.Tensor, t) -> torch.Tensor:
@@ -93,15 +97,28 @@ class EngineBase:
     scaler: torch.amp.GradScaler | None = None
 
     def __init__(
-        self, cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, steps_per_epoch: int
+        self,
+        cfg: Config,
+        env: DistEnv,
+        device: torch.device,
+        plan: BatchPlan,
+        steps_per_epoch: int,
+        fresh: bool = True,
     ):
+        """fresh: a fresh start (model.init_from applies; a resume loads its checkpoint)."""
         self.cfg, self.env, self.device, self.plan = cfg, env, device, plan
+        self.fresh = fresh
         self.steps_per_epoch = steps_per_epoch
         self.amp_dtype = resolve_precision(cfg.train.precision, device)
         self.lr = scaled_lr(cfg, plan)
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.model)
+        if self.fresh and self.cfg.model.init_from:
+            from distres.models.pretrained import init_from
+
+            init_from(model, self.cfg.model.init_from)
+        model.freeze(self.cfg.model.freeze)
         model.set_grad_checkpointing(self.cfg.engine.checkpoint_group)
         return model
 

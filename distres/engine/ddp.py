@@ -110,17 +110,22 @@ class DDPEngine(EngineBase):
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         return {"model": model_state, "optim": optim_state}
 
-    def save_tensors(self, directory: Path, group: Any, async_save: bool) -> Future | None:
+    def save_tensors(
+        self, directory: Path, group: Any, async_save: bool, parts: dict[str, dict] | None = None
+    ) -> Future | None:
         if self.ddp is not None:
             # DDP broadcasts rank 0's BN buffers at every forward, so rank 0's are the ones
             # that count; make every rank hold them, so whichever rank writes a replicated
             # tensor writes those.
             for buf in self.module.buffers():
                 dist.broadcast(buf, src=0)
-        return dcp.save_tensors(self._tensors(), directory, group, async_save)
+        tensors = {**self._tensors(), **(parts or {})}
+        return dcp.save_tensors(tensors, directory, group, async_save)
 
-    def load_tensors(self, directory: Path, meta: dict) -> None:
-        tensors = self._tensors()
+    def load_tensors(
+        self, directory: Path, meta: dict, parts: dict[str, dict] | None = None
+    ) -> None:
+        tensors = {**self._tensors(), **(parts or {})}
         dcp.load_tensors(directory, tensors)
         set_state_dict(
             self.module,

@@ -29,6 +29,7 @@ from distres.dist import export_ranks
 from distres.engine.base import EngineBase
 
 TAG = "deepspeed"  # the tag directory inside a distres checkpoint
+PARTS = "distres_parts"  # the client-state key of distres's tensor parts (the EMA)
 
 
 class UntrustedCheckpoint(ValueError):
@@ -102,18 +103,24 @@ def validate_tensors(path: Path, meta: dict) -> None:
 
 
 def consolidated_weights(
-    directory: Path, meta: dict, model: Any = None, trust: bool = False
+    directory: Path, meta: dict, model: Any = None, trust: bool = False, part: str = "model"
 ) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO checkpoint, gathered in this process by DeepSpeed's own
-    zero_to_fp32, through the safe loader unless trusted."""
+    zero_to_fp32, through the safe loader unless trusted; part="ema": the EMA's, from the
+    model-states file's client state."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
         with safe_loading(trust):
+            if part != "model":
+                states = torch.load(
+                    directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu"
+                )
+                return states[PARTS][part]
             return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from None
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(
             f"{directory}: DeepSpeed cannot consolidate it ({type(e).__name__}: {e})"
         ) from None
@@ -246,12 +253,19 @@ class DeepSpeedEngine(EngineBase):
     def checkpoint_info(self) -> dict:
         return {"format": "deepspeed", "zero_stage": self.cfg.engine.zero_stage}
 
-    def save_tensors(self, directory: Path, group: Any, async_save: bool) -> None:
-        """A collective: every rank writes its ZeRO partition (one file per rank)."""
+    def save_tensors(
+        self, directory: Path, group: Any, async_save: bool, parts: dict[str, dict] | None = None
+    ) -> None:
+        """A collective: every rank writes its ZeRO partition (one file per rank); the tensor
+        parts (replicated) ride in the model-states file as client state."""
         self.sync_buffers()
-        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        self.ds.save_checkpoint(
+            str(directory), tag=TAG, client_state={PARTS: parts or {}}, save_latest=False
+        )
 
-    def load_tensors(self, directory: Path, meta: dict) -> None:
+    def load_tensors(
+        self, directory: Path, meta: dict, parts: dict[str, dict] | None = None
+    ) -> None:
         saved_world = meta["layout"]["world_size"]
         if saved_world != self.env.world_size and self.cfg.engine.zero_stage > 0:
             raise ConfigError(
@@ -265,7 +279,7 @@ class DeepSpeedEngine(EngineBase):
             )
         try:
             with safe_loading(self.cfg.checkpoint.trust):
-                path, _ = self.ds.load_checkpoint(
+                path, client = self.ds.load_checkpoint(
                     str(directory),
                     tag=TAG,
                     load_optimizer_states=True,
@@ -275,3 +289,11 @@ class DeepSpeedEngine(EngineBase):
             raise CheckpointError(str(e)) from None
         if path is None:
             raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no {TAG}/ state in it")
+        saved = (client or {}).get(PARTS, {})
+        with torch.no_grad():
+            for name, state in (parts or {}).items():
+                theirs = saved.get(name)
+                if not isinstance(theirs, dict) or theirs.keys() != state.keys():
+                    raise CheckpointError(f"checkpoint {directory}: its {name!r} part is damaged")
+                for key, tensor in state.items():
+                    tensor.copy_(theirs[key])

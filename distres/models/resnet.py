@@ -309,6 +309,30 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*layers)
 
+    frozen: tuple[str, ...] = ()
+
+    def part(self, name: str) -> list[nn.Module]:
+        """The modules of one part (model.freeze's names): stem, layer1..layerN, fc."""
+        if name == "stem":
+            return [self.conv1, self.bn1]
+        return [getattr(self, name)]
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Fine-tuning: `parts` get no gradient, and their batch norms stay in eval mode
+        (their running statistics are the pretrained ones), whatever train() is called."""
+        self.frozen = tuple(parts)
+        for name in self.frozen:
+            for m in self.part(name):
+                m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNet:
+        super().train(mode)
+        for name in self.frozen:
+            for m in self.part(name):
+                m.eval()
+        return self
+
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 

@@ -23,4 +23,4 @@ def run(
     found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
     if found is not None:
         plan = replan(plan, found[1])
-    return build(cfg, env, device, plan, run_dir).fit(found)
+    return build(cfg, env, device, plan, run_dir, fresh=found is None).fit(found)

@@ -32,8 +32,14 @@ def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
 
 
 def build(
-    cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, run_dir: Path
+    cfg: Config,
+    env: DistEnv,
+    device: torch.device,
+    plan: BatchPlan,
+    run_dir: Path,
+    fresh: bool = True,
 ) -> Trainer:
+    """fresh: no checkpoint to resume from (model.init_from applies only then)."""
     threads = cfg.run.threads or host_threads(cfg, device, env.local_world_size)
     if threads:
         torch.set_num_threads(threads)
@@ -53,7 +59,7 @@ def build(
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    engine = build_engine(cfg, env, device, plan, steps_per_epoch)
+    engine = build_engine(cfg, env, device, plan, steps_per_epoch, fresh)
     early_stopping = EarlyStopping(cfg.early_stop)
     tracker = Tracker(
         run_dir,
@@ -84,6 +90,11 @@ def build(
         )
     spec = spec_from_config(cfg)
     augment = BatchAugment(spec, cfg.run.seed, env.rank, device) if spec.enabled else None
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from distres.ema import WeightEma
+
+        ema = WeightEma(engine.module, cfg, env)
     trainer = Trainer(
         cfg=cfg,
         env=env,
@@ -102,6 +113,7 @@ def build(
         window=window,
         data=data,
         augment=augment,
+        ema=ema,
     )
     trainer.attach_checkpoints(store)
     return trainer

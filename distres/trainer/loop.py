@@ -21,9 +21,11 @@ from distres.config import BatchPlan, Config, to_yaml
 from distres.data.api import Batch, Loader
 from distres.data.batch_augment import BatchAugment
 from distres.dist import DistEnv
+from distres.ema import WeightEma
 from distres.engine.base import Engine
 from distres.evaluate import evaluate
 from distres.export import save_inference_info, save_weights
+from distres.precision import autocast
 from distres.stopping import EarlyStopping, StopConsensus
 from distres.tracking import Tracker, WandbRun, run_info, wandb_mode
 from distres.trainer.resume import same_layout
@@ -64,6 +66,7 @@ class Trainer:
     # color jitter, random erasing, mixup/cutmix on the device (None: none of them is on);
     # its draws are functions of the step, so the checkpoint's step is all its state
     augment: BatchAugment | None = None
+    ema: WeightEma | None = None  # train.ema_decay > 0: the EMA of the weights, a tensor part
 
     def __post_init__(self) -> None:
         if self.checkpoints is None:
@@ -125,6 +128,8 @@ class Trainer:
         s.step += 1
         s.epoch_step += 1
         s.samples_seen += self.plan.global_batch
+        if self.ema is not None:
+            self.ema.update(s.step, s.samples_seen, self.plan.global_batch)
         self.tracker.step(s.step, s.epoch)
 
     def boundary(self) -> str | None:
@@ -189,6 +194,8 @@ class Trainer:
             f"{self.engine.lr:.4g}, {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} "
             f"epochs, precision {self.engine.amp_dtype or torch.float32}; run dir {self.run_dir}"
         )
+        if self.ema is not None:
+            self.tracker.print(self.ema.horizon(plan.global_batch))
         self.tracker.start(s.step)
         self.engine.train()
 
@@ -211,7 +218,11 @@ class Trainer:
         self.tracker.close()
         self.engine.sync_buffers()
         if cfg.checkpoint.save_final:
-            weights = self.engine.full_state_dict()  # a collective under ZeRO-3
+            if cfg.checkpoint.final_weights == "ema":
+                self.ema.sync_buffers()
+                weights = self.ema.state_dict()
+            else:
+                weights = self.engine.full_state_dict()  # a collective under ZeRO-3
             if self.env.is_main:
                 final = self.run_dir / "final"
                 save_weights(weights, cfg.model, final)
@@ -222,6 +233,11 @@ class Trainer:
             "final_val_top5": s.last_eval.get("val/top5"),
             "final_val_loss": s.last_eval.get("val/loss"),
             "best_val_top1": s.best_top1 if s.best_top1 > -math.inf else None,
+            **(
+                {"final_val_ema_top1": s.last_eval.get("val_ema/top1")}
+                if self.ema is not None
+                else {}
+            ),
             "steps": s.step,
             "epochs": s.epoch,
             "samples_seen": s.samples_seen,
@@ -275,6 +291,7 @@ class Trainer:
             },
             header=self.checkpoint_header,
             checks=(SHARED_CHECKS, RANK_CHECKS),
+            tensors={} if self.ema is None else {"ema": self.ema},
         )
 
     def metric(self) -> float | None:
@@ -303,6 +320,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
+        if self.ema is not None and self.checkpoints.enabled:
+            self.ema.sync_buffers()  # one set of BN statistics, whichever rank writes them
         path = self.checkpoints.save(self.state.step, self.metric())
         if path is None:
             return
@@ -386,6 +405,13 @@ class Trainer:
             self.engine.autocast,
             self.engine.input_dtype,
         )
+        if self.ema is not None:
+            # the EMA in fp32 under the run's autocast (DeepSpeed's module may be half)
+            self.ema.sync_buffers()
+            self.val_data.set_epoch(s.epoch)
+            amp, device = self.engine.amp_dtype, self.device
+            ema = evaluate(self.ema.module, self.val_data, device, lambda: autocast(device, amp))
+            metrics.update({k.replace("val/", "val_ema/", 1): v for k, v in ema.items()})
         self.engine.train()
         s.best_top1 = max(s.best_top1, metrics["val/top1"])
         s.last_eval = {**metrics, "step": s.step}
