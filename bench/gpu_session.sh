@@ -57,7 +57,10 @@ timeout "${T_SYNC:-60}" python3 bench/host_syncs.py model.name=resnet50 model.nu
     data.dataset=shards data.backend=torch "data.train_shards=$data/train" \
     "data.val_shards=$data/train" data.image_size=224 data.random_resized_crop=true \
     data.decode=gpu "data.num_workers=$workers" train.batch_size=256 train.max_steps=60 \
-    tracking.log_every=20 2>&1 | tail -n 25 | tee "$OUT/host_syncs.txt"
+    tracking.log_every=20 train.ema_decay=0.9998 2>&1 | tail -n 25 | tee "$OUT/host_syncs.txt"
+
+echo "== bench/ema.py: the EMA of the weights, time per update"
+timeout "${T_EMA:-60}" python3 bench/ema.py --models resnet50,resnext101_32x8d 2>&1 | tee "$OUT/ema.txt"
 
 echo "== bench/train_throughput.py: engine.compile_mode=reduce-overhead (CUDA graphs), synthetic"
 timeout "${T_GRAPHS:-60}" python3 bench/train_throughput.py --preset gpu --no-real \

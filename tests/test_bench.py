@@ -77,3 +77,9 @@ def test_gpu_decode_prints_the_cpu_rows_and_skips_the_gpu_ones_without_cuda(tmp_
 def test_host_syncs_says_it_needs_a_gpu():
     out = bench("host_syncs.py")
     assert "no CUDA device: nothing to count" in out, out
+
+
+def test_ema_prints_a_time_per_update_for_each_model():
+    out = bench("ema.py", "--models", "resnet18", "--repeats", "2")
+    (row,) = [x for x in out.splitlines() if x.startswith("resnet18 ")]
+    assert row.split()[1] == "11,689,512" and float(row.split()[2]) > 0, out

@@ -65,14 +65,18 @@ def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage)
     s_ddp = json.loads((ddp_default / "summary.json").read_text())
     assert s_ours["final_val_top1"] == pytest.approx(s_ddp["final_val_top1"], abs=0.005)
     assert s_ours["final_val_top1"] >= 0.9  # it learns (0.99 after the default 15 epochs)
-    # the EMA (replicated parameters under ZeRO-1/2) is DDP's, within the same tolerance;
-    # final/ holds it (checkpoint.final_weights=ema)
-    assert s_ours["final_val_ema_top1"] == pytest.approx(s_ddp["final_val_ema_top1"], abs=0.005)
+    # The EMA (replicated parameters under ZeRO-1/2) is DDP's: its parameters within the
+    # tolerance above. Its batch-norm statistics are each rank's, averaged at evaluation: DDP
+    # starts every forward from rank 0's running statistics (broadcast_buffers), DeepSpeed
+    # from each rank's own, so those differ as the model's do (0.005 above) and the EMA's top-1
+    # by a few samples of 361 while it learns. final/ holds it (checkpoint.final_weights=ema).
+    assert s_ours["final_val_ema_top1"] == pytest.approx(s_ddp["final_val_ema_top1"], abs=0.03)
     ema_ours = load_file(tmp_path / "final" / "model.safetensors")
     ema_ddp = load_file(ddp_default / "final" / "model.safetensors")
-    for k, v in ema_ddp.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(ema_ours[k], v, rtol=1e-3, atol=1e-4, msg=k)
+    params = [k for k in ema_ddp if not k.endswith(("running_mean", "running_var", "tracked"))]
+    assert len(params) == 59  # ResNet-20's parameter tensors
+    for k in params:
+        torch.testing.assert_close(ema_ours[k], ema_ddp[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path, test_rng):
