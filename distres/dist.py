@@ -163,8 +163,15 @@ def _free_port() -> int:
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module, world_size: int) -> None:
     """Average the floating-point buffers (BN running statistics) over all ranks, in one
-    all-reduce of their concatenation rather than one per buffer."""
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    all-reduce of their concatenation rather than one per buffer. Frozen parts' buffers
+    (model.freeze: the same on every rank) are left as they are."""
+    bufs = [
+        b
+        for m in module.modules()
+        if not getattr(m, "frozen_stats", False)
+        for b in m.buffers(recurse=False)
+        if b.is_floating_point()
+    ]
     if not bufs or world_size == 1:
         return
     flat = torch.cat([b.reshape(-1).float() for b in bufs])

@@ -35,7 +35,9 @@ class WeightEma:
         # same device and in the same memory format (DeepSpeed's module may be bf16/fp16, and
         # carries DeepSpeed's hooks: not deep-copied).
         with torch.random.fork_rng(devices=[]):  # its init draws leave the run's RNG alone
-            self.module = build_model(cfg.model).eval().requires_grad_(False)
+            self.module = build_model(cfg.model)
+        self.module.freeze(cfg.model.freeze)  # frozen parts' statistics stay exactly as loaded
+        self.module.eval().requires_grad_(False)
         theirs = model.state_dict()
         with torch.no_grad():
             for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:

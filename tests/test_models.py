@@ -23,7 +23,14 @@ IMAGENET_PARAMS = {
     "seresnet50": 28_088_024,  # timm's
 }
 TIMM = ("resnet50d", "seresnet50")
-BIG = ("resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2")
+BIG = (
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet101_2",
+)
 
 
 def reference(name: str) -> torch.nn.Module:

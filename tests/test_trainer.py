@@ -135,11 +135,11 @@ class FakeEngine:
         model, optim = get_state_dict(self.module, self.optimizer)
         return {"model": model, "optim": optim}
 
-    def save_tensors(self, directory: Path, group, async_save: bool):
-        return save_tensors(self._tensors(), directory, group, async_save)
+    def save_tensors(self, directory: Path, group, async_save: bool, parts: dict):
+        return save_tensors({**self._tensors(), **parts}, directory, group, async_save)
 
-    def load_tensors(self, directory: Path, meta: dict) -> None:
-        tensors = self._tensors()
+    def load_tensors(self, directory: Path, meta: dict, parts: dict) -> None:
+        tensors = {**self._tensors(), **parts}
         load_tensors(directory, tensors)
         set_state_dict(
             self.module,

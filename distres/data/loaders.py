@@ -107,25 +107,27 @@ def build_loaders(
             threads=dali_threads(d.dali_threads, local_world_size),
             **common,
         )
-        train = with_train and DaliLoader(
-            train_set,
-            train=True,
-            random_resized_crop=d.random_resized_crop,
-            rrc_min_scale=d.rrc_min_scale,
-            crop_padding=d.crop_padding,
-            hflip=d.hflip,
-            shuffle_buffer=d.shuffle_buffer,
-            size_at=d.train_size,  # image_size every epoch unless progressive resizing
-            epochs=cfg.train.epochs,
-            auto_augment=(d.auto_augment, d.ra_magnitude, d.ra_num_ops),
-            repeats=d.aug_repeats,
-            **dali,
-        )
+        train = None
+        if with_train:
+            train = DaliLoader(
+                train_set,
+                train=True,
+                random_resized_crop=d.random_resized_crop,
+                rrc_min_scale=d.rrc_min_scale,
+                crop_padding=d.crop_padding,
+                hflip=d.hflip,
+                shuffle_buffer=d.shuffle_buffer,
+                size_at=d.train_size,  # image_size every epoch unless progressive resizing
+                epochs=cfg.train.epochs,
+                auto_augment=(d.auto_augment, d.ra_magnitude, d.ra_num_ops),
+                repeats=d.aug_repeats,
+                **dali,
+            )
         # evaluation at its own size (data.val_size), training's from image_size
         val = DaliLoader(
             val_set, train=False, val_resize=d.val_resize, **{**dali, "image_size": d.eval_size}
         )
-        return train or None, val
+        return train, val
     from distres.data.gpu_decode import resolve_decode
     from distres.data.torch_loader import ShardLoader
     from distres.data.transforms import train_transform, val_transform
@@ -144,16 +146,18 @@ def build_loaders(
             (d.auto_augment, d.ra_magnitude, d.ra_num_ops),
         )
 
-    train = with_train and ShardLoader(
-        train_set,
-        train=True,
-        batch_size=cfg.train.batch_size,
-        shuffle_buffer=d.shuffle_buffer,
-        transform=transform_at(0),
-        transform_at=transform_at,
-        repeats=d.aug_repeats,
-        **common,
-    )
+    train = None
+    if with_train:
+        train = ShardLoader(
+            train_set,
+            train=True,
+            batch_size=cfg.train.batch_size,
+            shuffle_buffer=d.shuffle_buffer,
+            transform=transform_at(0),
+            transform_at=transform_at,
+            repeats=d.aug_repeats,
+            **common,
+        )
     val = ShardLoader(
         val_set,
         train=False,
@@ -161,4 +165,4 @@ def build_loaders(
         transform=val_transform(d.eval_size, d.val_resize),
         **common,
     )
-    return train or None, val
+    return train, val

@@ -324,6 +324,10 @@ class ResNet(nn.Module):
         for name in self.frozen:
             for m in self.part(name):
                 m.requires_grad_(False)
+                for sub in m.modules():
+                    # distres.dist.average_buffers leaves these alone: an average over ranks of
+                    # equal values can move them by an ulp
+                    sub.frozen_stats = True
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ResNet:
