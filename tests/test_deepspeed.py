@@ -42,7 +42,10 @@ def ddp_default(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+# ZeRO-2 only (it partitions gradients as well as optimizer state, so it holds more to get
+# wrong): ZeRO-1, the default stage, trains in test_deepspeeds_own_launcher and the launch
+# wrapper tests; it matched DDP in this test too until its 2026-11-30 trim (35 s of CI).
+@pytest.mark.parametrize("stage", [2])
 def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage):
     proc = train(
         2,

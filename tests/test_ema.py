@@ -99,8 +99,8 @@ def test_a_run_reports_both_and_writes_either_and_resumes_a_checkpoint_without_a
     best checkpoint can follow val_ema/top1; a checkpoint written with the EMA off resumes with
     an EMA that starts from its weights."""
     run = tmp_path / "run"
-    common = ["train.max_steps=30", "train.epochs=2", "tracking.progress=off"]
-    first = run_cli(*common, "train.max_steps=22", f"run.dir={run}")
+    common = ["train.max_steps=6", "train.epochs=2", "tracking.progress=off"]
+    first = run_cli(*common, "train.max_steps=3", f"run.dir={run}")
     assert first.returncode == 0, first.stderr
     second = run_cli(
         *common,
@@ -115,14 +115,14 @@ def test_a_run_reports_both_and_writes_either_and_resumes_a_checkpoint_without_a
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["event"] == "eval"]
     last = evals[-1]
-    assert last["step"] == 30 and {"val/top1", "val_ema/top1", "val_ema/loss"} <= last.keys()
+    assert last["step"] == 6 and {"val/top1", "val_ema/top1", "val_ema/loss"} <= last.keys()
     assert last["val_ema/samples"] == last["val/samples"] == 361
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_val_ema_top1"] == last["val_ema/top1"]
     final = load_file(run / "final" / "model.safetensors")
     in_checkpoint, _, used = checkpoint_weights(run / "checkpoints", ema=True)
     weights, _, _ = checkpoint_weights(run / "checkpoints")
-    assert used.name == "step-00000030"
+    assert used.name == "step-00000006"
     assert all(torch.equal(final[k], in_checkpoint[k]) for k in final)
     assert not all(torch.equal(final[k], weights[k]) for k in final)
     meta = json.loads((used / "meta.json").read_text())
@@ -137,7 +137,7 @@ def test_a_run_reports_both_and_writes_either_and_resumes_a_checkpoint_without_a
     assert all(torch.equal(load_file(out)[k], final[k]) for k in final)
     # the first run's checkpoint has no EMA: --ema says so in one line
     no_ema = run_cli(
-        str(run / "checkpoints" / "step-00000022"),
+        str(run / "checkpoints" / "step-00000003"),
         "--out",
         str(out),
         "--ema",
