@@ -43,8 +43,8 @@ def ddp_default(tmp_path_factory) -> Path:
 
 
 # ZeRO-2 only (it partitions gradients as well as optimizer state, so it holds more to get
-# wrong): ZeRO-1, the default stage, trains in test_deepspeeds_own_launcher and the launch
-# wrapper tests; it matched DDP in this test too until its 2026-11-30 trim (35 s of CI).
+# wrong): ZeRO-1, the default stage, trains in test_launch.py's deepspeed.sh test (DeepSpeed's
+# own launcher); it matched DDP in this test too until its 2026-11-30 trim (35 s of CI).
 @pytest.mark.parametrize("stage", [2])
 def test_zero_runs_of_the_default_config_match_ddp(ddp_default, tmp_path, stage):
     proc = train(
@@ -213,36 +213,6 @@ def test_activation_checkpointing_keeps_the_gradients(name, group):
         model(x).logsumexp(1).sum().backward()
     for (k, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=k)
-
-
-def test_deepspeeds_own_launcher(tmp_path):
-    import os
-    import shutil
-
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
-    proc = subprocess.run(
-        [
-            launcher,
-            "--num_gpus",
-            "2",
-            "--module",
-            "distres.train",
-            f"run.dir={tmp_path}",
-            "engine.name=deepspeed",
-            "train.max_steps=3",
-            "run.threads=1",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 3
 
 
 def test_accumulation_matches_ddp_and_another_world_size_says_how(tmp_path):

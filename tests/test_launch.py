@@ -34,6 +34,8 @@ def launch(script: str, tmp: Path, *args: str, **env: str) -> subprocess.Complet
     ],
 )
 def test_wrapper_trains_on_two_ranks(tmp_path, script, env):
+    """deepspeed.sh runs DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module ...`) at the
+    default ZeRO stage: the one test of that launcher."""
     if script == "deepspeed.sh":
         pytest.importorskip("deepspeed")
     proc = launch(script, tmp_path, "train.max_steps=2", **env)
