@@ -100,7 +100,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
             first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
             raise ConfigError(
-                f"model.init_from={path}: not loadable as weights only ({first.strip()[:200]})"
+                f"model.init_from={path}: not loadable as weights only ({first.strip()[:160]}); "
+                "save the model's state_dict() (or a .safetensors file) instead"
             ) from None
         return _unwrap(obj, str(path))
     raise ConfigError(

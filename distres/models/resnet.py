@@ -324,10 +324,6 @@ class ResNet(nn.Module):
         for name in self.frozen:
             for m in self.part(name):
                 m.requires_grad_(False)
-                for sub in m.modules():
-                    # distres.dist.average_buffers leaves these alone: an average over ranks of
-                    # equal values can move them by an ulp
-                    sub.frozen_stats = True
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ResNet:
@@ -335,6 +331,11 @@ class ResNet(nn.Module):
         for name in self.frozen:
             for m in self.part(name):
                 m.eval()
+                for sub in m.modules():
+                    # distres.dist.average_buffers leaves these alone (an average over ranks of
+                    # equal values can move them by an ulp); marked here, so modules swapped in
+                    # later (SyncBatchNorm) are marked too
+                    sub.frozen_stats = True
         return self
 
     def stages(self) -> list[nn.Sequential]:
