@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     loss of a checkpoint on a validation set; one process, or every rank under torchrun.
     --sizes evaluates at several resolutions (one table; the crop ratio kept), --tta flip adds
     the mirror image, --ema takes the EMA of the weights, --write-best records the best size in
-    the run's final/inference.json (what distres.predict uses)."""
+    the run's final/inference.json (what distres.predict uses). --ledger writes every sample's
+    predictions and loss (distres.ledger), the per-class table and two pictures; --split train
+    evaluates the training set with the validation transform (its highest-loss samples are the
+    mislabelled candidates)."""
     import argparse
     import json
     import sys
@@ -118,8 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         help="with --sizes: write the best size (by val/top1) into FINAL_DIR/inference.json "
         "(default: the run's final/), so that distres.predict uses it",
     )
+    parser.add_argument(
+        "--split", choices=("val", "train"), default="val", help="which shard set to evaluate"
+    )
+    parser.add_argument(
+        "--ledger",
+        action="store_true",
+        help="write OUT/ledger/SPLIT.jsonl (every sample: shard, key, label, top-5, loss), "
+        "SPLIT.json (metrics, per-class table) and OUT/plots/{confusion,hardest}_SPLIT.png",
+    )
+    parser.add_argument("--out", help="--ledger's directory (default: the run's run.dir)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    if args.ledger and args.sizes is not None:
+        parser.error("--ledger evaluates one size: drop --sizes (set data.val_size=N instead)")
+    if args.out is not None and not args.ledger:
+        parser.error("--out is where --ledger writes: add --ledger")
     sizes: list[int] = []
     if args.sizes is not None:
         try:
@@ -154,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for size in sizes
                 ]
-        results = _evaluate_checkpoint(cfgs, path, args.trust_checkpoint, args.ema, args.tta)
+        out = None
+        if args.ledger:
+            out = Path(args.out) if args.out else Path(cfg.run.dir)
+        results = _evaluate_checkpoint(
+            cfgs, path, args.trust_checkpoint, args.ema, args.tta, args.split, out
+        )
         if results is not None and args.write_best is not None:
             final = Path(args.write_best) if args.write_best else Path(cfg.run.dir) / "final"
             best = write_best(final, cfgs, results)
@@ -170,13 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     except WriteBestError as e:
         print(f"distres.evaluate: --write-best: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the ledger's directory: not writable, a file in the way, full
+        print(f"distres.evaluate: --ledger: {e}", file=sys.stderr)
+        return 2
     if results is None:  # not rank 0
         return 0
     head = {"checkpoint": str(path), "step": meta["step"], "tta": args.tta, "ema": args.ema}
+    if args.split != "val":
+        head["split"] = args.split
     if not sizes:
-        print(json.dumps({**head, **results[0]}))
+        metrics = results[0]
+        if args.split != "val":  # train/top1 here is not training's (augmented) accuracy
+            metrics = {k.replace("val/", f"{args.split}/", 1): v for k, v in metrics.items()}
+        print(json.dumps({**head, **metrics}))
+        if args.ledger:
+            print_ledger(metrics.pop("ledger"), metrics.pop("pictures"))
         recorded = meta["state"].get("train", {}).get("last_eval", {})
-        if recorded.get("step") == meta["step"] and not (args.ema or args.tta != "none"):
+        plain = not (args.ema or args.tta != "none" or args.split != "val")
+        if recorded.get("step") == meta["step"] and plain:
             print(f"recorded at training time: val/top1 {recorded['val/top1']:.4f}")
         return 0
     rows = [
@@ -233,12 +266,37 @@ def write_best(final: Path, cfgs: list, results: list[dict]) -> Path:
     return path
 
 
+def print_ledger(path: str, pictures: dict[str, str]) -> None:
+    """Where the ledger went, and the classes it finds worst."""
+    from distres import ledger
+
+    summary, _ = ledger.read(path)
+    worst = sorted(
+        (r for r in summary["per_class"] if r["support"]),
+        key=lambda r: (r["top1"], -r["support"]),
+    )[:5]
+    print(f"ledger: {path} ({summary['metrics']['samples']} samples)")
+    print(
+        "worst classes (top-1, support): "
+        + ", ".join(f"{r['name']} {r['top1']:.3f} ({r['support']})" for r in worst)
+    )
+    for name, picture in pictures.items():
+        print(f"{name}: {picture}")
+
+
 def _evaluate_checkpoint(
-    cfgs: list, path, trust: bool = False, ema: bool = False, tta: str = "none"
-) -> list[dict[str, float]] | None:
-    """Every rank evaluates its part of the val set, once per config (size); rank 0 gets the
-    metrics."""
-    from distres.data import build_loaders
+    cfgs: list,
+    path,
+    trust: bool = False,
+    ema: bool = False,
+    tta: str = "none",
+    split: str = "val",
+    ledger_dir: Path | None = None,
+) -> list[dict] | None:
+    """Every rank evaluates its part of the split, once per config (size); rank 0 gets the
+    metrics. ledger_dir: also every sample's row (distres.ledger), written there by rank 0."""
+    from distres import ledger
+    from distres.data import build_eval_loader
     from distres.dist import pick_device, process_group, read_env
     from distres.export import checkpoint_weights
     from distres.models import build_model
@@ -257,11 +315,25 @@ def _evaluate_checkpoint(
             model = FlipTTA(model)
         amp = resolve_precision(cfg.train.precision, device)
         for c in cfgs:
-            _, val = build_loaders(
-                c, device, env.rank, env.world_size, env.local_world_size, with_train=False
+            data = build_eval_loader(
+                c,
+                device,
+                env.rank,
+                env.world_size,
+                env.local_world_size,
+                split,
+                ledger_dir is not None,
             )
-            results.append(evaluate(model, val, device, lambda: autocast(device, amp)))
-            val.close()
+            if ledger_dir is None:
+                results.append(evaluate(model, data, device, lambda: autocast(device, amp)))
+            else:
+                info = {"checkpoint": str(path), "ema": ema, "tta": tta}
+                results.append(
+                    ledger.write_ledger(
+                        model, data, c, ledger_dir, split, lambda: autocast(device, amp), info
+                    )
+                )
+            data.close()
     return results if env.is_main else None
 
 

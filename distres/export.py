@@ -68,23 +68,25 @@ def save_weights(
 def save_inference_info(out_dir: str | os.PathLike, cfg, classes: dict[str, int]) -> Path:
     """`inference.json` beside the weights: class names by index (from the shard manifest)
     and the validation preprocessing, all `python -m distres.predict` needs."""
+    path = Path(out_dir) / INFERENCE
+    path.write_text(json.dumps(inference_info(cfg, classes), indent=1) + "\n")
+    return path
+
+
+def inference_info(cfg, classes: dict[str, int]) -> dict:
+    """Class names by index and the validation preprocessing of a run's config."""
+    from distres.ledger import class_names
+
     # One name per output; a class map shorter than the head (shards whose labels do not reach
     # every class) leaves the index as the name.
-    names = [str(i) for i in range(cfg.model.num_classes)]
-    for name, index in classes.items():
-        if 0 <= index < len(names):
-            names[index] = name
-    info = {
-        "classes": names,
+    return {
+        "classes": class_names(classes, cfg.model.num_classes),
         "image_size": cfg.data.eval_size,  # the evaluation crop (data.val_size)
         "resize": cfg.data.val_resize,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "in_chans": cfg.model.in_chans,
     }
-    path = Path(out_dir) / INFERENCE
-    path.write_text(json.dumps(info, indent=1) + "\n")
-    return path
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -163,14 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from distres import checkpoint as ckpt
+    from distres.serving import FORMATS, OPSET, ServingError, export, preprocess_path
 
     parser = argparse.ArgumentParser(
         prog="python -m distres.export",
         description="Consolidate a sharded checkpoint into one safetensors file (plus "
-        "model.yaml beside it). ImageNet variants keep torchvision's key names.",
+        "model.yaml beside it; ImageNet variants keep torchvision's key names), or export a "
+        "checkpoint or a final/ directory for serving: --format onnx (dynamic batch), "
+        "torchscript or pt2 (torch.export), each with <name>.preprocess.json beside it and "
+        "checked against the PyTorch model (onnxruntime for ONNX).",
     )
-    parser.add_argument("checkpoint", help="a checkpoint (step-N) or a directory of them")
-    parser.add_argument("--out", required=True, help="FILE.safetensors")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint (step-N), a directory of them, or a final/ directory"
+    )
+    parser.add_argument(
+        "--out", required=True, help="FILE.safetensors | .onnx | .pt (torchscript) | .pt2"
+    )
+    parser.add_argument(
+        "--format", choices=("safetensors", *FORMATS), default="safetensors", help="what to write"
+    )
+    parser.add_argument("--opset", type=int, help=f"ONNX opset (default {OPSET})")
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -183,20 +197,71 @@ def main(argv: list[str] | None = None) -> int:
         help="the EMA of the weights (a run with train.ema_decay > 0) instead of the weights",
     )
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        parser.error(f"--out {out}: must end in .safetensors")
+    out, fmt = Path(args.out), args.format
+    suffixes = (".safetensors",) if fmt == "safetensors" else FORMATS[fmt]
+    if out.suffix not in suffixes:
+        parser.error(f"--out {out}: --format {fmt} writes {' or '.join(suffixes)}")
+    if args.opset is not None and fmt != "onnx":
+        parser.error("--opset applies to --format onnx")
+    source = Path(args.checkpoint)
+    final = source if (source / WEIGHTS).is_file() else None
+    if final is not None and args.ema:
+        parser.error(f"--ema: {source} holds one set of weights (final/); export a checkpoint")
     try:
-        weights, model_cfg, used = checkpoint_weights(
-            args.checkpoint, args.trust_checkpoint, args.ema
-        )
-        write_model_files(weights, model_cfg, out)
-    except (ckpt.CheckpointError, OSError) as e:
+        if final is not None:
+            model_cfg, used = read_model_config(final / MODEL_CONFIG), final
+            weights = load_weights(final / WEIGHTS).state_dict()
+        else:
+            weights, model_cfg, used = checkpoint_weights(source, args.trust_checkpoint, args.ema)
+        if fmt == "safetensors":
+            write_model_files(weights, model_cfg, out)
+        else:
+            model = build_model(model_cfg)
+            model.load_state_dict(weights)
+            info = serving_info(final, used)
+            check = export(model, fmt, out, info, args.opset or OPSET)
+    except (ckpt.CheckpointError, WeightsError, ServingError, OSError) as e:
         print(f"distres.export: {e}", file=sys.stderr)
-        return 5 if isinstance(e, ckpt.CheckpointError) else 2
+        codes = {ckpt.CheckpointError: 5, ServingError: 4}
+        return codes.get(type(e), 2)
     what = "the EMA of " if args.ema else ""
     print(f"{out}: {len(weights)} tensors of {what}{model_cfg.name} from {used}")
+    if fmt != "safetensors":
+        opset = f", opset {args.opset or OPSET}" if fmt == "onnx" else ""
+        print(f"  {fmt}{opset}, dynamic batch; preprocessing: {preprocess_path(out)}")
+        if check["checked"]:
+            print(
+                f"  parity with PyTorch under {check['runner']}: max |diff| "
+                f"{check['max_abs_diff']:.2e} (tolerance {check['tolerance']})"
+            )
+        else:
+            print(f"  parity NOT checked: {check['why']} (pip install 'distres[onnx]')")
     return 0
+
+
+def serving_info(final: Path | None, checkpoint: Path) -> dict:
+    """The preprocessing and class names: final/inference.json, or the checkpoint's config
+    (class names from its shard set's manifest, when it can be read here)."""
+    import tempfile
+
+    from distres import checkpoint as ckpt
+    from distres.config import load_config
+    from distres.predict import read_inference_info
+
+    if final is not None:
+        return read_inference_info(final / INFERENCE)
+    meta = ckpt.read_meta(checkpoint)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(meta["config"])
+        f.flush()
+        cfg = load_config(f.name)
+    try:
+        from distres.data import resolve_shard_sets
+
+        classes = resolve_shard_sets(cfg)[0].classes
+    except Exception:  # the shards are elsewhere: the class indexes stand for names
+        classes = {}
+    return inference_info(cfg, classes)
 
 
 if __name__ == "__main__":

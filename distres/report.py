@@ -1,4 +1,7 @@
-"""`python -m distres.report RUN_DIR`: redraw plots/curves.png and print a summary table.
+"""`python -m distres.report RUN_DIR`: redraw plots/curves.png and print a summary table;
+with a ledger (tracking.ledger=true, distres.evaluate --ledger), also the per-class table, the
+most-confused pairs and the ledger's pictures (redrawn); with a profile
+(tracking.profile_steps), where the step time went.
 
 The curves come from metrics.jsonl (train loss and val loss, lr, val top-1 against the
 optimizer step); the table from summary.json and the evaluations.
@@ -96,6 +99,51 @@ def summary_table(run_dir: Path):
     return table
 
 
+def ledger_tables(summary: dict, rows: dict, worst: int = 10):
+    """The per-class table (every class up to 20 of them, else the `worst` by top-1) and the
+    most-confused pairs of a ledger, as rich tables."""
+    import numpy as np
+    from rich.table import Table
+
+    from distres.class_metrics import confusion, most_confused
+
+    names = summary["classes"]
+    classes = [r for r in summary["per_class"] if r["support"]]
+    title = f"{summary['split']}: per class"
+    if len(classes) > 20:
+        classes = sorted(classes, key=lambda r: (r["top1"], -r["support"]))[:worst]
+        title += f" (the {worst} worst of {len(summary['per_class'])})"
+    per_class = Table(title=title)
+    for column in ("class", "support", "top-1", "top-5", "loss", "confused with"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for r in classes:
+        other = r["confused_with"]
+        per_class.add_row(
+            r["name"],
+            str(r["support"]),
+            f"{r['top1']:.4f}",
+            f"{r['top5']:.4f}",
+            f"{r['loss']:.4f}",
+            f"{names[other]} ({r['confused_count']})" if other is not None else "-",
+        )
+    matrix = confusion(rows["label"], rows["top"][:, 0], len(names))
+    pairs = Table(title=f"{summary['split']}: most confused (true -> predicted)")
+    for column in ("true", "predicted", "count", "of true"):
+        pairs.add_column(column, justify="left" if column in ("true", "predicted") else "right")
+    support = np.bincount(rows["label"], minlength=len(names))
+    for true, pred, n in most_confused(matrix, 10):
+        pairs.add_row(names[true], names[pred], str(n), f"{100 * n / support[true]:.1f}%")
+    return per_class, pairs
+
+
+def profile_lines(run_dir: Path) -> list[str]:
+    """The last profile's table (tracking.profile_steps), if the run wrote one."""
+    from distres.profiling import table
+
+    profiles = [r for r in read_records(run_dir) if r.get("event") == "profile"]
+    return table(profiles[-1]).splitlines() if profiles else []
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -103,15 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
+    from distres import class_metrics, ledger
+
     try:
         out = plot_curves(run_dir)
         table = summary_table(run_dir)
+        ledgers = []
+        for path in sorted((run_dir / ledger.LEDGER_DIR).glob("*.jsonl")):
+            summary, rows = ledger.read(path)
+            pictures = class_metrics.draw(summary, rows, run_dir / "plots")
+            ledgers.append((path, ledger_tables(summary, rows), pictures))
+        profile = profile_lines(run_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"distres.report: {e}", file=sys.stderr)
         return 2
     console = Console()
     console.print(table)
     console.print(f"curves: {out}", highlight=False)
+    for path, tables, pictures in ledgers:
+        console.print(f"ledger: {path}", highlight=False)
+        for t in tables:
+            console.print(t)
+        for name, picture in pictures.items():
+            console.print(f"{name}: {picture}", highlight=False)
+    for line in profile:
+        console.print(line, highlight=False, markup=False)
     return 0
 
 

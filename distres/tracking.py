@@ -92,6 +92,18 @@ class WandbRun:
         values = {k: v for k, v in summary.items() if isinstance(v, int | float | str) or v is None}
         self._guard(self.run.summary.update, values)
 
+    def ledger(self, result: dict[str, Any], step: int) -> None:
+        """The ledger's per-class table (a W&B Table) and its two pictures."""
+        import wandb
+
+        summary = json.loads(Path(result["ledger"]).with_suffix(".json").read_text())
+        columns = ["class", "name", "support", "top1", "top5", "loss", "confused_with"]
+        table = wandb.Table(
+            columns=columns, data=[[r[c] for c in columns] for r in summary["per_class"]]
+        )
+        images = {f"ledger/{k}": wandb.Image(v) for k, v in result["pictures"].items()}
+        self._guard(self.run.log, {"ledger/per_class": table, **images, "step": step})
+
     def finish(self, exit_code: int = 0) -> None:
         self._guard(self.run.finish, exit_code=exit_code)
 
@@ -112,6 +124,41 @@ class WandbRun:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+class TensorBoardRun:
+    """tracking.tensorboard: the train and eval scalars as TensorBoard events (rank 0), under
+    <run.dir>/tensorboard. A resumed run purges the events written after its checkpoint's
+    step, as metrics.jsonl drops its records, so every step has one value."""
+
+    def __init__(self, run_dir: Path, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=first_step + 1 if first_step else None
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for k, v in record.items():
+            if k not in ("step", "event") and isinstance(v, int | float) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_problem() -> str | None:
+    """Why tracking.tensorboard=true cannot run here, or None (checked on every rank before
+    training, so no rank fails alone)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return (
+            "tracking.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "(or pip install 'distres[tensorboard]')"
+        )
+    return None
 
 
 def run_info(cfg, env, device, plan, params: int) -> dict:
@@ -181,6 +228,7 @@ class Tracker:
         self._bar: Progress | None = None
         self._task = None
         self.wandb: WandbRun | None = None  # attached by the trainer on rank 0
+        self.tensorboard: TensorBoardRun | None = None  # likewise
         self._t0 = time.perf_counter()
         self._first_step = 0
 
@@ -234,8 +282,11 @@ class Tracker:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if self.wandb is not None and record.get("event") in ("train", "eval"):
-            self.wandb.log(record)  # a resume record is history, not a metric
+        if record.get("event") in ("train", "eval"):  # a resume record is history
+            if self.wandb is not None:
+                self.wandb.log(record)
+            if self.tensorboard is not None:
+                self.tensorboard.log(record)
         if record.get("event") == "train":
             stats = (
                 f"loss {record['train/loss']:.4f} lr {record['lr']:.4g} "
@@ -286,10 +337,24 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.summary(clean)
 
+    def ledger(self, result: dict[str, Any], step: int) -> None:
+        """A ledger's (distres.ledger) lines, and its table and pictures in W&B."""
+        if not self.enabled:
+            return
+        self.print(
+            f"ledger: {result['ledger']} ({result['val/samples']} samples, val/top1 "
+            f"{result['val/top1']:.4f}); pictures: {', '.join(result['pictures'].values())}"
+        )
+        if self.wandb is not None:
+            self.wandb.ledger(result, step)
+
     def finish(self, failed: bool = False) -> None:
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def close(self) -> None:
         if self._bar is not None:

@@ -282,6 +282,19 @@ class TrackingConfig:
     wandb_project: str = doc("distres", "W&B project")
     wandb_entity: str = doc("", "W&B entity (team or user); empty: the key's default")
     plots: bool = doc(True, "draw plots/curves.png (loss, lr, top-1 against step) at the end")
+    ledger: bool = doc(
+        False,
+        "at the end, every val sample's top-5 and loss in <run.dir>/ledger/val.jsonl, the "
+        "per-class table, plots/confusion_val.png and plots/hardest_val.png (W&B too)",
+    )
+    tensorboard: bool = doc(
+        False, "also write the scalars to TensorBoard under <run.dir>/tensorboard (rank 0)"
+    )
+    profile_steps: list[int] = doc(
+        [],
+        "[start, stop]: torch.profiler over optimizer steps start..stop (1-based) on every "
+        "rank, traces in <run.dir>/profile/, and a 'where the step time goes' table; []: off",
+    )
 
     def __post_init__(self) -> None:
         # NOTE: YAML 1.1 (OmegaConf's parser) reads a bare `off` as false, which a str field
@@ -293,6 +306,16 @@ class TrackingConfig:
         _choice("tracking.progress", self.progress, ("auto", "bar", "log", "off"))
         _choice("tracking.wandb", self.wandb, ("auto", "online", "offline", "off"))
         _at_least("tracking.log_every", self.log_every, 1)
+        steps = self.profile_steps
+        if steps and (
+            len(steps) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps)
+            or not 1 <= steps[0] <= steps[1]
+        ):
+            raise ConfigError(
+                f"tracking.profile_steps={steps}: expected [start, stop] with 1 <= start <= "
+                "stop (optimizer steps, e.g. [10, 15]), or [] for off"
+            )
 
 
 @dataclass

@@ -8,12 +8,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Batch", "DataError", "Loader", "build_loaders", "resolve_shard_sets"]
+__all__ = [
+    "Batch",
+    "DataError",
+    "KeyedBatch",
+    "Loader",
+    "SampleKey",
+    "build_eval_loader",
+    "build_loaders",
+    "resolve_shard_sets",
+]
 
 _LAZY = {
     "Batch": "distres.data.api",
     "DataError": "distres.data.api",
+    "KeyedBatch": "distres.data.api",
     "Loader": "distres.data.api",
+    "SampleKey": "distres.data.api",
+    "build_eval_loader": "distres.data.loaders",
     "build_loaders": "distres.data.loaders",
     "resolve_shard_sets": "distres.data.loaders",
 }

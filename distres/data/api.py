@@ -1,6 +1,7 @@
 """The data contract both backends (torch_loader, dali) honour, and what they share.
 
-A loader yields `Batch`es: images N x C x H x W on the model's device (channels_last strides
+A loader yields `Batch`es (`KeyedBatch`es, with each sample's `SampleKey`, when built with
+keys=True): images N x C x H x W on the model's device (channels_last strides
 when asked for), labels int64. Every rank gets the same number of batches per epoch. Its
 position is a JSON-able state_dict, restored exactly on the same world size; on another
 world size `resume_from_ranks` places it from all old ranks' states.
@@ -28,6 +29,27 @@ class Batch(NamedTuple):
     """N x C x H x W float on the model's device, channels_last strides when asked for."""
     labels: torch.Tensor
     """N int64 class indices on the model's device."""
+
+
+class SampleKey(NamedTuple):
+    """Which sample: world-size-free, so per-sample results from any number of ranks merge
+    into one order (the shard set's order, then tar order)."""
+
+    shard: int
+    """The shard's index in the shard set (its manifest order)."""
+    at: int
+    """Where in the shard, in tar order: the sample's ordinal (torch) or byte offset (DALI)."""
+    key: str
+    """The webdataset key (the member names' common stem)."""
+
+
+class KeyedBatch(NamedTuple):
+    """A Batch with each sample's SampleKey: what a loader built with keys=True yields
+    (the per-sample ledger, distres.ledger). Training never asks for keys."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[SampleKey]
 
 
 class DataError(RuntimeError):

@@ -49,13 +49,11 @@ def unshared(buf: torch.Tensor) -> bool:
 
 
 def rebatch(
-    chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    batch_size: int,
-    drop_last: bool,
-    pin: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    chunks: Iterator[tuple], batch_size: int, drop_last: bool, pin: bool = False
+) -> Iterator[tuple]:
     """Cut a stream of variable-size chunks into batches of exactly batch_size, each copied
-    once into a tensor of its own.
+    once into a tensor of its own. A chunk is (images, labels) or (images, labels, keys): the
+    parts are cut together, tensors concatenated, lists joined.
 
     pin=True puts the batch in pinned memory (torch's caching host allocator), so the copy to
     the GPU is truly asynchronous: from pageable memory CUDA stages the copy and waits for the
@@ -63,29 +61,34 @@ def rebatch(
     idle while the next step is launched. The allocator does not hand a block out again
     until the copy that read it has finished.
     """
-    images: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    held = 0
-    for x, y in chunks:
-        images.append(x)
-        labels.append(y)
-        held += len(y)
-        while held >= batch_size:
-            parts_x, parts_y, need = [], [], batch_size
+    held: list[tuple] = []
+    count = 0
+    for chunk in chunks:
+        held.append(tuple(chunk))
+        count += len(chunk[1])
+        while count >= batch_size:
+            parts, need = [], batch_size
             while need:
-                x0, y0 = images[0], labels[0]
-                if len(y0) <= need:
-                    parts_x.append(images.pop(0))
-                    parts_y.append(labels.pop(0))
-                    need -= len(y0)
+                first = held[0]
+                if len(first[1]) <= need:
+                    parts.append(held.pop(0))
+                    need -= len(first[1])
                 else:
-                    parts_x.append(x0[:need])
-                    parts_y.append(y0[:need])
-                    images[0], labels[0], need = x0[need:], y0[need:], 0
-            held -= batch_size
-            yield cat_into(parts_x, pin), cat_into(parts_y, pin)
-    if held and not drop_last:
-        yield cat_into(images, pin), cat_into(labels, pin)
+                    parts.append(tuple(p[:need] for p in first))
+                    held[0], need = tuple(p[need:] for p in first), 0
+            count -= batch_size
+            yield _join(parts, pin)
+    if count and not drop_last:
+        yield _join(held, pin)
+
+
+def _join(parts: list[tuple], pin: bool) -> tuple:
+    return tuple(
+        cat_into(column, pin)
+        if isinstance(column[0], torch.Tensor)
+        else [item for part in column for item in part]
+        for column in map(list, zip(*parts, strict=True))
+    )
 
 
 def cat_into(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:

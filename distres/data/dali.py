@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
+from distres.data.api import BadSamples, Batch, DataError, KeyedBatch, parse_label, shard_order
 from distres.data.batch import HeldOutputs
 from distres.data.dali_index import (
     checked_indexes,
     first_undecodable,
     pipeline_failure,
     repeated_indexes,
+    sample_key,
     sample_where,
     unconsumed_indexes,
     verify_part,
@@ -81,8 +82,11 @@ class DaliLoader:
         epochs: int | None = None,
         auto_augment: tuple[str, int, int] = ("none", 0, 0),
         repeats: int = 1,
+        keys: bool = False,
     ):
         self.shards, self.train, self.batch_size = shards, train, batch_size
+        # yield KeyedBatches: each sample's key from DALI's source_info, its shard's index
+        self.keys = {url: i for i, url in enumerate(shards.urls)} if keys else None
         self.image_size, self.num_classes, self.in_chans = image_size, num_classes, in_chans
         # progressive resizing: the crop size of each epoch (every epoch builds its pipeline)
         self.size_at = size_at
@@ -357,8 +361,10 @@ class DaliLoader:
             x = x[good]
         if not self.channels_last:
             x = x.contiguous()
-        y = torch.tensor(ys, dtype=torch.int64)
-        return Batch(x, y.to(self.device, non_blocking=True))
+        y = torch.tensor(ys, dtype=torch.int64).to(self.device, non_blocking=True)
+        if self.keys is not None:
+            return KeyedBatch(x, y, [sample_key(where[i], self.keys) for i in good])
+        return Batch(x, y)
 
     def _label(self, raw, where) -> int:
         return parse_label(bytes(np.asarray(raw)), sample_where(where), self.num_classes)

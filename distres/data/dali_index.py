@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distres.data.api import DataError
+from distres.data.api import DataError, SampleKey
 from distres.data.shardset import ShardSet
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image member of a sample, first found wins
@@ -224,6 +224,17 @@ def sample_where(where) -> str:
     """`<shard>: sample 'key'` from DALI's source_info ("<tar path>:<offset>:<member name>")."""
     path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
     return f"{path}.tar: sample {rest.split(':')[-1].rsplit('.', 1)[0]!r}"
+
+
+def sample_key(where, shard_index: dict[str, int]) -> SampleKey:
+    """The SampleKey of DALI's source_info ("<tar path>:<offset>:<member name>"): the tar's
+    index in the shard set, the member's byte offset (tar order), and webdataset's key (the
+    member name up to the first dot of its base name, as webdataset splits it)."""
+    path, _, rest = bytes(np.asarray(where)).decode(errors="replace").rpartition(".tar:")
+    offset, _, member = rest.partition(":")
+    folder, _, base = member.rpartition("/")
+    key = (f"{folder}/" if folder else "") + base.split(".", 1)[0]
+    return SampleKey(shard_index[f"{path}.tar"], int(offset), key)
 
 
 def pipeline_failure(

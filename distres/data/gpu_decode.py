@@ -37,7 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from distres.data.api import BadSamples, Batch, DataError
+from distres.data.api import BadSamples, DataError, KeyedBatch, SampleKey
 from distres.data.crop_resize import GEOMETRY, X, Y, crop_resize
 
 log = logging.getLogger("distres.data")
@@ -63,6 +63,7 @@ class Record(NamedTuple):
     geometry: torch.Tensor  # float64: GEOMETRY values (data/crop_resize.py), then INFO
     label: int
     where: str  # shard and key, for errors
+    key: SampleKey | None = None  # which sample (a KeyedBatch's keys)
 
 
 def steps(transform: Callable) -> list:
@@ -167,10 +168,10 @@ def pack(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> tuple:
     return torch.cat(data), sizes, torch.stack(geometry), list(where)
 
 
-def unpack(chunk: tuple, labels: torch.Tensor) -> list[Record]:
+def unpack(chunk: tuple, labels: torch.Tensor, keys: list[SampleKey]) -> list[Record]:
     data, sizes, geometry, where = chunk
     parts = data.split(sizes.tolist())
-    return [Record(*r) for r in zip(parts, geometry, labels.tolist(), where, strict=True)]
+    return [Record(*r) for r in zip(parts, geometry, labels.tolist(), where, keys, strict=True)]
 
 
 class DecodeStage:
@@ -200,7 +201,7 @@ class DecodeStage:
 
         self.mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
 
-    def __call__(self, batches: Iterable[list[Record]]) -> Iterator[Batch]:
+    def __call__(self, batches: Iterable[list[Record]]) -> Iterator[KeyedBatch]:
         todo: queue.Queue = queue.Queue()
         done: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -243,29 +244,29 @@ class DecodeStage:
         n, self._skipped = self._skipped, 0
         return n
 
-    def _hand_over(self, item) -> Batch:
+    def _hand_over(self, item) -> KeyedBatch:
         if isinstance(item, BaseException):
             raise item
-        images, labels, event, skipped = item
+        images, labels, keys, event, skipped = item
         self._skipped += skipped
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
             images.record_stream(current)
             labels.record_stream(current)
-        return Batch(images, labels)
+        return KeyedBatch(images, labels, keys)
 
     def decode(self, records: list[Record]) -> tuple:
-        """One batch, in this stage's thread: (images, labels, ready event or None, images
-        replaced)."""
+        """One batch, in this stage's thread: (images, labels, keys, ready event or None,
+        images replaced). A replaced image's key is its stand-in's."""
         if self.stream is None:
-            return (*self._decode(records), None, self.bad.take())
+            return (*self._decode(records), [r.key for r in records], None, self.bad.take())
         # vision 9606: nothing of ours may be queued while nvJPEG runs (_nvjpeg syncs too)
         with torch.cuda.stream(self.stream):
             images, labels = self._decode(records)
             event = torch.cuda.Event()
             event.record(self.stream)
-        return images, labels, event, self.bad.take()
+        return images, labels, [r.key for r in records], event, self.bad.take()
 
     def _decode(self, records: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
         images = self._images(records)

@@ -82,7 +82,38 @@ def build_loaders(
     imported only when chosen: torchvision's import (which pulls in torch._dynamo) costs
     2-3 s of CPU per rank and run that a DALI run does not need, and the reverse for DALI."""
     train_set, val_set = resolve_shard_sets(cfg)
+    train_set = train_set if with_train else None
+    return _loaders(cfg, device, rank, world_size, local_world_size, train_set, val_set)
+
+
+def build_eval_loader(
+    cfg: Config,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    local_world_size: int = 1,
+    split: str = "val",
+    keys: bool = False,
+) -> Loader:
+    """An evaluation loader (every sample once over all ranks, the validation transform) of
+    the val or the train split; keys=True: it yields KeyedBatches (distres.ledger)."""
+    train_set, val_set = resolve_shard_sets(cfg)
+    shards = val_set if split == "val" else train_set
+    return _loaders(cfg, device, rank, world_size, local_world_size, None, shards, keys)[1]
+
+
+def _loaders(
+    cfg: Config,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    local_world_size: int,
+    train_set: ShardSet | None,
+    val_set: ShardSet,
+    keys: bool = False,
+) -> tuple[Loader | None, Loader]:
     d = cfg.data
+    with_train = train_set is not None
     common = dict(
         mean=d.mean,
         std=d.std,
@@ -125,7 +156,11 @@ def build_loaders(
             )
         # evaluation at its own size (data.val_size), training's from image_size
         val = DaliLoader(
-            val_set, train=False, val_resize=d.val_resize, **{**dali, "image_size": d.eval_size}
+            val_set,
+            train=False,
+            val_resize=d.val_resize,
+            keys=keys,
+            **{**dali, "image_size": d.eval_size},
         )
         return train, val
     from distres.data.gpu_decode import resolve_decode
@@ -163,6 +198,7 @@ def build_loaders(
         train=False,
         batch_size=cfg.train.batch_size,
         transform=val_transform(d.eval_size, d.val_resize),
+        keys=keys,
         **common,
     )
     return train, val

@@ -22,7 +22,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from distres.data.api import BadSamples, Batch, DataError, parse_label, shard_order
+from distres.data.api import (
+    BadSamples,
+    Batch,
+    DataError,
+    KeyedBatch,
+    SampleKey,
+    parse_label,
+    shard_order,
+)
 from distres.data.batch import BufferPool, rebatch, rebatch_lists
 from distres.data.gpu_decode import DecodeStage, Encoder, pack, steps, unpack
 from distres.data.shardset import ShardSet
@@ -72,7 +80,7 @@ class _SampleStream(IterableDataset):
         rng = _StreamRng(seed) if info is None else None
         if rng is None:
             torch.manual_seed(seed)
-        samples = self._read([self.shards.urls[i] for i in self.shard_ids[worker::workers]])
+        samples = self._read(self.shard_ids[worker::workers])
         if self.stride[1] > 1:
             samples = self._strided(samples)
         if self.shuffle_buffer > 1:
@@ -82,10 +90,10 @@ class _SampleStream(IterableDataset):
                 initial=self.shuffle_buffer,
                 rng=random.Random(seed),
             )
-        # Chunks are (images, labels, samples skipped since the last chunk); images is None
-        # for a chunk that only carries a skip count. With an encoder "images" is the
-        # GPU-decode stage's packed bytes and geometry (gpu_decode.pack).
-        items, labels = [], []
+        # Chunks are (images, labels, samples skipped since the last chunk, sample keys);
+        # images is None for a chunk that only carries a skip count. With an encoder "images"
+        # is the GPU-decode stage's packed bytes and geometry (gpu_decode.pack).
+        items, labels, keys = [], [], []
         for sample in samples:
             try:
                 with rng or contextlib.nullcontext():
@@ -96,20 +104,25 @@ class _SampleStream(IterableDataset):
                 continue
             items.append(item)
             labels.append(label)
+            keys.append(SampleKey(sample["__shard__"], sample["__at__"], sample["__key__"]))
             if len(items) == CHUNK:
-                yield self._chunk(items), torch.tensor(labels), self.bad.take()
-                items, labels = [], []
+                yield self._chunk(items), torch.tensor(labels), self.bad.take(), keys
+                items, labels, keys = [], [], []
         if items:
-            yield self._chunk(items), torch.tensor(labels), self.bad.take()
+            yield self._chunk(items), torch.tensor(labels), self.bad.take(), keys
         elif self.bad.count:
-            yield None, None, self.bad.take()
+            yield None, None, self.bad.take(), None
 
-    def _read(self, urls: list[str]) -> Iterator[dict]:
-        """Samples of each tar in turn; a tar that breaks off (truncated, unreadable) ends
-        with a DataError naming it, or, when skipping, is counted as one bad item."""
-        for url in urls:
+    def _read(self, shard_ids: list[int]) -> Iterator[dict]:
+        """Samples of each tar in turn, each with its shard index and ordinal in the tar
+        (__shard__, __at__); a tar that breaks off (truncated, unreadable) ends with a
+        DataError naming it, or, when skipping, is counted as one bad item."""
+        for i in shard_ids:
+            url = self.shards.urls[i]
             try:
-                yield from wds.tarfile_samples([{"url": url}])
+                for at, sample in enumerate(wds.tarfile_samples([{"url": url}])):
+                    sample["__shard__"], sample["__at__"] = i, at
+                    yield sample
             except DataError:
                 raise
             except Exception as e:  # tarfile/webdataset raise several types for a bad tar
@@ -117,12 +130,8 @@ class _SampleStream(IterableDataset):
 
     def _strided(self, samples: Iterator[dict]) -> Iterator[dict]:
         rank, world = self.stride
-        position: dict[str, int] = {}
         for sample in samples:
-            url = sample["__url__"]
-            index = self.offsets[url] + position.get(url, 0)
-            position[url] = position.get(url, 0) + 1
-            if index % world == rank:
+            if (self.offsets[sample["__url__"]] + sample["__at__"]) % world == rank:
                 yield sample
 
     def _where(self, sample: dict) -> str:
@@ -206,6 +215,7 @@ class ShardLoader:
         decode: str = "cpu",
         out_dtype: torch.dtype = torch.float32,
         repeats: int = 1,
+        keys: bool = False,
     ):
         if train and len(shards.urls) < world_size:
             raise DataError(
@@ -220,6 +230,7 @@ class ShardLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.repeats = repeats if train else 1  # data.aug_repeats; see my_shards
+        self.keys = keys  # yield KeyedBatches (each sample's shard and key)
         self.epoch = 0
         self._done = self._skip = 0  # batches delivered this epoch; batches to replay
         self.skip_bad, self.verify = skip_bad, verify
@@ -271,7 +282,7 @@ class ShardLoader:
         n = self.num_samples()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _chunks(self, refill: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _chunks(self, refill: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[SampleKey]]]:
         """One pass over this rank's shards (refill > 0: a re-read with its own seed)."""
         seed = hash((self.seed, self.epoch, self.rank) + ((refill,) if refill else ()))
         if self.verify:  # in this process, which remembers what it checked (workers do not)
@@ -307,11 +318,11 @@ class ShardLoader:
         delivered = 0
         chunks = iter(loader)
         try:
-            for images, labels, skipped in chunks:
+            for images, labels, skipped, keys in chunks:
                 self.skipped += skipped
                 if images is not None:
                     delivered += len(labels)
-                    yield images, labels
+                    yield images, labels, keys
         finally:
             # Workers ignore SIGTERM (_ignore_stop_signals), so one left waiting after an
             # error or an early stop would hang the interpreter's exit, which joins it; a
@@ -323,7 +334,7 @@ class ShardLoader:
                 f"its shards this epoch ({self.skipped} skipped)"
             )
 
-    def _all_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _all_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[SampleKey]]]:
         yield from self._chunks(0)
         if self.train:
             # Only reached when skipped samples left this rank short of the step count every
@@ -340,20 +351,21 @@ class ShardLoader:
         # the first `skip` batches on the host resumes the stream exactly where it stopped.
         self._done = skip
         if self.stage is not None:
-            records = (unpack(x, y) for x, y in self._all_chunks())
+            records = (unpack(x, y, keys) for x, y, keys in self._all_chunks())
             batches = rebatch_lists(records, self.batch_size, drop_last=self.train)
             # replayed batches are read and their geometry drawn, but never decoded
             for batch in self.stage(itertools.islice(batches, skip, len(self))):
                 self._done += 1
                 self.skipped += self.stage.take_skipped()
-                yield batch
+                yield batch if self.keys else Batch(batch.images, batch.labels)
             return
         batches = rebatch(
             self._all_chunks(), self.batch_size, drop_last=self.train, pin=self.pin_batches
         )
-        for images, labels in itertools.islice(batches, skip, len(self)):
+        for images, labels, keys in itertools.islice(batches, skip, len(self)):
             self._done += 1
-            yield self._to_device(images, labels)
+            batch = self._to_device(images, labels)
+            yield KeyedBatch(*batch, keys) if self.keys else batch
 
     def resume_from_ranks(
         self, epoch: int, states: list[dict], micro_batch: int, world_size: int

@@ -21,6 +21,7 @@ from distres.checkpoint import dcp
 from distres.config import ConfigError
 from distres.data.api import Batch
 from distres.engine.base import EngineBase
+from distres.profiling import mark
 
 
 class DDPEngine(EngineBase):
@@ -78,11 +79,18 @@ class DDPEngine(EngineBase):
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 if self.graph_steps:
                     torch.compiler.cudagraph_mark_step_begin()
-                with self.autocast():
-                    logits = self.model(images)
-                loss = self.loss(logits, labels) / k
-                self.scaler.scale(loss).backward()
+                with mark("forward"):
+                    with self.autocast():
+                        logits = self.model(images)
+                    loss = self.loss(logits, labels) / k
+                with mark("backward"):
+                    self.scaler.scale(loss).backward()
             total += loss.detach()
+        with mark("optimizer"):
+            self._step(grad_norm)
+        return total
+
+    def _step(self, grad_norm: bool) -> None:
         self.last_grad_norm = None
         if self.cfg.train.clip_grad_norm or grad_norm:
             self.scaler.unscale_(self.optimizer)
@@ -96,7 +104,6 @@ class DDPEngine(EngineBase):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -27,6 +27,7 @@ from distres.config import BatchPlan, Config, ConfigError
 from distres.data.api import Batch
 from distres.dist import export_ranks
 from distres.engine.base import EngineBase
+from distres.profiling import mark
 
 TAG = "deepspeed"  # the tag directory inside a distres checkpoint
 PARTS = "distres_parts"  # the client-state key of distres's tensor parts (the EMA)
@@ -231,9 +232,12 @@ class DeepSpeedEngine(EngineBase):
         k = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for images, labels in micro_batches:
-            loss = self.loss(self.forward(images), labels)
-            self.ds.backward(loss)
-            self.ds.step()
+            with mark("forward"):
+                loss = self.loss(self.forward(images), labels)
+            with mark("backward"):
+                self.ds.backward(loss)
+            with mark("optimizer"):  # a no-op until the accumulation boundary
+                self.ds.step()
             total += loss.detach() / k
         # DeepSpeed computes the global norm itself when it clips (None otherwise)
         self.last_grad_norm = self.ds.get_global_grad_norm() if grad_norm else None

@@ -14,8 +14,9 @@ from distres.data.batch_augment import BatchAugment, spec_from_config
 from distres.data.loaders import host_threads
 from distres.dist import DistEnv
 from distres.engine import build_engine
+from distres.profiling import StepProfiler
 from distres.stopping import EarlyStopping, StopConsensus
-from distres.tracking import Tracker
+from distres.tracking import Tracker, tensorboard_problem
 from distres.trainer.loop import Trainer
 from distres.trainer.state import (
     DataPosition,
@@ -40,6 +41,8 @@ def build(
     fresh: bool = True,
 ) -> Trainer:
     """fresh: no checkpoint to resume from (model.init_from applies only then)."""
+    if cfg.tracking.tensorboard and (problem := tensorboard_problem()):
+        raise ConfigError(problem)
     threads = cfg.run.threads or host_threads(cfg, device, env.local_world_size)
     if threads:
         torch.set_num_threads(threads)
@@ -114,6 +117,11 @@ def build(
         data=data,
         augment=augment,
         ema=ema,
+        profiler=(
+            StepProfiler(cfg.tracking.profile_steps, run_dir, env.rank, device)
+            if cfg.tracking.profile_steps
+            else None
+        ),
     )
     trainer.attach_checkpoints(store)
     return trainer

@@ -26,8 +26,10 @@ from distres.engine.base import Engine
 from distres.evaluate import evaluate
 from distres.export import save_inference_info, save_weights
 from distres.precision import autocast
+from distres.profiling import StepProfiler, mark
 from distres.stopping import EarlyStopping, StopConsensus
-from distres.tracking import Tracker, WandbRun, run_info, wandb_mode
+from distres.tracking import TensorBoardRun, Tracker, WandbRun, run_info, wandb_mode
+from distres.trainer.reports import Reports
 from distres.trainer.resume import same_layout
 from distres.trainer.state import (
     RANK_CHECKS,
@@ -43,7 +45,7 @@ log = logging.getLogger("distres")
 
 
 @dataclasses.dataclass(eq=False)
-class Trainer:
+class Trainer(Reports):
     """One run on one rank, its parts built by distres.trainer.build (or by a test)."""
 
     cfg: Config
@@ -67,6 +69,7 @@ class Trainer:
     # its draws are functions of the step, so the checkpoint's step is all its state
     augment: BatchAugment | None = None
     ema: WeightEma | None = None  # train.ema_decay > 0: the EMA of the weights, a tensor part
+    profiler: StepProfiler | None = None  # tracking.profile_steps
 
     def __post_init__(self) -> None:
         if self.checkpoints is None:
@@ -109,8 +112,11 @@ class Trainer:
         batches = iter(self.train_data)
         k = self.plan.grad_accum
         for _ in range(self.steps_per_epoch - self.state.epoch_step):
+            if self.profiler is not None:
+                self.profiler.before(self.state.step + 1)
             t0 = time.perf_counter()
-            group = list(itertools.islice(batches, k))
+            with mark("data_wait"):
+                group = list(itertools.islice(batches, k))
             self.window.data_wait += time.perf_counter() - t0
             if len(group) < k:
                 return
@@ -130,6 +136,8 @@ class Trainer:
         s.samples_seen += self.plan.global_batch
         if self.ema is not None:
             self.ema.update(s.step, s.samples_seen, self.plan.global_batch)
+        if self.profiler is not None:
+            self.report_profile(self.profiler.after(s.step))
         self.tracker.step(s.step, s.epoch)
 
     def boundary(self) -> str | None:
@@ -187,6 +195,8 @@ class Trainer:
                 run_info(cfg, env, self.device, plan, self.engine.num_params),
             )
             s.wandb_id = self.tracker.wandb.id
+        if env.is_main and cfg.tracking.tensorboard:
+            self.tracker.tensorboard = TensorBoardRun(self.run_dir, s.step)
         self.tracker.print(
             f"{cfg.model.name} ({self.engine.num_params / 1e6:.2f}M params) on {self.device}, "
             f"world size {env.world_size}, global batch {plan.global_batch} = "
@@ -201,6 +211,8 @@ class Trainer:
 
     def finish(self, reason: str, wall_s: float) -> dict[str, Any]:
         s, cfg = self.state, self.cfg
+        if self.profiler is not None:  # a window the run stopped in (or never reached)
+            self.report_profile(self.profiler.after(s.step, force=True))
         # training's input is done: a pipeline prefetched for an epoch that will not run
         # gives its GPU memory back before the last evaluation (the position was kept)
         self.train_data.close()
@@ -217,9 +229,10 @@ class Trainer:
         self.report_stop(reason)
         self.tracker.close()
         self.engine.sync_buffers()
+        if self.ema is not None and cfg.checkpoint.final_weights == "ema":
+            self.ema.sync_buffers()
         if cfg.checkpoint.save_final:
             if cfg.checkpoint.final_weights == "ema":
-                self.ema.sync_buffers()
                 weights = self.ema.state_dict()
             else:
                 weights = self.engine.full_state_dict()  # a collective under ZeRO-3
@@ -227,6 +240,8 @@ class Trainer:
                 final = self.run_dir / "final"
                 save_weights(weights, cfg.model, final)
                 save_inference_info(final, cfg, self.train_data.shards.classes)
+        if cfg.tracking.ledger and reason != "non_finite_loss":
+            self.write_ledger()
         summary = {
             "stop_reason": reason,
             "final_val_top1": s.last_eval.get("val/top1"),
@@ -255,20 +270,6 @@ class Trainer:
             plot_curves(self.run_dir)
         self.tracker.finish(failed=reason == "non_finite_loss")
         return summary
-
-    def report_stop(self, reason: str) -> None:
-        s, es = self.state, self.early_stopping
-        if reason == "early_stop":
-            self.tracker.print(
-                f"early stop at step {s.step}: {es.monitor} has not improved "
-                f"on {es.best:.4f} for {es.patience} evaluations"
-            )
-        elif reason == "preempted":
-            self.tracker.print(f"stop requested by a signal; all ranks stopped at step {s.step}")
-        elif reason == "non_finite_loss":
-            self.tracker.print(
-                f"non-finite training loss on at least one rank; all ranks stopped at step {s.step}"
-            )
 
     # -- checkpoints ----------------------------------------------------------------------
     def attach_checkpoints(self, store: CheckpointStore | None) -> None:
@@ -352,47 +353,6 @@ class Trainer:
             f"(step {s.epoch_step} of {self.steps_per_epoch}), {s.samples_seen} samples "
             f"seen; written by {layout['world_size']} rank(s), now {self.env.world_size}"
         )
-
-    # -- records --------------------------------------------------------------------------
-    def log_train(self) -> None:
-        s = self.state
-        wait = self.window.data_wait
-        mean_loss, steps, elapsed = self.window.drain()
-        record = {
-            "event": "train",
-            "step": s.step,
-            "epoch": s.epoch,
-            "samples": s.samples_seen,
-            "lr": self.engine.current_lr(),
-            "train/loss": mean_loss,
-            "img_per_s": steps * self.plan.global_batch / max(elapsed, 1e-9),
-            "step_time_s": elapsed / max(1, steps),
-            # time the loop waited for input / wall time (host clock; on a GPU the wait
-            # also absorbs queued kernels, so it reads high when the GPU is the bottleneck)
-            "data_wait_frac": min(1.0, wait / max(elapsed, 1e-9)),
-            "data/skipped": self.skipped_samples(),
-            "image_size": self.cfg.data.train_size(s.epoch),
-        }
-        norm = self.engine.last_grad_norm
-        if norm is not None:
-            record["grad_norm"] = float(norm)
-        if self.device.type == "cuda":
-            record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-            # torch's allocator only; the device's own count also holds DALI's pools, NCCL's
-            # buffers, the CUDA context (and any other process on the GPU)
-            free, total = torch.cuda.mem_get_info(self.device)
-            record["gpu_mem_device_gib"] = (total - free) / 2**30
-        self.tracker.log(record)
-
-    def skipped_samples(self) -> int:
-        """Bad samples skipped so far on all ranks (data.on_bad_sample=skip); log steps only."""
-        count = self.train_data.skipped + self.val_data.skipped
-        if not self.env.distributed:
-            return count
-        total = torch.tensor([count], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(total)
-        return int(total.item())
 
     def validate(self, count: bool = True) -> dict[str, float]:
         s = self.state
