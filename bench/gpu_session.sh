@@ -49,8 +49,11 @@ timeout "${T_TRAIN:-75}" torchrun --standalone --nproc_per_node=1 -m distres.tra
     data.val_resize=256 data.random_resized_crop=true data.hflip=true data.decode=gpu \
     "data.num_workers=$workers" train.batch_size=256 train.epochs=3 tracking.log_every=8 \
     tracking.wandb=off tracking.progress=log run.dir=/tmp/gpu_train \
+    "tracking.profile_steps=[26,29]" tracking.ledger=true \
     2>&1 | tee "$OUT/train_decode_gpu.txt"
+# the profile's table is in the log and metrics.jsonl (the trace itself is too big to carry)
 cp /tmp/gpu_train/metrics.jsonl "$OUT/train_decode_gpu.jsonl" 2>/dev/null
+cp /tmp/gpu_train/plots/confusion_val.png /tmp/gpu_train/ledger/val.json "$OUT/" 2>/dev/null
 
 echo "== bench/host_syncs.py: host-device syncs per step (ResNet-50, shards, data.decode=gpu)"
 timeout "${T_SYNC:-60}" python3 bench/host_syncs.py model.name=resnet50 model.num_classes=10 \

@@ -175,7 +175,10 @@ def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarr
                     continue
                 data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
                 with contextlib.suppress(Exception):  # undecodable: its tile shows text only
-                    found[(shard, key)] = np.asarray(Image.open(io.BytesIO(data)))
+                    image = Image.open(io.BytesIO(data))
+                    image.draft(image.mode, (256, 256))  # a tile is ~250 px: decode no more
+                    image.thumbnail((256, 256))
+                    found[(shard, key)] = np.asarray(image)
                 keys.discard(key)
                 if not keys:
                     break
@@ -185,7 +188,8 @@ def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarr
 
 
 def _clip(text: str, n: int = 14) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+    text = text if len(text) <= n else text[: n - 1] + "…"
+    return text.replace("$", r"\$")  # matplotlib reads $...$ as math: a class name is text
 
 
 def _save(fig, out: Path) -> Path:

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
         out = None
         if args.ledger:
-            out = Path(args.out) if args.out else Path(cfg.run.dir)
+            out = Path(args.out) if args.out else run_dir_of(path, cfg)
         results = _evaluate_checkpoint(
             cfgs, path, args.trust_checkpoint, args.ema, args.tta, args.split, out
         )
@@ -228,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_best is not None:
         print(f"{best}: image_size {top['size']}, resize {top['resize']}")
     return 0
+
+
+def run_dir_of(checkpoint: Path, cfg) -> Path:
+    """The run directory a checkpoint belongs to: <run>/checkpoints/step-N, wherever the run
+    has moved since, else (checkpoint.dir elsewhere) the run.dir its config names."""
+    run = Path(checkpoint).resolve().parent.parent
+    return run if (run / "metrics.jsonl").is_file() else Path(cfg.run.dir)
 
 
 class WriteBestError(ValueError):

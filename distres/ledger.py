@@ -65,7 +65,7 @@ def collect(
         keys.extend(batch_keys)
     model.train(was_training)
     if not keys:
-        return {"keys": [], **_empty(model)}
+        return {"keys": [], **_empty()}
     return {
         "keys": keys,
         "label": torch.cat(labels).cpu().numpy(),
@@ -75,7 +75,8 @@ def collect(
     }
 
 
-def _empty(model: nn.Module) -> dict[str, np.ndarray]:
+def _empty() -> dict[str, np.ndarray]:
+    """A rank with no sample of the split (more ranks than samples); gather leaves it out."""
     k = TOP_K
     return {
         "label": np.zeros(0, np.int64),

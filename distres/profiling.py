@@ -76,6 +76,14 @@ class StepProfiler:
         """At the window's last step (or any step with force: the run stops inside the
         window): stop, write the trace, and return the table's record (None otherwise)."""
         global _active
+        if force and self.prof is None and not self.done and step < self.start:
+            self.done = True  # the run ended before the window: say so once
+            return {
+                "event": "profile",
+                "step": step,
+                "steps": [self.start, self.stop],
+                "missed": True,
+            }
         if self.prof is None or (step < self.stop and not force):
             return None
         if self.device.type == "cuda":
@@ -130,6 +138,12 @@ def _is_comm(name: str) -> bool:
 
 def table(record: dict[str, Any]) -> str:
     """The record as the lines the run prints."""
+    if record.get("missed"):
+        start, stop = record["steps"]
+        return (
+            f"tracking.profile_steps=[{start}, {stop}]: not profiled; the run stopped at step "
+            f"{record['step']}, before the window"
+        )
     step = record["step_ms"]
     lines = [
         f"where the step time goes (steps {record['steps'][0]}-{record['steps'][1]}, "
