@@ -57,14 +57,14 @@ def main() -> None:
 
     def decode_one() -> int:
         n = 0
-        for x, _, _ in stream(ids[:2]):
+        for x, _, _, _ in stream(ids[:2]):
             n += len(x)
         return n
 
     def workers(k: int):
         def run() -> int:
             loader = DataLoader(stream(), batch_size=None, num_workers=k, prefetch_factor=4)
-            return sum(len(x) for x, _, _ in loader)
+            return sum(len(x) for x, _, _, _ in loader)
 
         return run
 

@@ -98,7 +98,7 @@ def plot_confusion(summary: dict, rows: dict, out: Path, top_n: int = 20) -> Pat
     fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
     shown = np.log1p(sub)  # the diagonal would drown every confusion on a linear scale
     ax.imshow(shown, cmap="Blues")
-    labels = [_clip(names[c]) for c in chosen]
+    labels = [_clip(names[c], 24) for c in chosen]
     ax.set_xticks(range(len(chosen)), labels, rotation=90)
     ax.set_yticks(range(len(chosen)), labels)
     ax.set(xlabel="predicted", ylabel="true")
