@@ -107,9 +107,11 @@ def gather(part: dict[str, Any]) -> dict[str, Any] | None:
 
 def metrics(rows: dict[str, Any]) -> dict[str, float]:
     """loss, top-1 and top-5 of the rows (what distres.evaluate reports for the split)."""
-    n = len(rows["keys"])
+    n = len(rows["label"])
     if n == 0:
-        raise ValueError("the split has no samples")
+        from distres.data.api import DataError
+
+        raise DataError("the split has no usable sample: no ledger to write")
     hit = rows["top"] == rows["label"][:, None]
     return {
         "loss": float(rows["loss"].astype(np.float64).sum() / n),

@@ -38,15 +38,22 @@ def export(
     example = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export wants its suffix
-    if fmt == "onnx":
-        _onnx(model, example, tmp, opset)
-    elif fmt == "torchscript":
-        with _quiet():  # TorchScript is deprecated in torch >= 2.9; it still serves C++/Triton
-            torch.jit.save(torch.jit.trace(model, example), str(tmp))
-    else:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, str(tmp))
+    try:
+        if fmt == "onnx":
+            _onnx(model, example, tmp, opset)
+        elif fmt == "torchscript":
+            with _quiet():  # TorchScript is deprecated in torch >= 2.9; it serves C++/Triton
+                torch.jit.save(torch.jit.trace(model, example), str(tmp))
+        else:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(tmp))
+    except ServingError:
+        raise
+    except Exception as e:  # the exporters raise many types; the first line says enough
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ServingError(f"{fmt} export failed ({type(e).__name__}: {first})") from None
     try:
         check = parity(model, fmt, tmp, chans, size)
     except BaseException:

@@ -234,6 +234,28 @@ def test_tensorboard_missing_is_a_config_error_before_training(monkeypatch):
     assert "pip install tensorboard" in tensorboard_problem()
 
 
+def test_an_export_that_does_not_match_is_not_kept(tmp_path, monkeypatch):
+    """The parity check decides whether the file stays: past the tolerance, exit 4's error and
+    no file (nor a temporary one) left behind."""
+    pytest.importorskip("onnxruntime")
+    from distres import serving
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )  # fmt: skip
+    info = {"classes": ["a", "b", "c"], "image_size": 16, "resize": 0, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "in_chans": 3}  # fmt: skip
+    check = serving.export(model, "onnx", tmp_path / "ok.onnx", info)
+    assert check["checked"] and check["max_abs_diff"] < 1e-5
+    side = json.loads((tmp_path / "ok.preprocess.json").read_text())
+    assert side["output"] == {"name": "logits", "shape": ["batch", 3]} and side["opset"] == 18
+    monkeypatch.setattr(serving, "PARITY_TOL", -1.0)  # nothing can match
+    with pytest.raises(serving.ServingError, match="outputs differ from the PyTorch model's"):
+        serving.export(model, "onnx", tmp_path / "bad.onnx", info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx", "ok.preprocess.json"]
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 

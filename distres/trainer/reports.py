@@ -35,8 +35,13 @@ class Reports:
             model, cast = self.engine.module, self.engine.autocast
             dtype = self.engine.input_dtype
         info = {"checkpoint": None, "step": self.state.step, "ema": ema, "tta": "none"}
-        result = write_ledger(model, data, cfg, self.run_dir, "val", cast, info, dtype)
-        data.close()
+        try:
+            result = write_ledger(model, data, cfg, self.run_dir, "val", cast, info, dtype)
+        except OSError as e:  # rank 0's files (a full disk): the run itself has completed
+            self.tracker.print(f"tracking.ledger: not written ({e})")
+            result = None
+        finally:
+            data.close()
         if result is not None:
             self.tracker.ledger(result, self.state.step)
 
