@@ -234,6 +234,7 @@ def test_tensorboard_missing_is_a_config_error_before_training(monkeypatch):
     assert "pip install tensorboard" in tensorboard_problem()
 
 
+@pytest.mark.slow  # torch's ONNX exporter: 9 s even for a tiny model
 def test_an_export_that_does_not_match_is_not_kept(tmp_path, monkeypatch):
     """The parity check decides whether the file stays: past the tolerance, exit 4's error and
     no file (nor a temporary one) left behind."""
