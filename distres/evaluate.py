@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         help="write OUT/ledger/SPLIT.jsonl (every sample: shard, key, label, top-5, loss), "
         "SPLIT.json (metrics, per-class table) and OUT/plots/{confusion,hardest}_SPLIT.png",
     )
-    parser.add_argument("--out", help="--ledger's directory (default: the run's run.dir)")
+    parser.add_argument(
+        "--out", help="--ledger's directory (default: the run directory the checkpoint is in)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     if args.ledger and args.sizes is not None:
