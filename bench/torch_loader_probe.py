@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import MEAN, STD, make_photos
 
+from distres.data.sample_stream import SampleStream
 from distres.data.shards import build_shard_set, read_shard_set
-from distres.data.torch_loader import ShardLoader, _SampleStream
+from distres.data.torch_loader import ShardLoader
 from distres.data.transforms import train_transform
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     ids = list(range(len(shards.urls)))
 
     def stream(ids_=ids):
-        return _SampleStream(shards, ids_, transform, 2048, 0, 10, 3)
+        return SampleStream(shards, ids_, transform, 2048, 0, 10, 3)
 
     def decode_one() -> int:
         n = 0
