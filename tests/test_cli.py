@@ -143,6 +143,10 @@ def test_default_run_reaches_99_percent(tmp_path):
     assert run_dir.name.startswith("digits-resnet20-")
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"default run: val top-1 {summary['final_val_top1']:.4f}, wall {summary['wall_s']} s")
+    # The README's promise, kept as it is (docs/performance.md lists what was measured on
+    # which CPU): 0.9972 on a 2-core Intel Xeon (AVX-512), 0.9972 and 0.9945 on two other
+    # 2-core machines of CI's kind. 0.99 is 358 of 361: a margin of 1 to 2 samples, so a CPU
+    # whose rounding costs more than that fails here, and the README must then say so.
     assert summary["final_val_top1"] >= 0.99
     assert summary["stop_reason"] == "completed" and summary["epochs"] == 15
 

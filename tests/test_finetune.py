@@ -197,7 +197,12 @@ def test_fine_tuning_a_torchvision_resnet18_on_digits(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "(1000, 512), this model's (10, 512): the head is re-initialised" in run.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["final_val_top1"] >= 0.3, summary  # chance is 0.1 (0.61 measured)
+    print(f"fine-tuned head: val top-1 {summary['final_val_top1']:.4f}")
+    # One epoch of layer4 and the head over a frozen, randomly initialised torchvision
+    # ResNet-18: it learns, well above chance (0.1). Measured 0.61 (the test's author's CPU)
+    # and 0.54 (2-core Intel Xeon, AVX-512): CPUs differ by several points here; 0.3 is
+    # three times chance and below the lower by 0.24.
+    assert summary["final_val_top1"] >= 0.3, summary
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert final["fc.weight"].shape == (10, 512)
     for k, v in source.items():

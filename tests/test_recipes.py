@@ -97,6 +97,41 @@ def test_cutmix_targets_equal_the_share_of_pasted_pixels():
     assert len(boxes) > 20  # boxes vary
 
 
+def _lams_from_pixels(aug: BatchAugment, steps: int) -> np.ndarray:
+    """lam of each step read off the pixels (never from what the augmenter says it drew):
+    image i is the constant i, so a mixed image 0 holds (1 - lam) * 15 and a cut image 0
+    holds 15 on the share 1 - lam of its area."""
+    n, size = 16, 64
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size)
+    batch = Batch(images.contiguous(), torch.arange(n) % 10)
+    lams = []
+    for step in range(steps):
+        first = aug([batch], step)[0].images[0]
+        cut = (first == 15).float().mean().item()
+        lams.append(1 - cut if cut > 0 or (first == 0).all() else 1 - first.mean().item() / 15)
+    return np.array(lams)
+
+
+def test_mixup_and_cutmix_draw_lam_from_beta_alpha_alpha():
+    """Mixup's lam follows Beta(a, a) (a one-sample KS test against scipy's), and cutmix's
+    kept share follows timm's own draw (Beta(a, a), then its box and lam correction: a
+    two-sample KS test). Alphas away from 1, where Beta(a, a) is no uniform. The draws are
+    seeded, so the p-values are fixed numbers, not chances (measured 0.17 and 0.28; a
+    uniform lam gives 9e-13 and 4e-24)."""
+    from scipy import stats
+    from timm.data.mixup import cutmix_bbox_and_lam
+
+    lams = _lams_from_pixels(_augment(mixup_alpha=0.4), 600)
+    assert stats.kstest(lams, stats.beta(0.4, 0.4).cdf).pvalue > 0.01
+    kept = _lams_from_pixels(_augment(cutmix_alpha=0.3), 600)
+    rng = np.random.default_rng(0)
+    timms = [cutmix_bbox_and_lam((64, 64), rng.beta(0.3, 0.3))[1] for _ in range(20_000)]
+    assert stats.ks_2samp(kept, timms).pvalue > 0.01
+    # and the test tells them apart: a uniform draw, or the other alpha, is rejected
+    assert stats.kstest(rng.uniform(size=600), stats.beta(0.4, 0.4).cdf).pvalue < 1e-4
+    assert stats.kstest(lams, stats.beta(1.0, 1.0).cdf).pvalue < 1e-4
+
+
 def test_mix_prob_and_switch_prob_choose_as_asked():
     batch = _batch()
     none = _augment(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.0)
@@ -114,7 +149,12 @@ def test_mix_prob_and_switch_prob_choose_as_asked():
 
 
 def test_random_erasing_boxes_and_noise():
-    batch = _batch(n=64, size=32)
+    """On a constant image, so what fills a box can only be the noise: a box of shifted or
+    copied image pixels would have the image's value and no spread."""
+    batch = Batch(
+        torch.full((64, 3, 32, 32), 3.0).contiguous(memory_format=torch.channels_last),
+        torch.zeros(64, dtype=torch.int64),
+    )
     aug = _augment(random_erasing=0.5)
     hits, areas = 0, []
     for step in range(10):
@@ -130,10 +170,53 @@ def test_random_erasing_boxes_and_noise():
             region = out[i, :, top : top + h, left : left + w]
             assert changed[top : top + h, left : left + w].float().mean() > 0.99
             assert changed.sum() == h * w  # nothing outside the box
-            if h * w >= 64:
+            if h * w >= 64:  # standard normal per pixel and channel
                 assert abs(region.mean().item()) < 0.5 and 0.6 < region.std().item() < 1.4
+                assert not torch.equal(region[0], region[1])
     assert hits / 640 == pytest.approx(0.5, abs=0.06)
     assert min(areas) >= 0.015 and max(areas) <= 0.36
+
+
+def test_the_trainer_built_from_the_config_augments_every_training_step(tmp_path):
+    """Through build.py, as a run builds it: with jitter, erasing, mixup and cutmix set in the
+    config, every step's micro-batches reach the engine as BatchAugment draws them from the
+    loader's batches at that step (soft targets, changed pixels), never as loaded."""
+    from distres.config import plan_batch
+    from distres.dist import DistEnv
+    from distres.trainer.build import build
+
+    overrides = [f"data.{k}={v}" for k, v in ALL_BATCH.items() if k in ("color_jitter",
+                 "random_erasing")]  # fmt: skip
+    overrides += [f"train.{k}={v}" for k, v in ALL_BATCH.items() if k.endswith("_alpha")]
+    cfg = load_config(None, [*overrides, "train.max_steps=3", "train.batch_size=16",
+                             "train.grad_accum=2", "checkpoint.every_epochs=0",
+                             "checkpoint.on_stop=false", "checkpoint.save_final=false",
+                             "tracking.progress=off", "tracking.plots=false",
+                             f"run.dir={tmp_path}"])  # fmt: skip
+    cpu = torch.device("cpu")
+    trainer = build(cfg, DistEnv(), cpu, plan_batch(cfg, 1), tmp_path)
+    reference = BatchAugment(spec_from_config(cfg), cfg.run.seed, 0, cpu)
+    loaded, seen = [], []
+    steps, train_step = trainer.optimizer_steps, trainer.engine.train_step
+
+    def recording_steps():
+        for group in steps():
+            loaded.append(group)
+            yield group
+
+    def spy(micro_batches, grad_norm=False):
+        seen.append((trainer.state.step, micro_batches))
+        return train_step(micro_batches, grad_norm)
+
+    trainer.optimizer_steps, trainer.engine.train_step = recording_steps, spy
+    trainer.fit()
+    assert [s for s, _ in seen] == [0, 1, 2] and len(loaded) == 3
+    for (step, got), raw in zip(seen, loaded, strict=True):
+        want = reference(raw, step)
+        assert len(got) == len(raw) == 2
+        for g, w, r in zip(got, want, raw, strict=True):
+            assert g.labels.shape == (16, 10) and torch.equal(g.labels, w.labels)
+            assert torch.equal(g.images, w.images) and not torch.equal(g.images, r.images)
 
 
 def test_color_jitter_matches_torchvision_for_the_drawn_factors_and_order():
@@ -369,6 +452,13 @@ def test_the_gpu_decode_stage_refuses_per_image_operators():
 # keeps its histogram free of the gaps where the two part most).
 DRAWS, SIZE = 192, 48
 ALLOWANCE = {"Sharpness": 4.0, "Equalize": 3.0}
+# The geometric operators resample, so their interpolation shows in the output's roughness
+# (mean absolute difference of neighbouring pixels): bilinear smooths the test image's grain,
+# nearest-neighbour keeps it. Measured DALI/torchvision ratio of the mean roughness, both
+# bilinear: 0.96-1.01; DALI switched to nearest: 1.24 for the shears, 1.43 for Rotate at
+# RandAugment's m=18. (It also found DALI's own translations by fractions of a pixel, 0.8:
+# blurred where torchvision shifts by whole pixels; dali_graph now shifts by whole pixels.)
+GEOMETRIC, ROUGHNESS_TOL = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), 0.1
 
 
 def _test_image() -> np.ndarray:
@@ -405,6 +495,11 @@ def _stats(outputs: np.ndarray, image: np.ndarray) -> np.ndarray:
     change = np.abs(x - image.astype(np.float32).reshape(1, -1)).mean(1)
     filled = (outputs == 128).all(-1).reshape(len(outputs), -1).mean(1) * 100
     return np.stack([change, x.mean(1), x.std(1), filled], axis=1)
+
+
+def _roughness(outputs: np.ndarray) -> float:
+    x = outputs.astype(np.float32)
+    return float((np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) / 2)
 
 
 def _differ(a: np.ndarray, b: np.ndarray, allowance: float) -> bool:
@@ -454,8 +549,9 @@ def test_dali_suites_have_torchvisions_operators_magnitudes_and_policy(name, tra
             assert aug.mag_range is None, op
             continue
         got = np.linspace(*aug.mag_range, bins)
-        if op.startswith("Translate"):
-            got = got * SIZE  # DALI's is a fraction of the image side
+        if op.startswith("Translate"):  # in whole pixels, as torchvision's int(magnitude)
+            shift = [aug.mag_to_param(v)[op == "TranslateY"] for v in (got[1], -got[1])]
+            assert shift == [np.trunc(got[1]), -np.trunc(got[1])], op
         if op == "Solarize":
             got = got / 255  # torchvision's is a fraction of the largest value
         if op == "Posterize":
@@ -505,6 +601,9 @@ def test_auto_augment_operators_agree_between_backends_statistically():
             if _differ(a, b, ALLOWANCE.get(op, 2.0)):
                 ours_, theirs = a.mean(0).round(1).tolist(), b.mean(0).round(1).tolist()
                 failures.append(f"{name} m={m} {op}: torchvision {ours_}, DALI {theirs}")
+            ratio = _roughness(dali_out[k - 1]) / _roughness(ours)
+            if op in GEOMETRIC and abs(ratio - 1) > ROUGHNESS_TOL:
+                failures.append(f"{name} m={m} {op}: DALI/torchvision roughness {ratio:.2f}")
     policy = v2.AutoAugment(
         v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.BILINEAR, fill=128
     )

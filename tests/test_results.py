@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,16 +223,19 @@ def test_a_profile_window_the_run_never_reaches_is_one_line(tmp_path):
     assert prof.after(3, force=True) is None and not (tmp_path / "profile").exists()
 
 
-def test_tensorboard_missing_is_a_config_error_before_training(monkeypatch):
-    import importlib.util
+def test_tensorboard_missing_is_a_config_error_before_training(monkeypatch, tmp_path, capsys):
+    """A real run (the command's own main, in this process) where tensorboard cannot be
+    imported: exit 2 with the one line naming the key and the install, before any step."""
+    from distres.train import EXIT_USAGE, main
 
-    from distres.tracking import tensorboard_problem
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name)
-    )
-    assert "pip install tensorboard" in tensorboard_problem()
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec: None; import: fails
+    code = main(["tracking.tensorboard=true", "train.max_steps=2", "tracking.progress=off",
+                 f"run.dir={tmp_path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert "config error: tracking.tensorboard=true needs the tensorboard package: pip " \
+        "install tensorboard" in err  # fmt: skip
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.slow  # torch's ONNX exporter: 9 s even for a tiny model

@@ -1,15 +1,16 @@
-"""slurm/train.sbatch on a real one-node Slurm cluster (slurmctld + slurmd + munge, started
-here by tests/slurm_cluster.py): a full run, preemption with requeue and resume, scancel."""
+"""slurm/train.sbatch on a real one-node Slurm cluster (munged + slurmctld + slurmd, private to
+these tests: tests/slurm_cluster.py): a full run, preemption with requeue and resume, scancel;
+and that the cluster leaves the machine as it found it."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import slurm_cluster
 from conftest import REPO
@@ -19,21 +20,33 @@ from multiproc import SMALL, resumes
 pytestmark = pytest.mark.slow
 
 SBATCH = REPO / "slurm" / "train.sbatch"
+ETC = Path("/etc/slurm")
 TINY = [*SMALL, "run.threads=1", "tracking.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def start(cluster: slurm_cluster.Cluster) -> slurm_cluster.Cluster:
     try:
-        slurm_cluster.ensure()
+        return cluster.start()
     except slurm_cluster.Unavailable as e:
         pytest.skip(f"no Slurm cluster here: {e}")
 
 
-def sbatch(tmp: Path, *overrides: str) -> str:
+@pytest.fixture(scope="module")
+def cluster():
+    etc = slurm_cluster.tree_digest(ETC)  # after the packages' install, which owns it
+    c = start(slurm_cluster.Cluster())
+    try:
+        yield c
+    finally:  # also on a failure or Ctrl-C (pytest tears fixtures down then too)
+        c.stop()
+    assert not slurm_cluster.marked(c.mark), "a process of the test cluster outlived it"
+    assert slurm_cluster.tree_digest(ETC) == etc, f"{ETC} changed"
+
+
+def sbatch(cluster: slurm_cluster.Cluster, tmp: Path, *overrides: str) -> str:
     """Submit the real sbatch script, sized for this 2-CPU node (2 tasks, no GPU)."""
     env = {
-        **os.environ,
+        **cluster.env,
         "DISTRES_RUN_DIR": str(tmp / "run"),
         "DISTRES_PYTHON": sys.executable,
         "PYTHONPATH": str(REPO),
@@ -64,35 +77,35 @@ def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
 
 
 def test_a_full_run_through_sbatch(cluster, tmp_path):
-    job = sbatch(tmp_path, "train.epochs=1")
-    assert slurm_cluster.wait_job(job, timeout=300) == "COMPLETED", log(tmp_path, job)
+    job = sbatch(cluster, tmp_path, "train.epochs=1")
+    assert cluster.wait_job(job, timeout=300) == "COMPLETED", log(tmp_path, job)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "completed" and summary["world_size"] == 2
     assert summary["steps"] == 11
     out = log(tmp_path, job)
     assert "final val top-1" in out and "requeue" not in out
-    assert slurm_cluster.job_field(job, "Restarts") == "0"  # a finished job stays finished
+    assert cluster.job_field(job, "Restarts") == "0"  # a finished job stays finished
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    job = sbatch(tmp_path, "train.epochs=3")
+    job = sbatch(cluster, tmp_path, "train.epochs=3")
     wait_for_steps(tmp_path / "run", 6)
     # The warning Slurm sends before a time limit or preemption, to the batch shell and steps.
-    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=30)
+    assert cluster.client(["scancel", "--signal=USR1", "--full", job]).returncode == 0
     deadline = time.monotonic() + 120
-    while slurm_cluster.job_field(job, "Restarts") != "1":
+    while cluster.job_field(job, "Restarts") != "1":
         assert time.monotonic() < deadline, log(tmp_path, job)
         time.sleep(0.5)
     # Slurm holds a requeued job ~2 min before it is eligible again, long enough for the first
     # attempt to be cleaned up. Skip the wait, but only once that attempt is gone: no step
     # daemon of the job left and the job pending on its begin time (starting it earlier
     # races the cleanup and the new attempt fails at launch).
-    while slurm_cluster.steps_alive(job) or slurm_cluster.job_field(job, "Reason") != "BeginTime":
+    while cluster.steps_alive(job) or cluster.job_field(job, "Reason") != "BeginTime":
         assert time.monotonic() < deadline + 120, log(tmp_path, job)
         time.sleep(1)
     time.sleep(2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
-    assert slurm_cluster.wait_job(job, timeout=300) == "COMPLETED", log(tmp_path, job)
+    cluster.client(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    assert cluster.wait_job(job, timeout=300) == "COMPLETED", log(tmp_path, job)
     out = log(tmp_path, job)
     assert "asking every rank to checkpoint and stop" in out
     assert "stop requested by a signal; all ranks stopped at step" in out
@@ -107,10 +120,10 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
 
 
 def test_scancel_sigterm_checkpoints_and_stops(cluster, tmp_path):
-    job = sbatch(tmp_path, "train.epochs=3")
+    job = sbatch(cluster, tmp_path, "train.epochs=3")
     wait_for_steps(tmp_path / "run", 6)
-    subprocess.run(["scancel", job], check=True, timeout=30)
-    slurm_cluster.wait_job(job, timeout=180)
+    assert cluster.client(["scancel", job]).returncode == 0
+    cluster.wait_job(job, timeout=180)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted" and summary["steps"] < 33
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
@@ -128,7 +141,7 @@ def test_srun_gives_each_rank_the_cpus_per_task(cluster, tmp_path):
         f'echo "$OMP_NUM_THREADS" > "{tmp_path}/omp.txt"\n'
     )
     probe.chmod(0o755)
-    env = {**os.environ, "DISTRES_PYTHON": str(probe), "DISTRES_RUN_DIR": str(tmp_path / "run")}
+    env = {**cluster.env, "DISTRES_PYTHON": str(probe), "DISTRES_RUN_DIR": str(tmp_path / "run")}
     env.pop("OMP_NUM_THREADS", None)
     cmd = [
         "sbatch",
@@ -144,7 +157,44 @@ def test_srun_gives_each_rank_the_cpus_per_task(cluster, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    assert slurm_cluster.wait_job(job, timeout=120) == "COMPLETED", log(tmp_path, job)
+    assert cluster.wait_job(job, timeout=120) == "COMPLETED", log(tmp_path, job)
     step = (tmp_path / "step-0.txt").read_text().split()
     assert "TresPerTask=cpu:2" in step and "TresPerStep=cpu:2" in step, step
     assert (tmp_path / "omp.txt").read_text().strip() == "2"
+
+
+def test_the_cluster_touches_nothing_outside_its_directory(tmp_path):
+    """Beside a Slurm already running here (a first private cluster stands in for it), a
+    second starts, runs a job and stops: its daemons and jobs are gone, the first still
+    serves, and /etc/slurm and /etc/munge are as they were."""
+    etc = {p: slurm_cluster.tree_digest(p) for p in (ETC, Path("/etc/munge"))}
+    with start(slurm_cluster.Cluster()) as existing:
+        etc = {p: slurm_cluster.tree_digest(p) for p in etc}  # after the packages' install
+        ours = start(slurm_cluster.Cluster())
+        try:
+            out = tmp_path / "job.out"
+            cmd = ["sbatch", "--parsable", "--wrap", "srun hostname", f"--output={out}"]
+            job = ours.client(cmd).stdout.strip()
+            assert ours.wait_job(job, timeout=60) == "COMPLETED", out.read_text()
+            assert out.read_text().strip() == slurm_cluster.host()
+            daemons = [p.pid for p in ours.procs.values()]
+            assert daemons and all(psutil.pid_exists(pid) for pid in daemons)
+            assert ours.client(["scontrol", "show", "job", job]).returncode == 0
+            # the other cluster never saw the job: its controller is another
+            assert existing.client(["scontrol", "show", "job", job]).returncode != 0
+        finally:
+            ours.stop()
+        assert not any(_alive(pid) for pid in daemons)
+        assert not slurm_cluster.marked(ours.mark) and not ours.root.exists()
+        assert existing.client(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle"
+        assert all(p.poll() is None for p in existing.procs.values())  # undisturbed
+    assert not slurm_cluster.marked(existing.mark)
+    assert {p: slurm_cluster.tree_digest(p) for p in etc} == etc
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for init to reap has stopped running)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -81,8 +81,10 @@ def auto_augment_suite(name: str, size: int) -> dict:
         "Identity": a.identity,
         "ShearX": a.shear_x.augmentation((0, shear), True),
         "ShearY": a.shear_y.augmentation((0, shear), True),
-        "TranslateX": a.translate_x.augmentation((0, shift), True),
-        "TranslateY": a.translate_y.augmentation((0, shift), True),
+        # in whole pixels, as torchvision (int(magnitude)): DALI's own relative offsets
+        # shift by fractions of a pixel, which bilinear resampling turns into a blur
+        "TranslateX": a.translate_x_no_shape.augmentation((0, shift * size), True, _whole_x),
+        "TranslateY": a.translate_y_no_shape.augmentation((0, shift * size), True, _whole_y),
         "Rotate": a.rotate.augmentation((0, angle), True),
         "Brightness": a.brightness.augmentation((0, enhance), True, a.shift_enhance_range),
         "Color": a.color.augmentation((0, enhance), True, a.shift_enhance_range),
@@ -98,6 +100,14 @@ def auto_augment_suite(name: str, size: int) -> dict:
         del suite["Identity"]
         suite["Invert"] = a.invert
     return suite
+
+
+def _whole_x(magnitude: float) -> list[float]:
+    return [float(int(magnitude)), 0.0]
+
+
+def _whole_y(magnitude: float) -> list[float]:
+    return [0.0, float(int(magnitude))]
 
 
 def auto_augment(images, name: str, size: int, magnitude: int, num_ops: int, suite=None):
