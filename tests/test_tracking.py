@@ -242,7 +242,7 @@ def test_predict_names_the_top5_classes(two_rank_run, digits_dirs, tmp_path):
         # the top class is the model's argmax under validation's own transform (the run's
         # 32 px images resized to 16: SMALL; a reference without the resize disagreed on one
         # image of six on an Intel Xeon)
-        pixels = torch.from_numpy(np.asarray(Image.open(image).convert("RGB")))
+        pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB")))
         crop = val_transform(info["image_size"], info["resize"])(pixels.permute(2, 0, 1))
         assert crop.shape == (3, 16, 16)
         x = crop.float() / 255
