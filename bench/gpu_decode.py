@@ -1,27 +1,30 @@
-"""JPEG decoding on the GPU with torchvision's nvJPEG decoder: speed, and whether it is safe.
+"""JPEG decoding on the GPU with torchvision's nvJPEG decoder and the GPU-decode stage: speed,
+the stage's own host cost, and whether decoding is safe.
 
-    python3 bench/gpu_decode.py [--data-dir DIR] [--images 2048] [--batch 256]
+    python3 bench/gpu_decode.py [--data-dir DIR] [--images 2048] [--batch 256] [--json FILE]
 
 One prepared probe for a lent GPU machine (bench/gpu_session.sh runs it); on a CPU-only
-machine it prints the CPU rows and says the GPU rows were skipped. Over the bench's photos
-(ImageNet-shaped JPEGs of about 500x375, written by bench/data_pipeline.make_photos):
+machine (or with --device cpu) it prints the CPU rows and runs the stage's rows on the CPU.
+Over the bench's photos (ImageNet-shaped JPEGs of about 500x375, bench/data_pipeline.py):
 
+  stage host     the stage's own host time per batch with the decoder stood in: crop-resize
+                 and the auto-augmentation on the CPU with 4x5-pixel images (Python, the
+                 dispatcher and launches; target <= 3 ms per 256 images)
   cpu ...        one process, one thread: torchvision.io (libjpeg-turbo) decode, PIL decode,
                  the train augmentation alone; the CPU model and PIL's libjpeg-turbo flag
-                 (the issue's "3.4 ms there, 1.0 ms here" gap, taken apart)
   gpu decode     decode_jpeg(list of bytes tensors, device="cuda"), one call per batch, on a
                  side stream with a host synchronisation before each call (the protocol
                  pytorch/vision issue 9606 calls for)
   gpu + augment  the same, then a per-image random resized crop to 224 (antialiased), flip,
-                 normalisation, stacked as a channels_last bf16 batch
-  gpu stage      the GPU-decode stage (data.decode=gpu) through its thread: nvJPEG, then the
-                 batched crop-resize of data/crop_resize.py to an fp16 channels_last batch
+                 normalisation, stacked as a channels_last bf16 batch (the loop the stage
+                 replaces)
+  stage          the GPU-decode stage (data.decode=gpu) through its thread: nvJPEG, the
+                 batched crop-resize (data/crop_resize.py), without and with
+                 TrivialAugment-wide on the device (data/device_augment.py), to bf16
   victims        the 9606 reproduction: tensors whose reads are queued behind a stall on the
                  training stream are freed, then a batch is decoded; a victim's sum that
                  changed means the decoder wrote into memory still being read. Run unsafe
-                 (decode with the training stream current) and with the protocol (side stream
-                 current, so the caching allocator never hands the decoder the training
-                 stream's freed blocks)
+                 (decode with the training stream current) and with the protocol
   under load     a decode thread (protocol) while ResNet-50 bf16 steps run on the training
                  stream: every decoded image compared with the idle GPU decode (bitwise) and
                  with the CPU decode (max and mean level difference); the step rate with and
@@ -170,43 +173,87 @@ def gpu_rates(raws, batch: int, device) -> None:
         decode.stream.synchronize()
         n += len(x)
     row("gpu decode + augment to a bf16 batch", f"{n / (time.perf_counter() - t0):8.0f} img/s")
-    try:  # newest row: a failure here must not cost the session the rows after it
-        stage_rates(bs, device)
-    except Exception as e:
-        row("gpu stage: decode + batched crop-resize", f"FAILED: {type(e).__name__}: {e}")
 
 
-def stage_rates(bs: list[list[torch.Tensor]], device) -> None:
-    """The GPU-decode stage itself (data.decode=gpu): nvJPEG, then the batched crop-resize
-    (data/crop_resize.py) to fp16 channels_last, with random-resized-crop boxes and flips
-    drawn as the workers draw them; every batch handed over through the stage's thread."""
-    import io
-
-    from PIL import Image
-
-    from distres.data.gpu_decode import NVJPEG, DecodeStage, Record, draw, steps
+def encoded_batches(raws: list[torch.Tensor], batch: int, augment: str) -> list:
+    """The bench's JPEGs as the workers hand them to the stage: bytes, geometry drawn by the
+    stage's Encoder (random resized crop to 224, flip, and `augment`'s operators)."""
+    from distres.data.gpu_decode import EncodedBatch, Encoder
     from distres.data.transforms import train_transform
 
-    ops = steps(train_transform(224, True, 0.08, 0, True))
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    stage = DecodeStage(device, torch.float16, mean, std, 3, skip_bad=False)
+    encoder = Encoder(train_transform(224, True, 0.08, 0, True, (augment, 9, 2)))
     torch.manual_seed(0)
-    records = []
-    for b in bs:
-        batch = []
-        for raw in b:
-            w, h = Image.open(io.BytesIO(raw.numpy().tobytes())).size  # the header only
-            geo = torch.tensor([*draw(ops, h, w), float(NVJPEG), h, w], dtype=torch.float64)
-            batch.append(Record(raw, geo, 0, "bench"))
-        records.append(batch)
+    out = []
+    for b in batches(raws, batch):
+        geometry = torch.stack([encoder(raw.numpy().tobytes(), "bench")[1] for raw in b])
+        labels = torch.zeros(len(b), dtype=torch.int64)
+        out.append(EncodedBatch(b, labels, geometry, ["bench"] * len(b), [None] * len(b)))
+    return out
+
+
+def stage_rates(raws: list[torch.Tensor], batch: int, device, results: dict) -> None:
+    """The GPU-decode stage itself (data.decode=gpu): nvJPEG, the batched crop-resize and
+    the auto-augmentation's operators to a bf16 channels_last batch, every batch handed over
+    through the stage's thread; without and with TrivialAugment-wide."""
+    from distres.data.gpu_decode import DecodeStage
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda d: None
-    list(stage(records[:2]))  # warm-up: nvJPEG handles, kernels
-    sync(device)
-    t0 = time.perf_counter()
-    n = sum(len(batch.labels) for batch in stage(records))
-    sync(device)
-    rate = n / (time.perf_counter() - t0)
-    row("gpu stage: decode + batched crop-resize", f"{rate:8.0f} img/s (fp16 channels_last)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for augment in ("none", "trivialaugment_wide"):
+        encoded = encoded_batches(raws, batch, augment)
+        stage = DecodeStage(device, dtype, mean, std, 3, skip_bad=False)
+        list(stage(encoded[:2]))  # warm-up: nvJPEG handles, kernels
+        sync(device)
+        t0 = time.perf_counter()
+        n = sum(len(b.labels) for b in stage(encoded))
+        sync(device)
+        rate = n / (time.perf_counter() - t0)
+        key = "stage" if augment == "none" else "stage_ta"
+        results[key] = rate
+        what = "decode + crop-resize" + ("" if augment == "none" else " + trivialaugment_wide")
+        row(f"stage: {what}", f"{rate:8.0f} img/s ({str(dtype)[6:]} channels_last)")
+
+
+def host_cost(batch: int, results: dict) -> None:
+    """The stage's own host time per batch, the decoder stood in: the main-process part of
+    `DecodeStage._decode` (crop-resize and auto-augmentation: Python, the dispatcher and
+    launching its kernels) on the CPU with 4x5-pixel images, where the kernels themselves
+    cost next to nothing. The best of 20 batches, without and with TrivialAugment-wide."""
+    from distres.data.crop_resize import GEOMETRY, crop_resize
+    from distres.data.device_augment import AutoAugmentDraw, apply
+    from distres.data.gpu_decode import draw, steps
+    from distres.data.transforms import auto_augment, train_transform
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images = [torch.zeros(3, 4 + i % 3, 5 - i % 2, dtype=torch.uint8) for i in range(batch)]
+    torch.manual_seed(0)
+    ops = steps(train_transform(2, True, 0.08, 0, True))
+    geometry = torch.tensor([draw(ops, *im.shape[1:]) for im in images], dtype=torch.float64)
+    assert geometry.shape[1] == GEOMETRY
+    params = AutoAugmentDraw(auto_augment("trivialaugment_wide", 0, 0))
+    params = torch.tensor([params(2, 2) for _ in images], dtype=torch.float64)
+    ones, zeros = torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1)
+    for augment in (False, True):
+        best = float("inf")
+        for _ in range(20):
+            out = torch.empty(batch, 2, 2, 3).permute(0, 3, 1, 2)
+            pixels = torch.empty(batch, 2, 2, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+            t0 = time.perf_counter()
+            if augment:
+                crop_resize(images, geometry, pixels, None, None)
+                apply(pixels, params, 128.0)
+                out.copy_(torch.addcmul(zeros, pixels.float(), ones))
+            else:
+                crop_resize(images, geometry, out, ones, zeros)
+            best = min(best, time.perf_counter() - t0)
+        key = "host_ms_ta" if augment else "host_ms"
+        results[key] = best * 1e3
+        what = " + trivialaugment_wide" if augment else ""
+        row(f"stage host time per {batch}-image batch{what}", f"{best * 1e3:6.2f} ms "
+            "(decoder stood in, CPU, 4x5 images)")  # fmt: skip
+    torch.set_num_threads(threads)
 
 
 def victims(raws, device, safe: bool, iterations: int) -> int:
@@ -297,6 +344,7 @@ def under_load(raws, cpu_ref, batch: int, device, seconds: float) -> None:
     worst = max(int(d.max()) for d in diffs)
     mean = sum(float(d.float().mean()) for d in diffs) / len(diffs)
     row("GPU vs CPU decode (levels)", f"max {worst}, mean {mean:.3f}, shape mismatches {shapes}")
+    return [differ, len(got)]
 
 
 def main() -> None:
@@ -306,26 +354,44 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--iterations", type=int, default=30, help="victim rounds, each way")
     ap.add_argument("--seconds", type=float, default=16, help="under-load phase, in all")
+    ap.add_argument("--device", default=None, help="cuda (default where there is one) | cpu")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    results: dict = {}
+    try:
+        run(args, results)
+    finally:
+        if args.json:
+            import json
+
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def run(args, results: dict) -> None:
     jpegs = load_jpegs(Path(args.data_dir), args.images)
     row("images", f"{len(jpegs)}, mean {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} kB")
     row("torch / torchvision", f"{torch.__version__} / {__import__('torchvision').__version__}")
     row("cpus", str(os.cpu_count()))
+    host_cost(args.batch, results)
     cpu_ref = cpu_rows(jpegs)
-    if not torch.cuda.is_available():
-        print("no CUDA device: the GPU rows were skipped", flush=True)
-        return
-    device = torch.device("cuda")
-    row("gpu", torch.cuda.get_device_name(device))
     raws = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    if not torch.cuda.is_available() or args.device == "cpu":
+        print("no CUDA device: the GPU rows were skipped; the stage's rows run on the CPU",
+              flush=True)  # fmt: skip
+        stage_rates(raws, args.batch, torch.device("cpu"), results)
+        return
+    device = torch.device("cuda", torch.cuda.current_device())
+    row("gpu", torch.cuda.get_device_name(device))
     gpu_rates(raws, args.batch, device)
+    stage_rates(raws, args.batch, device, results)
     small = raws[: args.batch]
     for safe in (False, True):
         bad = victims(small, device, safe, args.iterations)
+        results["victims_protocol" if safe else "victims_unsafe"] = [bad, args.iterations]
         how = "side stream + sync (protocol)" if safe else "training stream current (unsafe)"
         row(f"victims, {how}", f"{bad} of {args.iterations} rounds corrupted")
-    under_load(raws, cpu_ref, args.batch, device, args.seconds)
+    results["under_load_differ"] = under_load(raws, cpu_ref, args.batch, device, args.seconds)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distres.models.resnet import resnet
+from distres.precision import input_dtype, set_tf32
 
 # dense tensor-core peaks in TFLOP/s for bf16/fp16 (fp32 runs use TF32 figures)
 PEAKS = {
@@ -53,6 +54,7 @@ PEAKS = {
     "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUG_TAGS = {"trivialaugment_wide": "+ta", "randaugment": "+ra", "autoaugment": "+aa"}
 
 
 def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
@@ -116,9 +118,19 @@ def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> 
 
 
 def real_batches(
-    args, device: torch.device, model_name: str, batch: int, size: int, tmp: str, decode: str
+    args,
+    device: torch.device,
+    model_name: str,
+    batch: int,
+    size: int,
+    tmp: str,
+    decode: str,
+    augment: str = "none",
+    need: int = 0,
 ):
-    """An endless stream of (images, labels) from distres's loader over written shards."""
+    """A fresh stream of (images, labels) from distres's loader over written shards: one
+    epoch from its start, at least `need` batches long (a timed window never crosses an
+    epoch boundary, where workers restart and the shuffle buffer refills)."""
     try:
         from distres.config import load_config
         from distres.data import build_loaders
@@ -144,6 +156,7 @@ def real_batches(
         f"data.val_resize={size}",
         "data.random_resized_crop=true",
         "data.hflip=true",
+        f"data.auto_augment={augment}",
         f"train.batch_size={batch}",
         f"model.name={model_name}",
         "model.num_classes=10",
@@ -152,27 +165,28 @@ def real_batches(
         f"data.num_workers={args.workers}",
         f"data.decode={decode}",
         f"data.backend={'auto' if decode == 'cpu' else 'torch'}",
+        f"train.precision={args.precision_of_run}",
     ]
     cfg = load_config(None, overrides)
     threads = host_threads(cfg, device)  # as the trainer does: see host_threads
     if threads:
         torch.set_num_threads(threads)
     train, _ = build_loaders(cfg, device, 0, 1)
-    print(f"  (real data: {type(train).__name__}, {args.workers} workers, decode {decode})",
-          flush=True)  # fmt: skip
-
-    def stream():
-        for epoch in itertools.count():
-            train.set_epoch(epoch)
-            for b in train:
-                yield b.images, b.labels
-
-    return stream()
+    if len(train) < need:
+        raise RuntimeError(
+            f"an epoch of {len(train)} batches is shorter than the {need} this row times "
+            f"(warm-up + steps): write more images (--images {need * batch * 5 // 4})"
+        )
+    print(f"  (real data: {type(train).__name__}, {args.workers} workers, decode {decode}, "
+          f"augment {augment}, {len(train)} batches an epoch)", flush=True)  # fmt: skip
+    train.set_epoch(0)
+    return ((b.images, b.labels) for b in train)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["cpu", "gpu"], default=None)
+    parser.add_argument("--device", default=None, help="cuda (default where there is one) | cpu")
     parser.add_argument("--models", default=None)
     parser.add_argument("--batches", default=None)
     parser.add_argument("--size", type=int, default=None)
@@ -182,18 +196,28 @@ def main() -> None:
     parser.add_argument(
         "--decode", default=None, help="real data: cpu,gpu (torch backend's data.decode)"
     )
+    parser.add_argument(
+        "--augment", default="none",
+        help="real data: data.auto_augment values, a row each (none,trivialaugment_wide)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--images", type=int, default=512, help="JPEGs for the real-data run")
+    parser.add_argument(
+        "--images", type=int, default=None,
+        help="JPEGs for the real-data run (default: an epoch of warm-up + steps + 8 batches)",
+    )  # fmt: skip
     parser.add_argument(
         "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
         help="decode workers of the real-data run (data.num_workers)",
     )  # fmt: skip
     parser.add_argument("--data-dir", default=None, help="keep the real-data shards here")
     parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--no-pipe", action="store_true", help="no input-pipeline-alone rows")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     gpu = preset == "gpu"
     models = (args.models or ("resnet50" if gpu else "resnet18,resnet50")).split(",")
@@ -202,10 +226,13 @@ def main() -> None:
     precisions = (args.precisions or ("bf16" if gpu else "fp32,bf16")).split(",")
     compiles = (args.compile or ("off,on" if gpu else "off")).split(",")
     decodes = (args.decode or ("cpu,gpu" if gpu else "cpu")).split(",")
+    augments = args.augment.split(",")
     steps, warmup = args.steps or (50 if gpu else 3), args.warmup or (15 if gpu else 1)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    need = warmup + steps + 2  # batches a real row takes from its epoch
+    args.images = args.images or (need + 8) * max(batches)
+    # as the trainer: train.tf32's default, and cuDNN's autotuner (seed_everything)
+    set_tf32(device, True)
+    torch.backends.cudnn.benchmark = True
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(
         f"{card}, torch {torch.__version__}, {size}x{size}, {steps} timed steps after "
@@ -213,13 +240,14 @@ def main() -> None:
         flush=True,
     )
     header = (
-        f"{'data':9s} {'model':9s} {'batch':>5s} {'prec':4s} {'format':13s} {'compile':7s} "
+        f"{'data':12s} {'model':9s} {'batch':>5s} {'prec':4s} {'format':13s} {'compile':7s} "
         f"{'img/s':>8s} {'step ms':>8s} {'peak GiB':>8s} {'MFU':>6s}"
     )
     print(header)
     print("-" * len(header), flush=True)
     tmp = tempfile.TemporaryDirectory()
-    piped: set[tuple[int, str]] = set()
+    piped: set[tuple[int, str, str]] = set()
+    results: list[dict] = []
     grid = itertools.product(models, batches, precisions, args.formats.split(","), compiles)
     for name, batch, precision, fmt, comp in grid:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -233,42 +261,64 @@ def main() -> None:
         mode = None if comp in ("on", "off") else comp
         net = torch.compile(model, mode=mode) if comp != "off" else model
         step = make_step(net, opt, precision, device, graphs=comp == "reduce-overhead")
-        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        # the loaders' input dtype (the autocast dtype on a GPU), so every row is alike
+        x = torch.randn(batch, 3, size, size, device=device)
+        x = x.to(input_dtype(device, DTYPES[precision])).contiguous(memory_format=memory_format)
         y = torch.randint(0, 10, (batch,), device=device)
-        runs = [("synthetic", itertools.repeat((x, y)))]
-        for decode in [] if args.no_real else decodes:
+        runs = [("synthetic", lambda x=x, y=y: itertools.repeat((x, y)))]
+        args.precision_of_run = precision
+        for decode, augment in itertools.product([] if args.no_real else decodes, augments):
+            if augment != "none" and decode == "cpu" and "gpu" in decodes:
+                continue  # the CPU path's augmentation rate is bench/data_pipeline.py's
+            tag = ("" if len(decodes) == 1 else f"/{decode}") + AUG_TAGS.get(augment, "")
+
+            def fresh(decode=decode, augment=augment, name=name, batch=batch):
+                return real_batches(args, device, name, batch, size, tmp.name, decode,
+                                    augment, need)  # fmt: skip
+
             try:
-                real = real_batches(args, device, name, batch, size, tmp.name, decode)
+                if not args.no_pipe and (batch, decode, augment) not in piped:  # once each
+                    piped.add((batch, decode, augment))
+                    seconds = time_steps(lambda x, y: None, fresh(), warmup, steps, device)
+                    label = "pipe" + tag if tag else "pipeline"
+                    results.append(dict(data=label, model="-", batch=batch, img_s=batch / seconds,
+                                        step_ms=seconds * 1e3))  # fmt: skip
+                    print(
+                        f"{label:12s} {'-':9s} {batch:5d} {'-':4s} {fmt:13s} {'-':7s} "
+                        f"{batch / seconds:8.1f} {seconds * 1e3:8.1f}",
+                        flush=True,
+                    )
             except RuntimeError as e:
                 print(f"  ({e})")
                 continue
-            tag = "" if len(decodes) == 1 else f"/{decode}"
-            if (batch, decode) not in piped:  # the input pipeline alone, once per batch size
-                piped.add((batch, decode))
-                seconds = time_steps(lambda x, y: None, real, warmup, steps, device)
-                label = "pipe" + tag if tag else "pipeline"
-                print(
-                    f"{label:9s} {'-':9s} {batch:5d} {'-':4s} {fmt:13s} {'-':7s} "
-                    f"{batch / seconds:8.1f} {seconds * 1e3:8.1f}",
-                    flush=True,
-                )
-            runs.append(("real" + tag, real))
+            runs.append(("real" + tag, fresh))
         for label, stream in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = time_steps(step, stream, warmup, steps, device)
+            try:
+                seconds = time_steps(step, stream(), warmup, steps, device)
+            except RuntimeError as e:
+                print(f"  ({label}: {e})")
+                continue
             peak_mem = (
                 torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
             )
             peak = peak_tflops(device, precision, args.peak_tflops)
             mfu = f"{100 * flops / seconds / (peak * 1e12):5.1f}%" if peak else "    -"
             mem = f"{peak_mem:8.1f}" if peak_mem else "       -"
+            results.append(dict(data=label, model=name, batch=batch, precision=precision,
+                                compile=comp, img_s=batch / seconds, step_ms=seconds * 1e3,
+                                peak_gib=peak_mem))  # fmt: skip
             print(
-                f"{label:9s} {name:9s} {batch:5d} {precision:4s} {fmt:13s} {comp:7s} "
+                f"{label:12s} {name:9s} {batch:5d} {precision:4s} {fmt:13s} {comp:7s} "
                 f"{batch / seconds:8.1f} {seconds * 1e3:8.1f} {mem} {mfu}",
                 flush=True,
             )
     tmp.cleanup()
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"device": card, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def input_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
-    """What a loader should emit: half precision halves the host->GPU and decode-output
-    bytes on a GPU (autocast casts it back where it must); fp32 otherwise."""
-    return torch.float16 if device.type == "cuda" and dtype is not None else torch.float32
+    """What every loader emits (DALI, the torch backend's CPU path and its GPU-decode stage)
+    and benchmarks feed: the autocast dtype on a GPU, so the first convolution takes the
+    batch as it is and half the bytes are written; fp32 otherwise."""
+    return dtype if device.type == "cuda" and dtype is not None else torch.float32
+
+
+def set_tf32(device: torch.device, tf32: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on a GPU (train.tf32): one switch, set the same
+    way by the trainer and the benchmarks (timm and torchvision's references turn it on)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32

@@ -159,3 +159,60 @@ def table(record: dict[str, Any]) -> str:
 def load_trace(path: str | Path) -> dict:
     """A written trace, as JSON (what Perfetto and chrome://tracing open)."""
     return json.loads(Path(path).read_text())
+
+
+class HostSyncs:
+    """Host-device synchronisations counted by torch itself (set_sync_debug_mode("warn")
+    warns at every call that blocks the host on the device: an .item(), a copy from pageable
+    memory, a stream synchronisation), by thread, phase and the line of distres that made
+    them. Only on CUDA.
+
+        with HostSyncs() as syncs:
+            syncs.phase = "step"
+            ...
+        syncs.main["step"]  # Counter: "file.py:line" -> syncs the main thread made in it
+
+    The GPU-decode stage's thread synchronises its own side streams on purpose (vision issue
+    9606); those land in `others` and never hold the training thread."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.phase = "run"
+        self.main: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self.others: collections.Counter[str] = collections.Counter()
+
+    def __enter__(self) -> HostSyncs:
+        import threading
+        import traceback
+        import warnings
+
+        self._original = warnings.showwarning
+        self._filters = warnings.filters[:]
+
+        def count(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self._original(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack() if "/distres/" in f.filename]
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+            if threading.current_thread() is threading.main_thread():
+                self.main[self.phase][where] += 1
+            else:
+                self.others[where] += 1
+            return None
+
+        warnings.showwarning = count
+        warnings.filterwarnings("always", message=".*synchroniz")  # every one, not once
+        if torch.cuda.is_available():  # elsewhere nothing syncs: nothing to count
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import warnings
+
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = self._original
+        warnings.filters[:] = self._filters

@@ -81,3 +81,15 @@ def pytest_runtest_makereport(item, call):
             )
         )
     return report
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device; elsewhere they are skipped, saying where they run."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("DISTRES_GPU_TESTS_ON") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_session.sh runs it)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -95,3 +96,41 @@ def test_ema_prints_a_time_per_update_for_each_model():
     out = bench("ema.py", "--models", "resnet18", "--repeats", "2")
     (row,) = [x for x in out.splitlines() if x.startswith("resnet18 ")]
     assert row.split()[1] == "11,689,512" and float(row.split()[2]) > 0, out
+
+
+def test_the_gpu_session_rehearses_on_cpu_stand_ins_within_its_limits(tmp_path):
+    """bench/gpu_session.sh --rehearse: every step runs (tiny sizes, CPU stand-ins), at most
+    8 files are left in its output folder (the device tool brings back 8), the table has a
+    line for every target, and the GPU plan keeps one command near 7.5 minutes (a rerun on
+    the warm machine fits the 15 minutes of device time; one command may run 10)."""
+    import subprocess
+    import tarfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from session_table import TARGETS
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_session.sh"), "--rehearse"],
+        env={**os.environ, "OUT": str(out), "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = proc.stdout
+    assert proc.returncode == 0, log[-3000:] + proc.stderr[-2000:]
+    for name in ("tests", "decode", "eager", "compiled", "train", "syncs", "graphs", "ema"):
+        assert f"== step {name}: rc=0" in log, (name, log[-3000:])
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["logs.tar.gz", "session.log", "table.txt"]
+    table = (out / "table.txt").read_text()
+    for text, _ in TARGETS:
+        line = next((x for x in table.splitlines() if x.startswith(text)), None)
+        assert line is not None and line.split()[-1] in ("pass", "FAIL", "-"), (text, table)
+    assert "missing" not in table, table  # every step wrote what its verdict reads
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    for part in ("decode.json", "eager.json", "compiled.json", "syncs.json", "tests.txt"):
+        assert f"logs/{part}" in names, names
+    core, budget = map(
+        int, re.search(r"GPU plan: core steps \(.*\) (\d+) s of (\d+) s", log).groups()
+    )
+    assert core <= budget - 15 and budget <= 480, (core, budget)

@@ -5,17 +5,28 @@ targets), the bce loss, stochastic depth and a separate evaluation size."""
 from __future__ import annotations
 
 import json
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from augment_stats import (
+    ALLOWANCE,
+    DRAWS,
+    GEOMETRIC,
+    ROUGHNESS_TOL,
+    SIZE,
+    differ,
+    one_op_torch,
+    roughness,
+    sample_image,
+    stats,
+)
 from torchvision.transforms import v2
 
 from distres.config import ConfigError, load_config
 from distres.data import build_loaders
-from distres.data.api import Batch, DataError
+from distres.data.api import Batch
 from distres.data.batch_augment import BatchAugment, BatchAugmentSpec, spec_from_config
 from distres.data.dali import dali_available
 from distres.engine.base import train_loss
@@ -436,94 +447,6 @@ def test_decoding_in_the_main_process_leaves_torchs_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_the_gpu_decode_stage_refuses_per_image_operators():
-    from distres.data.gpu_decode import resolve_decode
-
-    with pytest.raises(DataError, match=r"data.decode=gpu with data.auto_augment=randaugment"):
-        resolve_decode("gpu", torch.device("cuda"), "randaugment")
-    assert resolve_decode("auto", torch.device("cuda"), "randaugment") == "cpu"
-
-
-# The per-operator comparison: one test image, each operator alone at every magnitude the
-# recipe can draw, 192 draws per backend; four statistics per draw (_stats) whose distributions
-# must agree (_differ). The allowance on the means: 2 levels of 255 (or percent points of
-# uncovered area); 4 for sharpness (DALI leaves a 1-pixel border) and 3 for equalize (DALI's
-# follows OpenCV's lookup table, torchvision's PIL's; both documented; the test image's grain
-# keeps its histogram free of the gaps where the two part most).
-DRAWS, SIZE = 192, 48
-ALLOWANCE = {"Sharpness": 4.0, "Equalize": 3.0}
-# The geometric operators resample, so their interpolation shows in the output's roughness
-# (mean absolute difference of neighbouring pixels): bilinear smooths the test image's grain,
-# nearest-neighbour keeps it. Measured DALI/torchvision ratio of the mean roughness, both
-# bilinear: 0.96-1.01; DALI switched to nearest: 1.24 for the shears, 1.43 for Rotate at
-# RandAugment's m=18. (It also found DALI's own translations by fractions of a pixel, 0.8:
-# blurred where torchvision shifts by whole pixels; dali_graph now shifts by whole pixels.)
-GEOMETRIC, ROUGHNESS_TOL = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), 0.1
-
-
-def _test_image() -> np.ndarray:
-    """A 48x48 RGB image with gradients, edges and texture (not a flat field that most
-    operators leave alone)."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    r = 40 + 3.5 * x
-    g = 30 + 2.0 * y + 40 * (((x // 8) + (y // 8)) % 2)
-    b = 128 + 90 * np.sin(x / 5) * np.cos(y / 7)
-    img = np.stack([r, g, b], axis=-1)
-    img[12:30, 16:36] = [220, 60, 40]
-    # grain, so the histogram has no gaps (where equalize's two lookup tables part most)
-    img += np.random.default_rng(0).normal(0, 12, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _one_op_torch(name: str, op: str, magnitude: int) -> v2.Transform:
-    base = v2.TrivialAugmentWide if name == "trivialaugment_wide" else v2.RandAugment
-
-    class OneOp(base):
-        _AUGMENTATION_SPACE: ClassVar[dict] = {op: base._AUGMENTATION_SPACE[op]}
-
-    common = dict(interpolation=v2.InterpolationMode.BILINEAR, fill=128, num_magnitude_bins=31)
-    if base is v2.RandAugment:
-        return OneOp(num_ops=1, magnitude=magnitude, **common)
-    return OneOp(**common)
-
-
-def _stats(outputs: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Per draw: mean absolute change, mean value, spread of values (levels of 255), and the
-    share of pixels uncovered by a geometric operator (exactly the fill, which the test image
-    never holds) in percent: how far shears, translations and rotations go."""
-    x = outputs.astype(np.float32).reshape(len(outputs), -1)
-    change = np.abs(x - image.astype(np.float32).reshape(1, -1)).mean(1)
-    filled = (outputs == 128).all(-1).reshape(len(outputs), -1).mean(1) * 100
-    return np.stack([change, x.mean(1), x.std(1), filled], axis=1)
-
-
-def _roughness(outputs: np.ndarray) -> float:
-    x = outputs.astype(np.float32)
-    return float((np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) / 2)
-
-
-def _differ(a: np.ndarray, b: np.ndarray, allowance: float) -> bool:
-    """Per statistic: a two-sample Kolmogorov-Smirnov distance with `allowance` of slack in
-    the value (each CDF against the other's shifted by it, the Levy distance's form) over
-    0.25; 192 draws of one distribution stay near 0.1. The slack absorbs systematic offsets of
-    a fraction of a level (DALI rounds where torchvision truncates), which alone would put a
-    plain KS distance at 1 for an operator with few distinct outcomes."""
-    for i in range(a.shape[1]):
-        x, y = np.sort(a[:, i]), np.sort(b[:, i])
-        grid = np.union1d(x, y)
-
-        def cdf(v, at):
-            return np.searchsorted(v, at, side="right") / len(v)
-
-        gap = max(
-            (cdf(x, grid) - cdf(y, grid + allowance)).max(),
-            (cdf(y, grid) - cdf(x, grid + allowance)).max(),
-        )
-        if gap > 0.25:
-            return True
-    return False
-
-
 @needs_dali
 @pytest.mark.parametrize(
     "name, transform",
@@ -569,16 +492,25 @@ def test_auto_augment_operators_agree_between_backends_statistically():
 
     from distres.data import dali_graph
 
-    image = _test_image()
+    image = sample_image()
     torch.manual_seed(0)
     chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
     cases = [("trivialaugment_wide", 0), ("randaugment", 18)]
     suites = {name: dali_graph.auto_augment_suite(name, SIZE) for name, _ in cases}
 
-    @pipeline_def(batch_size=DRAWS, num_threads=1, device_id=None, seed=5, enable_conditionals=True)
+    @pipeline_def(
+        batch_size=DRAWS,
+        num_threads=1,
+        device_id=None,
+        seed=5,
+        enable_conditionals=True,
+    )
     def pipe():
         data = fn.external_source(
-            source=lambda: [image] * DRAWS, layout="HWC", batch=True, dtype=types.UINT8
+            source=lambda: [image] * DRAWS,
+            layout="HWC",
+            batch=True,
+            dtype=types.UINT8,
         )
         outs = []
         for name, m in cases:
@@ -594,22 +526,22 @@ def test_auto_augment_operators_agree_between_backends_statistically():
     failures, k = [], 0
     for name, m in cases:
         for op in suites[name]:
-            t = _one_op_torch(name, op, m)
+            t = one_op_torch(name, op, m)
             ours = np.stack([t(chw).permute(1, 2, 0).numpy() for _ in range(DRAWS)])
-            a, b = _stats(ours, image), _stats(dali_out[k], image)
+            a, b = stats(ours, image), stats(dali_out[k], image)
             k += 1
-            if _differ(a, b, ALLOWANCE.get(op, 2.0)):
+            if differ(a, b, ALLOWANCE.get(op, 2.0)):
                 ours_, theirs = a.mean(0).round(1).tolist(), b.mean(0).round(1).tolist()
                 failures.append(f"{name} m={m} {op}: torchvision {ours_}, DALI {theirs}")
-            ratio = _roughness(dali_out[k - 1]) / _roughness(ours)
+            ratio = roughness(dali_out[k - 1]) / roughness(ours)
             if op in GEOMETRIC and abs(ratio - 1) > ROUGHNESS_TOL:
                 failures.append(f"{name} m={m} {op}: DALI/torchvision roughness {ratio:.2f}")
     policy = v2.AutoAugment(
         v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.BILINEAR, fill=128
     )
     ours = np.stack([policy(chw).permute(1, 2, 0).numpy() for _ in range(DRAWS)])
-    a, b = _stats(ours, image), _stats(dali_out[k], image)
-    if _differ(a, b, ALLOWANCE["Equalize"]):  # the policy is half equalize
+    a, b = stats(ours, image), stats(dali_out[k], image)
+    if differ(a, b, ALLOWANCE["Equalize"]):  # the policy is half equalize
         ours_, theirs = a.mean(0).round(1).tolist(), b.mean(0).round(1).tolist()
         failures.append(f"autoaugment ImageNet policy: torchvision {ours_}, DALI {theirs}")
     assert not failures, "torchvision / DALI differ:\n" + "\n".join(failures)

@@ -64,6 +64,7 @@ class TrainConfig:
         "samples seen, so early weights fade fast",
     )
     precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    tf32: bool = doc(True, "TF32 for fp32 matmuls and convolutions on a GPU (false: full fp32)")
     channels_last: bool = doc(True, "model and inputs in channels_last memory format")
     clip_grad_norm: float = doc(0.0, "clip the global grad norm to this; 0: off")
     max_steps: int = doc(0, "stop after this many optimizer steps; 0: run all epochs")

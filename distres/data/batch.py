@@ -96,18 +96,6 @@ def cat_into(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
     return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
 
 
-def rebatch_lists(chunks: Iterator[list], batch_size: int, drop_last: bool) -> Iterator[list]:
-    """`rebatch` for chunks that are lists (the GPU-decode stage's records)."""
-    held: list = []
-    for chunk in chunks:
-        held.extend(chunk)
-        while len(held) >= batch_size:
-            yield held[:batch_size]
-            del held[:batch_size]
-    if held and not drop_last:
-        yield held
-
-
 class HeldOutputs:
     """DALI output buffers handed to torch without a copy, kept until torch is done.
 

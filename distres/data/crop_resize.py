@@ -9,15 +9,17 @@ downscale factor, normalised over its taps), so the pixels agree with the CPU pa
 torchvision v2 transforms to rounding. A flip is the reversed Wx; padding (RandomCrop,
 CenterCrop on a small image) is taps that fall outside the image, which read zeros.
 
-The images of a batch differ in size, so each sub-batch is copied into a zero canvas as
-large as its largest needed region (only the region the filter reads, not the whole image);
-sub-batches are formed by region area under a memory budget, so one 4000-pixel image does
-not blow up the canvas of 255 small ones. Two batched matmuls per sub-batch then replace the
-per-image interpolate/flip/stack loop (2,991 img/s on an H200, docs/performance.md).
+The images of a batch differ in size, so each sub-batch is gathered into a zero canvas as
+large as its largest needed region (only the region the filter reads, not the whole image),
+in one index_select from the images laid end to end (padding reads a zero sentinel): no
+launch per image. Sub-batches are formed by region area under a memory budget, so one
+4000-pixel image does not blow up the canvas of 255 small ones. The canvas is laid out
+(n, h, C, w), so each axis's pass is one batched matmul with no broadcast copy.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Per sample, float64: for y then x, (start, length, resized, offset, out): the source region
@@ -92,60 +94,93 @@ def crop_resize(
     images: list[torch.Tensor],
     geom: torch.Tensor,
     out: torch.Tensor,
-    inv_std: torch.Tensor,
-    bias: torch.Tensor,
+    inv_std: torch.Tensor | None,
+    bias: torch.Tensor | None,
     budget: int = CANVAS_BUDGET,
 ) -> None:
     """Write each image's crop, resize, flip and normalisation into out[i].
 
     images: C x H x W uint8 tensors on out's device; geom: n x GEOMETRY float64 on the host;
-    out: n x C x oh x ow (any strides, e.g. a channels_last view), any float dtype.
+    out: n x C x oh x ow (any strides, e.g. a channels_last view), any float dtype, or uint8
+    with inv_std and bias None (the rounded pixels, for operators that follow on uint8).
     """
-    channels = out.shape[1]
-    sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.float64)
-    y0, y1 = extents(geom, Y, sizes[:, 0])
-    x0, x1 = extents(geom, X, sizes[:, 1])
-    area = (y1 - y0) * (x1 - x0)
-    for group in _groups(area.argsort().tolist(), y1 - y0, x1 - x0, channels, budget):
-        hc = int((y1 - y0)[group].max().clamp(min=1))
-        wc = int((x1 - x0)[group].max().clamp(min=1))
-        canvas = torch.zeros(len(group), channels, hc, wc, device=out.device)
-        for k, i in enumerate(group):
-            canvas[k, :, : y1[i] - y0[i], : x1[i] - x0[i]].copy_(
-                images[i][:, y0[i] : y1[i], x0[i] : x1[i]]
-            )
+    n, channels = len(images), out.shape[1]
+    device = out.device
+    sizes = np.array([im.shape[-2:] for im in images], dtype=np.int64).reshape(n, 2)
+    planes = sizes[:, 0] * sizes[:, 1]
+    # the images end to end, then one zero that padding taps read
+    flat = torch.cat([*(im.reshape(-1) for im in images), images[0].new_zeros(1)])
+    starts = np.concatenate([[0], np.cumsum(planes * channels)[:-1]])
+    host_sizes = torch.from_numpy(sizes).double()
+    y0, y1 = (t.numpy() for t in extents(geom, Y, host_sizes[:, 0]))
+    x0, x1 = (t.numpy() for t in extents(geom, X, host_sizes[:, 1]))
+    heights, widths = y1 - y0, x1 - x0
+    wide = flat.numel() >= 2**31  # int32 indices while they reach every byte
+    for group in _groups(np.argsort(heights * widths, kind="stable"), heights, widths,
+                         channels, budget):  # fmt: skip
+        k = len(group)
+        hc, wc = max(1, int(heights[group].max())), max(1, int(widths[group].max()))
         host = geom[group]
         oh, ow = int(host[0, Y + 4]), int(host[0, X + 4])
-        # one host->device copy for the group's small tensors
-        packed = torch.cat([host, sizes[group], y0[group][:, None], x0[group][:, None]], 1)
-        g, s, first_y, first_x = _to(packed, out.device).split([GEOMETRY, 2, 1, 1], 1)
-        wy = axis_weights(g, Y, s[:, 0], first_y[:, 0], hc, oh, max_taps(host, Y))
-        wx = axis_weights(g, X, s[:, 1], first_x[:, 0], wc, ow, max_taps(host, X))
+        # one host->device copy for the group's numbers: geometry, sizes, first row and
+        # column read, and where each region starts in `flat`
+        base = starts[group] + y0[group] * sizes[group, 1] + x0[group]
+        ints = np.stack([sizes[group, 1], planes[group], heights[group], widths[group], base], 1)
+        packed = torch.cat(
+            [
+                host,
+                host_sizes[group],
+                torch.from_numpy(np.stack([y0[group], x0[group]], 1)).double(),
+                torch.from_numpy(ints).double(),
+            ],
+            1,
+        )
+        g, s, first, i = _to(packed, device).split([GEOMETRY, 2, 2, 5], 1)
+        canvas = flat.index_select(0, _canvas_index(i, hc, wc, channels, len(flat) - 1, wide))
+        canvas = canvas.view(k, hc * channels, wc).float()
+        wy = axis_weights(g, Y, s[:, 0], first[:, 0], hc, oh, max_taps(host, Y))
+        wx = axis_weights(g, X, s[:, 1], first[:, 1], wc, ow, max_taps(host, X))
         wx = torch.where(g[:, FLIP, None, None] > 0, wx.flip(1), wx)
-        rows = torch.bmm(canvas.view(len(group), channels * hc, wc), wx.transpose(1, 2))
-        res = torch.matmul(wy[:, None], rows.view(len(group), channels, hc, ow))
+        rows = torch.bmm(canvas, wx.transpose(1, 2))  # (k, hc * C, ow)
+        res = torch.bmm(wy, rows.view(k, hc, channels * ow))  # (k, oh, C * ow)
         # the CPU path hands uint8 pixels over: round and clamp the same way
-        res = res.round_().clamp_(0, 255).view(len(group), channels, oh, ow)
-        index = _to(torch.tensor(group), out.device)
-        out.index_copy_(0, index, torch.addcmul(bias, res, inv_std).to(out.dtype))
+        res = res.round_().clamp_(0, 255).view(k, oh, channels, ow).permute(0, 2, 1, 3)
+        index = _to(torch.from_numpy(np.asarray(group, dtype=np.int64)), device)
+        if inv_std is None:
+            out.index_copy_(0, index, res.to(out.dtype))
+        else:
+            out.index_copy_(0, index, torch.addcmul(bias, res, inv_std).to(out.dtype))
+
+
+def _canvas_index(i: torch.Tensor, hc: int, wc: int, c: int, zero: int, wide: bool):
+    """Index into `flat` of every canvas element, laid out (k, hc, C, wc): each image's
+    region row by row, channel planes interleaved by row; `zero` past the region."""
+    dtype = torch.int64 if wide else torch.int32
+    width, plane, height, length, base = (t.to(dtype).view(-1, 1, 1, 1) for t in i.unbind(1))
+    y = torch.arange(hc, device=i.device, dtype=dtype).view(1, hc, 1, 1)
+    ch = torch.arange(c, device=i.device, dtype=dtype).view(1, 1, c, 1)
+    x = torch.arange(wc, device=i.device, dtype=dtype).view(1, 1, 1, wc)
+    index = base + y * width + ch * plane + x
+    return torch.where((y < height) & (x < length), index, zero).view(-1)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # from pinned memory the copy does not stall the host
         return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return t.to(device)
 
 
-def _groups(order: list[int], heights, widths, channels: int, budget: int) -> list[list[int]]:
+def _groups(order, heights, widths, channels: int, budget: int) -> list[list[int]]:
     """Sub-batches in ascending region area whose padded canvas fits the budget."""
     groups: list[list[int]] = []
     group: list[int] = []
     hmax = wmax = 0
-    for i in order:
-        h, w = max(hmax, int(heights[i])), max(wmax, int(widths[i]))
+    hs, ws = heights.tolist(), widths.tolist()  # plain ints: no NumPy scalar per step
+    for i in order.tolist():
+        h, w = max(hmax, hs[i]), max(wmax, ws[i])
         if group and (len(group) + 1) * channels * h * w > budget:
             groups.append(group)
-            group, h, w = [], int(heights[i]), int(widths[i])
+            group, h, w = [], hs[i], ws[i]
         group.append(i)
         hmax, wmax = h, w
     if group:

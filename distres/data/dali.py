@@ -39,6 +39,7 @@ from distres.data.dali_index import (
 from distres.data.shardset import ShardSet
 
 PREFETCH = 2  # batches DALI works ahead of the consumer
+HALF = (torch.float16, torch.bfloat16)
 
 
 def dali_available() -> bool:
@@ -194,7 +195,8 @@ class DaliLoader:
             aug=self.auto_augment,
             mean=self.mean,
             std=self.std,
-            dtype=types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT,
+            # DALI has no bfloat16: half precision out, cast on the device (_to_batch)
+            dtype=types.FLOAT16 if self.out_dtype in HALF else types.FLOAT,
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -358,13 +360,21 @@ class DaliLoader:
         if len(good) < keep:
             # NOTE: DALI decodes a batch as a whole, so skipping covers label problems only
             # (a bad image fails the batch); the batch shrinks by the skipped samples.
-            x = x[good]
+            x = x.index_select(0, self._to_device(torch.tensor(good, dtype=torch.int64)))
+        if x.dtype != self.out_dtype:
+            x = x.to(self.out_dtype)  # keeps the channels_last strides
         if not self.channels_last:
             x = x.contiguous()
-        y = torch.tensor(ys, dtype=torch.int64).to(self.device, non_blocking=True)
+        y = self._to_device(torch.tensor(ys, dtype=torch.int64))
         if self.keys is not None:
             return KeyedBatch(x, y, [sample_key(where[i], self.keys) for i in good])
         return Batch(x, y)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor to the device without a host sync (pinned, non-blocking)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _label(self, raw, where) -> int:
         return parse_label(bytes(np.asarray(raw)), sample_where(where), self.num_classes)

@@ -23,8 +23,8 @@ from distres.data.api import (
     SampleKey,
     shard_order,
 )
-from distres.data.batch import BufferPool, rebatch, rebatch_lists
-from distres.data.gpu_decode import DecodeStage, Encoder, steps, unpack
+from distres.data.batch import BufferPool, rebatch
+from distres.data.gpu_decode import DecodeStage, EncodedBatch, Encoder, steps, unpack
 from distres.data.sample_stream import SampleStream
 from distres.data.shardset import ShardSet
 
@@ -80,6 +80,7 @@ class ShardLoader:
         self.transform, self.num_classes, self.in_chans = transform, num_classes, in_chans
         self.transform_at = transform_at  # progressive resizing: each epoch's transform
         self.device = torch.device(device)
+        self.out_dtype = out_dtype  # the autocast dtype on a GPU (precision.input_dtype)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -153,7 +154,7 @@ class ShardLoader:
             self.in_chans,
             stride=(self.rank, self.world_size) if self.strided else (0, 1),
             skip_bad=self.skip_bad,
-            encoder=Encoder(transform) if self.stage else None,
+            encoder=Encoder(transform, self.in_chans) if self.stage else None,
         )
         workers = min(self.num_workers, len(stream.shard_ids))
         loader = DataLoader(
@@ -205,8 +206,11 @@ class ShardLoader:
         # the first `skip` batches on the host resumes the stream exactly where it stopped.
         self._done = skip
         if self.stage is not None:
-            records = (unpack(x, y, keys) for x, y, keys in self._all_chunks())
-            batches = rebatch_lists(records, self.batch_size, drop_last=self.train)
+            chunks = (unpack(x, y, keys) for x, y, keys in self._all_chunks())
+            batches = (
+                EncodedBatch(*b)
+                for b in rebatch(chunks, self.batch_size, self.train, pin=self.pin_batches)
+            )
             # replayed batches are read and their geometry drawn, but never decoded
             for batch in self.stage(itertools.islice(batches, skip, len(self))):
                 self._done += 1
@@ -255,11 +259,11 @@ class ShardLoader:
         # channels_last strides already.
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         if self.device.type == "cpu":
-            out = self._pool.take(x.shape, torch.float32, torch.channels_last).copy_(x)
+            out = self._pool.take(x.shape, self.out_dtype, torch.channels_last)
         else:
-            out = x.float()  # keeps the channels_last strides
-        # (x - mean) / std as one fused pass, in place
-        torch.addcmul(self.bias, out, self.inv_std, out=out)
+            out = torch.empty_like(x, dtype=self.out_dtype)  # keeps the channels_last strides
+        # (x - mean) / std as one fused pass, computed in fp32, written in the input dtype
+        torch.addcmul(self.bias, x, self.inv_std, out=out)
         if self.memory_format != torch.channels_last:
             out = out.contiguous(memory_format=self.memory_format)
         return Batch(out, labels.to(self.device, non_blocking=True))

@@ -14,6 +14,7 @@ from distres.data.batch_augment import BatchAugment, spec_from_config
 from distres.data.loaders import host_threads
 from distres.dist import DistEnv
 from distres.engine import build_engine
+from distres.precision import set_tf32
 from distres.profiling import StepProfiler
 from distres.stopping import EarlyStopping, StopConsensus
 from distres.tracking import Tracker, tensorboard_problem
@@ -47,6 +48,7 @@ def build(
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
+    set_tf32(device, cfg.train.tf32)
 
     train_data, val_data = build_loaders(
         cfg, device, env.rank, env.world_size, env.local_world_size
