@@ -5,8 +5,8 @@ and rescaled to around 500x375 like an average ImageNet image), then times four 
 
   bare DALI       fn.readers.webdataset -> decode+random crop -> resize -> flip/normalize; the
                   ceiling of what DALI does on this machine (no hand-over to torch)
-  distres DALI    distres.data.dali.DaliLoader (the same graph, plus the torch hand-over)
-  distres torch   distres.data.torch_loader.ShardLoader (webdataset + torchvision v2 on PIL)
+  distres DALI    distres.data.dali.loader.DaliLoader (the same graph, plus the torch hand-over)
+  distres torch   distres.data.torch.loader.ShardLoader (webdataset + torchvision v2 on PIL)
   torch stage     the same loader with data.decode=gpu: workers send bytes and crop boxes,
                   one thread of the main process decodes and crops whole batches (nvJPEG on a
                   GPU; here, without one, libjpeg-turbo and the batched crop-resize on the CPU)
@@ -15,7 +15,7 @@ and rescaled to around 500x375 like an average ImageNet image), then times four 
 
 and the first three again with torchvision's v2 recipe's augmentation: TrivialAugment-wide per
 image (DALI's auto_aug operators in the DALI rows, torchvision v2 in the torch row) and random
-erasing (p 0.25) on each batch after the loader (distres.data.batch_augment, as the trainer
+erasing (p 0.25) on each batch after the loader (distres.data.augment, as the trainer
 applies it, in every row). These rows time one epoch: distres defines each epoch's DALI
 pipeline anew (a new shard order), which with an auto-augmentation takes 1-7 s of Python
 (overlapped with the previous epoch in a thread); that cost is printed on its own, since on
@@ -38,11 +38,13 @@ import torch
 from PIL import Image
 
 from distres.data.api import Batch
-from distres.data.batch_augment import BatchAugment, BatchAugmentSpec
-from distres.data.dali import DaliLoader
-from distres.data.shards import build_shard_set, read_shard_set
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import train_transform
+from distres.data.augment import BatchAugment, BatchAugmentSpec
+from distres.data.dali.loader import DaliLoader
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import build_shard_set
+from distres.data.spec import LoaderSpec
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.transforms import train_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -155,19 +157,21 @@ def distres_dali(shard_set, batch: int, threads: int, epochs: int, aug: bool = F
     if aug:
         epochs = 1  # see the module doc
     loader = DaliLoader(
-        shard_set,
-        train=True,
-        batch_size=batch,
-        image_size=224,
-        mean=MEAN,
-        std=STD,
-        num_classes=10,
-        random_resized_crop=True,
-        hflip=True,
-        threads=threads,
-        shuffle_buffer=1024,
-        auto_augment=TA if aug else ("none", 0, 0),
-        epochs=1 if aug else None,
+        LoaderSpec(
+            shard_set,
+            train=True,
+            batch_size=batch,
+            image_size=224,
+            mean=MEAN,
+            std=STD,
+            num_classes=10,
+            random_resized_crop=True,
+            hflip=True,
+            threads=threads,
+            shuffle_buffer=1024,
+            auto_augment=TA if aug else ("none", 0, 0),
+            epochs=1 if aug else None,
+        )
     )
 
     def run():
@@ -181,15 +185,17 @@ def distres_dali(shard_set, batch: int, threads: int, epochs: int, aug: bool = F
 def definition_seconds(shard_set) -> float:
     """Seconds to define (trace) one epoch's DALI pipeline with TrivialAugment-wide."""
     loader = DaliLoader(
-        shard_set,
-        train=True,
-        batch_size=64,
-        image_size=224,
-        mean=MEAN,
-        std=STD,
-        num_classes=10,
-        random_resized_crop=True,
-        auto_augment=TA,
+        LoaderSpec(
+            shard_set,
+            train=True,
+            batch_size=64,
+            image_size=224,
+            mean=MEAN,
+            std=STD,
+            num_classes=10,
+            random_resized_crop=True,
+            auto_augment=TA,
+        )
     )
     loader._pipeline(None, 0)  # the first definition pays for imports and conversions
     t0 = time.perf_counter()
@@ -201,16 +207,18 @@ def distres_torch(
     shard_set, batch: int, workers: int, epochs: int, aug: bool = False, **stage
 ) -> float:
     loader = ShardLoader(
-        shard_set,
-        train=True,
-        batch_size=batch,
-        mean=MEAN,
-        std=STD,
-        num_classes=10,
-        num_workers=workers,
-        shuffle_buffer=1024,
-        transform=train_transform(224, True, 0.08, 0, True, TA if aug else ("none", 0, 0)),
-        **stage,
+        LoaderSpec(
+            shard_set,
+            train=True,
+            batch_size=batch,
+            mean=MEAN,
+            std=STD,
+            num_classes=10,
+            num_workers=workers,
+            shuffle_buffer=1024,
+            transform=train_transform(224, True, 0.08, 0, True, TA if aug else ("none", 0, 0)),
+            **stage,
+        )
     )
 
     def run():

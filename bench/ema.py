@@ -3,7 +3,8 @@
     python3 bench/ema.py [--models resnet18,resnet50] [--repeats 20]
 
 Builds each model (1000 classes) on the device (CUDA when visible, else the CPU), its EMA
-(distres.ema.WeightEma: fp32 copies, one multi-tensor lerp per update), and times `update` over
+(distres.components.ema.WeightEma: fp32 copies, one multi-tensor lerp per update), and times
+`update` over
 --repeats calls (synchronised on CUDA, so the figure is the GPU's time). Prints the time per
 update, the bytes it reads and writes (the EMA in and out, the weights in) and the rate; set
 against a training step's time that is the EMA's share of a step at ema_every=1.
@@ -20,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distres.components.ema import WeightEma
 from distres.config import load_config
 from distres.dist import DistEnv
-from distres.ema import WeightEma
 from distres.models import build_model
 
 

@@ -19,8 +19,8 @@ Over the bench's photos (ImageNet-shaped JPEGs of about 500x375, bench/data_pipe
                  normalisation, stacked as a channels_last bf16 batch (the loop the stage
                  replaces)
   stage          the GPU-decode stage (data.decode=gpu) through its thread: nvJPEG, the
-                 batched crop-resize (data/crop_resize.py), without and with
-                 TrivialAugment-wide on the device (data/device_augment.py), to bf16
+                 batched crop-resize (data/torch/crop_resize.py), without and with
+                 TrivialAugment-wide on the device (data/torch/device_augment.py), to bf16
   victims        the 9606 reproduction: tensors whose reads are queued behind a stall on the
                  training stream are freed, then a batch is decoded; a victim's sum that
                  changed means the decoder wrote into memory still being read. Run unsafe
@@ -81,7 +81,7 @@ def cpu_rows(jpegs: list[bytes]) -> list[torch.Tensor]:
     from PIL import Image, features
     from torchvision.io import decode_jpeg
 
-    from distres.data.transforms import train_transform
+    from distres.data.torch.transforms import train_transform
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -178,8 +178,8 @@ def gpu_rates(raws, batch: int, device) -> None:
 def encoded_batches(raws: list[torch.Tensor], batch: int, augment: str) -> list:
     """The bench's JPEGs as the workers hand them to the stage: bytes, geometry drawn by the
     stage's Encoder (random resized crop to 224, flip, and `augment`'s operators)."""
-    from distres.data.gpu_decode import EncodedBatch, Encoder
-    from distres.data.transforms import train_transform
+    from distres.data.torch.gpu_decode import EncodedBatch, Encoder
+    from distres.data.torch.transforms import train_transform
 
     encoder = Encoder(train_transform(224, True, 0.08, 0, True, (augment, 9, 2)))
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def stage_rates(raws: list[torch.Tensor], batch: int, device, results: dict) -> 
     """The GPU-decode stage itself (data.decode=gpu): nvJPEG, the batched crop-resize and
     the auto-augmentation's operators to a bf16 channels_last batch, every batch handed over
     through the stage's thread; without and with TrivialAugment-wide."""
-    from distres.data.gpu_decode import DecodeStage
+    from distres.data.torch.gpu_decode import DecodeStage
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda d: None
@@ -220,10 +220,10 @@ def host_cost(batch: int, results: dict) -> None:
     `DecodeStage._decode` (crop-resize and auto-augmentation: Python, the dispatcher and
     launching its kernels) on the CPU with 4x5-pixel images, where the kernels themselves
     cost next to nothing. The best of 20 batches, without and with TrivialAugment-wide."""
-    from distres.data.crop_resize import GEOMETRY, crop_resize
-    from distres.data.device_augment import AutoAugmentDraw, apply
-    from distres.data.gpu_decode import draw, steps
-    from distres.data.transforms import auto_augment, train_transform
+    from distres.data.torch.crop_resize import GEOMETRY, crop_resize
+    from distres.data.torch.device_augment import AutoAugmentDraw, apply
+    from distres.data.torch.gpu_decode import draw, steps
+    from distres.data.torch.transforms import auto_augment, train_transform
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

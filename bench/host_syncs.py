@@ -2,7 +2,7 @@
 
     python3 bench/host_syncs.py [--json FILE] [section.key=value ...]     # on a GPU machine
 
-Runs `distres.fit` in this process under distres.profiling.HostSyncs (torch's
+Runs `distres.fit` in this process under distres.components.profiling.HostSyncs (torch's
 set_sync_debug_mode("warn"): a warning at every call that blocks the host on the device),
 and splits the training thread's syncs by phase: in a step (its data fetch, batch
 augmentation, forward, backward, optimizer, EMA) or at a boundary (logging, the stop
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
             Path(args.json).write_text(json.dumps({"steps": 0, "step_syncs": None}))
         return 0
     import distres
-    from distres.profiling import HostSyncs
+    from distres.components.profiling import HostSyncs
     from distres.trainer.loop import Trainer
 
     steps = 200

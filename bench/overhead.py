@@ -23,12 +23,12 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from distres.components.optim import build_optimizer, build_scheduler
 from distres.config import load_config, plan_batch
 from distres.data import resolve_shard_sets
 from distres.dist import DistEnv
-from distres.evaluate import topk_correct
 from distres.models import build_model
-from distres.optim import build_optimizer, build_scheduler
+from distres.results.evaluation import topk_correct
 from distres.trainer.build import build
 from distres.trainer.state import seed_everything
 

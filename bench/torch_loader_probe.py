@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import MEAN, STD, make_photos
 
-from distres.data.sample_stream import SampleStream
-from distres.data.shards import build_shard_set, read_shard_set
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import train_transform
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import build_shard_set
+from distres.data.spec import LoaderSpec
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.stream import SampleStream
+from distres.data.torch.transforms import train_transform
 
 
 def rate(fn) -> tuple[float, float]:
@@ -71,9 +73,10 @@ def main() -> None:
 
     def loader(pin: bool, k: int):
         def run() -> int:
-            ld = ShardLoader(shards, train=True, batch_size=args.batch, transform=transform,
-                             mean=MEAN, std=STD, num_classes=10, device=device,
-                             num_workers=k)  # fmt: skip
+            spec = LoaderSpec(shards, train=True, batch_size=args.batch, transform=transform,
+                              mean=MEAN, std=STD, num_classes=10, device=device,
+                              num_workers=k)  # fmt: skip
+            ld = ShardLoader(spec)
             ld.pin_batches = pin and device.type == "cuda"
             n = 0
             for b in ld:
@@ -91,7 +94,7 @@ def main() -> None:
     rows += [(f"loader pageable {k}", loader(False, k)), (f"loader pinned {k}", loader(True, k))]
     rows += [(f"loader pageable {k} (again)", loader(False, k))]
     # the main process with the intra-op threads distres.train gives it on a GPU rank
-    # (distres.data.loaders.host_threads: the cores the workers leave)
+    # (distres.data.build.host_threads: the cores the workers leave)
     main_threads = max(1, cpus - k)
 
     def few_threads(fn):

@@ -134,8 +134,8 @@ def real_batches(
     try:
         from distres.config import load_config
         from distres.data import build_loaders
-        from distres.data.loaders import host_threads
-        from distres.data.shards import build_shard_set
+        from distres.data.build import host_threads
+        from distres.data.shards.write import build_shard_set
     except ImportError as e:
         raise RuntimeError(f"real-data part skipped: {e}") from None
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -32,7 +32,7 @@ def fit(
     """Train and return the run's summary. `config`: a Config, or `section.key=value`
     overrides applied over `preset` (a YAML file) or the embedded default."""
     from distres.config import Config, load_config
-    from distres.train import run
+    from distres.trainer import run
 
     if not isinstance(config, Config):
         config = load_config(preset, list(config or []))

@@ -14,7 +14,7 @@ def preflight(cfg: Config) -> None:
     """A ConfigError naming the field for the first thing missing; nothing else."""
     d = cfg.data
     if d.backend == "dali":
-        from distres.data.dali import dali_available
+        from distres.data.dali.loader import dali_available
 
         if not dali_available():
             raise ConfigError(

@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node=N tests/dist_helper.py \
         MODE OUT_DIR [section.key=value ...]
 
-MODE train: the real distres.train.run() on this rank; writes OUT_DIR/rank<r>.json with the
-summary, a hash of the final weights and the exit code main() would give. FAULT=nan:<rank>:<step>
+MODE train: the real distres.trainer.run() on this rank (faults through its Hooks seam);
+writes OUT_DIR/rank<r>.json with the summary, a hash of the final weights and the exit code
+main() would give. FAULT=nan:<rank>:<step>
 in the environment makes that rank's loss NaN at that optimizer step.
 MODE accum: one optimizer step over fixed data; rank 0 writes the updated weights.
 MODE eval: evaluate fixed weights on the digits val set; rank 0 writes the metrics.
@@ -22,6 +23,7 @@ import torch
 
 from distres.config import load_config, plan_batch
 from distres.dist import pick_device, process_group, read_env
+from distres.trainer.hooks import Hooks
 
 
 def weights_hash(module: torch.nn.Module | dict) -> str:
@@ -33,51 +35,42 @@ def weights_hash(module: torch.nn.Module | dict) -> str:
     return h.hexdigest()
 
 
+class Probe(Hooks):
+    """The trainer's seam: FAULT=nan:<rank>:<step> poisons that rank's loss at that step;
+    the final weights' hashes (and the EMA's, at the end and right after a resume)."""
+
+    def __init__(self, fault: str):
+        self.captured: dict[str, str] = {}
+        self.nan_at = None
+        if fault.startswith("nan:"):
+            _, rank, step = fault.split(":")
+            self.nan_at = (int(rank), int(step))
+
+    def after_step(self, trainer, loss):
+        if self.nan_at == (trainer.env.rank, trainer.state.step + 1):
+            return loss * float("nan")
+        return loss
+
+    def after_restore(self, trainer):
+        if "ema" in trainer.tensor_parts:
+            self.captured["ema_at_resume"] = weights_hash(trainer.tensor_parts["ema"].module)
+
+    def after_fit(self, trainer, summary):
+        self.captured["hash"] = weights_hash(trainer.engine.module)
+        if "ema" in trainer.tensor_parts:  # its BN statistics were averaged at the last save
+            self.captured["ema"] = weights_hash(trainer.tensor_parts["ema"].module)
+
+
 def mode_train(out: Path, overrides: list[str]) -> int:
-    from distres import train
-    from distres.trainer import loop
+    from distres.errors import STOP_CODES
+    from distres.trainer import run
 
     env = read_env()
     (out / f"pid.{env.rank}").write_text(str(os.getpid()))
-    fault = os.environ.get("FAULT", "")
-    if fault.startswith("nan:"):
-        _, fault_rank, fault_step = fault.split(":")
-        original = loop.Trainer.train_epoch
-
-        def patched(self):
-            real_step = self.engine.train_step
-
-            def step(micro_batches, **kwargs):
-                loss = real_step(micro_batches, **kwargs)
-                if self.env.rank == int(fault_rank) and self.state.step + 1 == int(fault_step):
-                    return loss * float("nan")
-                return loss
-
-            self.engine.train_step = step
-            return original(self)
-
-        loop.Trainer.train_epoch = patched
-
-    captured = {}
-    original_fit, original_restore = loop.Trainer.fit, loop.Trainer.restore
-
-    def fit(self, resume_from=None):
-        summary = original_fit(self, resume_from)
-        captured["hash"] = weights_hash(self.engine.module)
-        if self.ema is not None:  # its BN statistics were averaged at the last save
-            captured["ema"] = weights_hash(self.ema.module)
-        return summary
-
-    def restore(self, path, meta):
-        original_restore(self, path, meta)
-        if self.ema is not None:
-            captured["ema_at_resume"] = weights_hash(self.ema.module)
-
-    loop.Trainer.fit, loop.Trainer.restore = fit, restore
-    cfg = load_config(None, overrides)
-    summary = train.run(cfg)
-    code = train.EXIT_CODES[summary["stop_reason"]]
-    record = {"rank": env.rank, "summary": summary, "exit": code, **captured}
+    probe = Probe(os.environ.get("FAULT", ""))
+    summary = run(load_config(None, overrides), hooks=probe)
+    code = STOP_CODES[summary["stop_reason"]]
+    record = {"rank": env.rank, "summary": summary, "exit": code, **probe.captured}
     (out / f"rank{env.rank}.json").write_text(json.dumps(record))
     return code
 
@@ -113,9 +106,9 @@ def mode_accum(out: Path, overrides: list[str]) -> int:
 
 def mode_eval(out: Path, overrides: list[str]) -> int:
     from distres.data import build_loaders
-    from distres.evaluate import evaluate
     from distres.models import build_model
     from distres.precision import resolve_precision
+    from distres.results.evaluation import evaluate
 
     env = read_env()
     cfg = load_config(None, overrides)

@@ -44,7 +44,7 @@ PRELOAD = [
     "distres.config",
     "distres.trainer",
     "distres.engine.ddp",
-    "distres.data.torch_loader",
+    "distres.data.torch.loader",
     "distres.evaluate",
     "distres.checkpoint",
     "torch.distributed.run",  # torchrun's agent; the ranks it forks (--run-path) start here too

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from commands import REPO
 from launcher import children, kill_tree, run_module, start_module
 from safetensors.torch import load_file
 

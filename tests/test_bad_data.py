@@ -8,14 +8,17 @@ import json
 import pytest
 import torch
 import webdataset as wds
-from conftest import run_cli
+from commands import run_cli
 from multiproc import train
 from PIL import Image
 
 from distres.data.api import DataError
-from distres.data.shards import ShardError, read_shard_set, write_shards
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import val_transform
+from distres.data.shards.manifest import ShardError
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import write_shards
+from distres.data.spec import LoaderSpec
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.transforms import val_transform
 
 CLASSES = {str(i): i for i in range(10)}
 
@@ -32,15 +35,17 @@ def good(n: int, start: int = 0) -> list:
 
 def loader(root, policy: str, train: bool = False, batch: int = 4) -> ShardLoader:
     return ShardLoader(
-        read_shard_set(root),
-        train=train,
-        batch_size=batch,
-        transform=val_transform(32, 0),
-        mean=[0.5],
-        std=[0.5],
-        num_classes=10,
-        skip_bad=policy == "skip",
-        shuffle_buffer=1,
+        LoaderSpec(
+            read_shard_set(root),
+            train=train,
+            batch_size=batch,
+            transform=val_transform(32, 0),
+            mean=[0.5],
+            std=[0.5],
+            num_classes=10,
+            skip_bad=policy == "skip",
+            shuffle_buffer=1,
+        )
     )
 
 

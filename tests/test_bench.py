@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from commands import REPO
 from launcher import run_module
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from commands import REPO, run_cli
 from multiproc import SMALL, assert_same_weights, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
@@ -262,7 +262,7 @@ def test_recipe_options_resume_exactly(tmp_path, test_rng):
 
     On the torch backend, decoding in the main process: there the data's draws and the
     model's (stochastic depth) share torch's global RNG, which is where exactness broke
-    (test_recipes' DALI case resumes RandAugment in-process)."""
+    (test_augmentation's DALI case resumes RandAugment in-process)."""
     recipe = [
         *(o for o in BASE if o not in SMALL),  # its own sizes: 16 px, then 32
         "optim.name=lars",
@@ -301,7 +301,7 @@ def test_recipe_options_resume_exactly(tmp_path, test_rng):
     assert_same_weights(whole, killed)
     assert records(killed) == records(whole)
     assert "val_ema/top1" in records(whole)[-1]
-    from distres.export import checkpoint_weights
+    from distres.artifacts.consolidate import checkpoint_weights
 
     ema = [checkpoint_weights(run / "checkpoints", ema=True)[0] for run in (whole, killed)]
     assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])

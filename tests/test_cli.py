@@ -11,10 +11,10 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import REPO, run_cli
+from commands import REPO, run_cli
 from multiproc import SMALL
 
-from distres.export import load_weights
+from distres.artifacts.final import load_weights
 
 # end-to-end runs of the CLI
 pytestmark = pytest.mark.slow

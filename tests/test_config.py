@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from commands import REPO, run_cli
 
 from distres.config import Config, ConfigError, help_text, load_config, save_config
 
@@ -52,7 +52,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,words", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_config_exits_2_with_one_line(args, words, tmp_path, capsys):
-    from distres.train import main
+    from distres.cli.train import main
 
     code = main([*args, f"run.dir={tmp_path / 'run'}"])  # the CLI's entry point, in-process
     err = capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_empty_overrides_give_defaults():
 
 
 def test_batch_larger_than_a_ranks_data_is_a_config_error(tmp_path, capsys):
-    from distres.train import main
+    from distres.cli.train import main
 
     assert main(["train.batch_size=5000", f"run.dir={tmp_path / 'run'}", "run.threads=1"]) == 2
     line = capsys.readouterr().err.strip()
@@ -219,7 +219,7 @@ def test_shard_settings_select_shards_and_take_every_form(digits_dirs, tmp_path)
     preset.write_text(yaml.safe_dump({"data": {"train_shards": tars, "val_shards": val}}))
     listed = load_config(preset)
     assert listed.data.train_shards == tars and listed.data.source == "shards"
-    from distres.data.shardset import read_shard_set
+    from distres.data.shards.read import read_shard_set
 
     assert read_shard_set(listed.data.train_shards).urls == read_shard_set(train).urls
     assert load_config(None, []).data.source == "digits"

@@ -11,7 +11,8 @@ import torch
 
 from distres.config import load_config
 from distres.data import build_loaders
-from distres.data.dali import DaliLoader, dali_available
+from distres.data.dali.loader import DaliLoader, dali_available
+from distres.data.spec import LoaderSpec
 
 types = pytest.importorskip("nvidia.dali.types")
 
@@ -152,17 +153,19 @@ def _jpeg_bytes(value=0):
 
 
 def _dali(shards, policy="error"):
-    from distres.data.shardset import read_shard_set
+    from distres.data.shards.read import read_shard_set
 
     return DaliLoader(
-        read_shard_set(shards),
-        train=False,
-        batch_size=4,
-        image_size=32,
-        mean=[0.5],
-        std=[0.5],
-        num_classes=10,
-        skip_bad=policy == "skip",
+        LoaderSpec(
+            read_shard_set(shards),
+            train=False,
+            batch_size=4,
+            image_size=32,
+            mean=[0.5],
+            std=[0.5],
+            num_classes=10,
+            skip_bad=policy == "skip",
+        )
     )
 
 
@@ -186,7 +189,7 @@ def test_truncated_tar_names_the_shard_or_skips_its_tail(tmp_path, capfd):
     import shutil
 
     from distres.data.api import DataError
-    from distres.data.shardset import read_shard_set
+    from distres.data.shards.read import read_shard_set
 
     good = [(f"g{i}", {"jpg": _jpeg_bytes(i), "cls": str(i).encode()}) for i in range(8)]
     tar = _tiny_set(tmp_path / "a", good)
@@ -216,7 +219,7 @@ def test_corrupt_jpeg_is_a_data_error_naming_the_shard_set(tmp_path):
     from PIL import Image
 
     from distres.data.api import DataError
-    from distres.data.shards import write_shards
+    from distres.data.shards.write import write_shards
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")
@@ -240,7 +243,7 @@ def test_label_out_of_range_names_shard_and_key(tmp_path):
     from PIL import Image
 
     from distres.data.api import DataError
-    from distres.data.shards import write_shards
+    from distres.data.shards.write import write_shards
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")
@@ -329,7 +332,7 @@ def test_the_gpu_graph_as_defined(train, monkeypatch):
     mixed (nvJPEG) decoder with NVIDIA's ImageNet settings, the images leave on the GPU in
     fp16, and the pipeline gets the threads dali_threads gives it, not torchrun's
     OMP_NUM_THREADS=1."""
-    from distres.data.loaders import dali_threads
+    from distres.data.build import dali_threads
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as under torchrun
     cfg = load_config(None, ["data.backend=dali", "train.precision=bf16",
@@ -352,7 +355,7 @@ def test_the_gpu_graph_as_defined(train, monkeypatch):
 
 
 def test_dali_threads_follow_the_affinity_mask(monkeypatch):
-    from distres.data import loaders as mod
+    from distres.data import build as mod
 
     monkeypatch.setattr(mod.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: set(range(16)))
@@ -379,7 +382,7 @@ def test_held_outputs_wait_for_the_consumer_and_the_stream():
     """The zero-copy GPU hand-over's bookkeeping (HeldOutputs), with a stand-in for the
     CUDA event: a buffer is let go only once no view of it is alive and the event recorded
     after that has passed."""
-    from distres.data.batch import HeldOutputs
+    from distres.data.buffers import HeldOutputs
 
     class Event:
         done = False

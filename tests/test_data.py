@@ -9,10 +9,13 @@ import torch
 from distres.config import load_config
 from distres.data import build_loaders, resolve_shard_sets
 from distres.data.api import DataError, shard_order
-from distres.data.datasets import DIGITS_VAL_SIZE
-from distres.data.shards import ShardError, read_shard_set, write_shards
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import val_transform
+from distres.data.shards.digits import DIGITS_VAL_SIZE
+from distres.data.shards.manifest import ShardError
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import write_shards
+from distres.data.spec import LoaderSpec
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.transforms import val_transform
 
 
 def make_loaders(*overrides, rank=0, world_size=1):
@@ -38,7 +41,7 @@ def test_digits_shards_manifest(digits_dirs):
 
 
 def test_digits_build_is_reproducible(tmp_path, digits_dirs):
-    from distres.data.datasets import digits
+    from distres.data.shards.digits import digits
 
     again, _ = digits(tmp_path)
     first = json.loads((digits_dirs[0] / "manifest.json").read_text())
@@ -89,16 +92,18 @@ def test_shard_order_shared_by_ranks_and_split_disjoint(digits_dirs):
         assert sorted(order) == list(range(len(shards.urls)))
         parts = [
             ShardLoader(
-                shards,
-                train=True,
-                batch_size=8,
-                transform=val_transform(32, 0),
-                mean=[0.5],
-                std=[0.5],
-                num_classes=10,
-                rank=r,
-                world_size=3,
-                seed=0,
+                LoaderSpec(
+                    shards,
+                    train=True,
+                    batch_size=8,
+                    transform=val_transform(32, 0),
+                    mean=[0.5],
+                    std=[0.5],
+                    num_classes=10,
+                    rank=r,
+                    world_size=3,
+                    seed=0,
+                )
             ).my_shards(epoch)
             for r in range(3)
         ]
@@ -123,13 +128,15 @@ def _jpeg() -> bytes:
 
 def _loader(shard_dir, num_classes=10):
     return ShardLoader(
-        read_shard_set(shard_dir),
-        train=False,
-        batch_size=4,
-        transform=val_transform(32, 0),
-        mean=[0.5],
-        std=[0.5],
-        num_classes=num_classes,
+        LoaderSpec(
+            read_shard_set(shard_dir),
+            train=False,
+            batch_size=4,
+            transform=val_transform(32, 0),
+            mean=[0.5],
+            std=[0.5],
+            num_classes=num_classes,
+        )
     )
 
 
@@ -166,14 +173,16 @@ def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
     write_shards([(str(i), _jpeg(), 1) for i in range(4)], tmp_path, "x", {"a": 0, "b": 1}, 4)
     with pytest.raises(DataError, match="1 shards for 2 ranks"):
         ShardLoader(
-            read_shard_set(tmp_path),
-            train=True,
-            batch_size=2,
-            transform=val_transform(32, 0),
-            mean=[0.5],
-            std=[0.5],
-            num_classes=2,
-            world_size=2,
+            LoaderSpec(
+                read_shard_set(tmp_path),
+                train=True,
+                batch_size=2,
+                transform=val_transform(32, 0),
+                mean=[0.5],
+                std=[0.5],
+                num_classes=2,
+                world_size=2,
+            )
         )
 
 
@@ -198,7 +207,7 @@ def test_torch_backend_position_resumes_mid_epoch_exactly():
 def test_rebatch_cuts_uneven_chunks_into_exact_batches(drop_last):
     """Workers hand over chunks of any size (the last of a shard is short); batches straddle
     them, keep the order, and the tail is dropped only for training."""
-    from distres.data.batch import rebatch
+    from distres.data.buffers import rebatch
 
     gen = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 45, (40,), generator=gen).tolist()
@@ -228,7 +237,7 @@ def test_jpeg_decoder_falls_back_to_torchvision_without_torchcodec(monkeypatch):
 
     from PIL import Image
 
-    from distres.data import transforms as torch_loader
+    from distres.data.torch import transforms as torch_loader
 
     real_import = builtins.__import__
 
@@ -257,7 +266,7 @@ def test_jpeg_decoder_falls_back_to_torchvision_without_torchcodec(monkeypatch):
 def test_gpu_rank_main_process_leaves_the_cores_to_its_decode_workers(monkeypatch):
     """On a GPU rank whose DataLoader workers decode (data.backend=torch), the main process's
     intra-op threads are cut to the cores the workers leave; explicit settings win."""
-    from distres.data.loaders import host_threads
+    from distres.data.build import host_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)

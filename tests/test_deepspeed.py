@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from commands import REPO, run_cli
 from multiproc import SMALL, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 

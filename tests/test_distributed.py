@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from commands import REPO
 from launcher import run_module
 from multiproc import FORKED_RANKS, SMALL
 

@@ -8,14 +8,14 @@ import re
 
 import pytest
 import torch
-from conftest import run_cli
+from commands import run_cli
 from safetensors.torch import load_file
 
+from distres.artifacts.consolidate import checkpoint_weights
+from distres.components.ema import WeightEma
 from distres.config import load_config, plan_batch
 from distres.dist import DistEnv
-from distres.ema import WeightEma
 from distres.engine import build_engine
-from distres.export import checkpoint_weights
 
 
 def _engine(overrides: list[str]):

@@ -12,12 +12,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import run_cli
+from commands import run_cli
 from safetensors.torch import load_file, save_file
 
-from distres.config import ConfigError, load_config, plan_batch
+from distres.config import load_config, plan_batch
 from distres.dist import DistEnv
 from distres.engine import build_engine
+from distres.errors import WeightsError
 from distres.models import build_model
 from distres.models.pretrained import init_from, read_weights
 from distres.models.resnet import resnet
@@ -106,7 +107,7 @@ def test_init_from_problems_are_one_line_errors_naming_the_file(tmp_path, make, 
     make(tmp_path)
     found = sorted(tmp_path.iterdir())
     path = found[0] if found else tmp_path / "absent.pth"
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(WeightsError) as e:
         init_from(resnet("resnet34"), path)
     message = str(e.value)
     assert message.startswith(f"model.init_from={path}") and "\n" not in message

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import run_cli
+from commands import run_cli
 
-from distres.data.dali import dali_available
-from distres.data.shardset import read_shard_set
+from distres.data.dali.loader import dali_available
+from distres.data.shards.read import read_shard_set
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,14 @@ import torch
 from augment_stats import SIZE, sample_image
 from PIL import Image
 
-from distres.data import gpu_decode
-from distres.data.batch import rebatch
-from distres.data.device_augment import AutoAugmentDraw
-from distres.data.shards import read_shard_set, write_shards
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import auto_augment, train_transform, val_transform
+from distres.data.buffers import rebatch
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import write_shards
+from distres.data.spec import LoaderSpec
+from distres.data.torch import gpu_decode
+from distres.data.torch.device_augment import AutoAugmentDraw
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.transforms import auto_augment, train_transform, val_transform
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 DEVICE = os.environ.get("DISTRES_GPU_TESTS_ON", "cuda")
@@ -47,11 +49,11 @@ def photos(tmp_path_factory):
 
 
 def loader(root, decode: str, device: str, transform, train: bool = True) -> ShardLoader:
-    return ShardLoader(
+    return ShardLoader(LoaderSpec(
         read_shard_set(root), train=train, batch_size=16, transform=transform, mean=MEAN,
         std=STD, num_classes=10, shuffle_buffer=32, seed=3, decode=decode, device=device,
         out_dtype=HALF if device == DEVICE else torch.float32,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ def test_no_host_sync_in_a_training_step_with_the_stage(tmp_path):
     evaluation, checkpoints), never inside a step's data fetch, augmentation, forward,
     backward or optimizer."""
     import distres
-    from distres.profiling import HostSyncs
+    from distres.components.profiling import HostSyncs
     from distres.trainer.loop import Trainer
 
     boundary = Trainer.boundary

@@ -25,15 +25,17 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
-from distres.data import gpu_decode
 from distres.data.api import DataError
-from distres.data.batch import rebatch
-from distres.data.crop_resize import crop_resize
-from distres.data.device_augment import OPS, SLOT, AutoAugmentDraw
-from distres.data.gpu_decode import DecodeStage, steps
-from distres.data.shards import read_shard_set, write_shards
-from distres.data.torch_loader import ShardLoader
-from distres.data.transforms import auto_augment, train_transform, val_transform
+from distres.data.buffers import rebatch
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.write import write_shards
+from distres.data.spec import LoaderSpec
+from distres.data.torch import gpu_decode
+from distres.data.torch.crop_resize import crop_resize
+from distres.data.torch.device_augment import OPS, SLOT, AutoAugmentDraw
+from distres.data.torch.gpu_decode import DecodeStage, steps
+from distres.data.torch.loader import ShardLoader
+from distres.data.torch.transforms import auto_augment, train_transform, val_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLASSES = {str(i): i for i in range(10)}
@@ -75,17 +77,19 @@ def photos(tmp_path_factory):
 
 def make(root, decode: str, train: bool, transform, **kw) -> ShardLoader:
     return ShardLoader(
-        read_shard_set(root),
-        train=train,
-        batch_size=kw.pop("batch_size", 8),
-        transform=transform,
-        mean=MEAN,
-        std=STD,
-        num_classes=10,
-        shuffle_buffer=kw.pop("shuffle_buffer", 16),
-        seed=7,
-        decode=decode,
-        **kw,
+        LoaderSpec(
+            read_shard_set(root),
+            train=train,
+            batch_size=kw.pop("batch_size", 8),
+            transform=transform,
+            mean=MEAN,
+            std=STD,
+            num_classes=10,
+            shuffle_buffer=kw.pop("shuffle_buffer", 16),
+            seed=7,
+            decode=decode,
+            **kw,
+        )
     )
 
 
@@ -150,11 +154,11 @@ def test_cmyk_and_greyscale_images_and_one_channel_models(tmp_path):
     for chans, mean, std in ((3, MEAN, STD), (1, [0.5], [0.25])):
         batches = []
         for decode in ("cpu", "gpu"):
-            loader = ShardLoader(
+            loader = ShardLoader(LoaderSpec(
                 read_shard_set(tmp_path), train=False, batch_size=4,
                 transform=val_transform(48, 56), mean=mean, std=std, num_classes=10,
                 in_chans=chans, decode=decode,
-            )  # fmt: skip
+            ))  # fmt: skip
             batches.append(list(loader))
         (a,), (b,) = batches
         assert a.images.shape == b.images.shape == (4, chans, 48, 48)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from commands import REPO
 
 # real torchrun launches
 pytestmark = pytest.mark.slow

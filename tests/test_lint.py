@@ -2,7 +2,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO
+from commands import REPO
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install .[dev])")

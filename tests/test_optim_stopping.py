@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from distres.components.optim import build_optimizer, lr_factor, param_groups
+from distres.components.stopping import EarlyStopping
 from distres.config import EarlyStopConfig, OptimConfig
 from distres.models.resnet import resnet
-from distres.optim import build_optimizer, lr_factor, param_groups
-from distres.stopping import EarlyStopping
 
 
 def test_warmup_then_cosine_to_floor():
@@ -106,7 +106,7 @@ def test_after_a_signal_stop_a_repeated_signal_is_ignored_not_fatal():
     import os
     import signal
 
-    from distres.stopping import StopConsensus
+    from distres.components.stopping import StopConsensus
 
     before = signal.getsignal(signal.SIGUSR1)
     try:

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from commands import run_cli
 from PIL import Image
 
-from distres.data import shards as shards_mod
-from distres.data.shards import ShardError, build_shard_set, parse_size, read_shard_set
+from distres.data.shards import write as shards_mod
+from distres.data.shards.manifest import ShardError
+from distres.data.shards.read import read_shard_set
+from distres.data.shards.scan import sha256_file
+from distres.data.shards.write import build_shard_set, parse_size
+from distres.data.spec import LoaderSpec
 
 CLASSES = ["cat dog", "ñandú", "Zebra 2"]  # a space, non-ASCII, a digit and a capital
 
@@ -66,7 +70,7 @@ def test_image_folder_gives_the_right_manifest(tmp_path):
     for shard in manifest["shards"]:
         path = out / shard["name"]
         assert shard["bytes"] == path.stat().st_size <= 100_000
-        assert shard["sha256"] == shards_mod.sha256_file(path)
+        assert shard["sha256"] == sha256_file(path)
         assert (out / shard["index"]).is_file()  # DALI's index, beside the shard
         lines = (out / shard["index"]).read_text().splitlines()
         assert len(lines) == shard["samples"] + 1  # DALI's header line + one per sample
@@ -241,7 +245,7 @@ def test_skip_messages_name_the_file_and_repeat_exactly(tmp_path):
 def test_index_command_indexes_foreign_shards_in_place(tmp_path):
     import webdataset as wds
 
-    from distres.data.shardset import sha256_file
+    from distres.data.shards.scan import sha256_file
 
     for s in range(2):
         with wds.TarWriter(str(tmp_path / f"foreign-{s:06d}.tar")) as w:
@@ -267,9 +271,9 @@ def test_index_command_indexes_foreign_shards_in_place(tmp_path):
 def test_checksums_are_verified_on_first_read(tmp_path):
     import torch
 
-    from distres.data.shards import write_shards
-    from distres.data.torch_loader import ShardLoader
-    from distres.data.transforms import val_transform
+    from distres.data.shards.write import write_shards
+    from distres.data.torch.loader import ShardLoader
+    from distres.data.torch.transforms import val_transform
 
     write_shards([(f"k{i}", _jpeg(), i % 2) for i in range(8)], tmp_path, "x", {"a": 0, "b": 1}, 4)
     shard = tmp_path / "x-000001.tar"
@@ -279,15 +283,17 @@ def test_checksums_are_verified_on_first_read(tmp_path):
 
     def loader(verify):
         return ShardLoader(
-            read_shard_set(tmp_path),
-            train=False,
-            batch_size=4,
-            transform=val_transform(16, 0),
-            mean=[0.5],
-            std=[0.5],
-            num_classes=2,
-            verify=verify,
-            device=torch.device("cpu"),
+            LoaderSpec(
+                read_shard_set(tmp_path),
+                train=False,
+                batch_size=4,
+                transform=val_transform(16, 0),
+                mean=[0.5],
+                std=[0.5],
+                num_classes=2,
+                verify=verify,
+                device=torch.device("cpu"),
+            )
         )
 
     with pytest.raises(ShardError, match=r"x-000001\.tar: sha256 differs from its manifest"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import slurm_cluster
-from conftest import REPO
+from commands import REPO
 from multiproc import SMALL, resumes
 
 # a real Slurm cluster

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from commands import REPO, run_cli
 from launcher import run_module
 from multiproc import SMALL, train
 from PIL import Image
@@ -231,8 +231,8 @@ def test_predict_names_the_top5_classes(two_rank_run, digits_dirs, tmp_path):
     assert len(lines) == len(images)
     import torch
 
-    from distres.data.transforms import val_transform
-    from distres.export import load_weights
+    from distres.artifacts.final import load_weights
+    from distres.data.torch.transforms import val_transform
 
     model = load_weights(weights).eval()
     info = json.loads(weights.with_name("inference.json").read_text())
@@ -254,7 +254,7 @@ def test_predict_names_the_top5_classes(two_rank_run, digits_dirs, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     proc = run_cli("--weights", str(weights), str(broken), images[0], module="distres.predict")
-    assert proc.returncode == 1 and proc.stdout.count("\n") == 1
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1  # bad input: the table's 2
     assert f"{broken}: cannot read image" in proc.stderr
 
 

@@ -16,20 +16,21 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from distres.checkpoint import CheckpointStore, find_resume
 from distres.checkpoint.dcp import load_tensors, save_tensors
 from distres.checkpoint.manager import CheckpointManager
+from distres.checkpoint.parts import SHARED, PartSpec
+from distres.components.stopping import EarlyStopping, StopConsensus
+from distres.components.tracking import Tracker
 from distres.config import load_config, plan_batch
 from distres.data.api import Batch
 from distres.dist import DistEnv
 from distres.engine.base import check_engine_state
-from distres.stopping import EarlyStopping, StopConsensus
-from distres.tracking import Tracker
 from distres.trainer.loop import Trainer
 from distres.trainer.resume import same_layout
 from distres.trainer.state import (
-    RANK_CHECKS,
-    SHARED_CHECKS,
+    PARTS,
     DataPosition,
     LossWindow,
     TrainState,
+    run_parts,
     validate,
 )
 
@@ -279,17 +280,15 @@ def test_a_trainer_without_checkpoints_trains_and_writes_none(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_manager_refuses_a_part_without_a_check(tmp_path):
+def test_manager_refuses_a_part_without_a_spec_and_a_spec_without_a_check(tmp_path):
     trainer = make_trainer(tmp_path)
+    specs, parts = run_parts(trainer)
     with pytest.raises(ValueError, match="extra"):
-        CheckpointManager(
-            None,
-            trainer.engine,
-            shared={"train": trainer.state, "extra": trainer.state},
-            ranks={},
-            header=dict,
-            checks=(SHARED_CHECKS, RANK_CHECKS),
-        )
+        CheckpointManager(None, trainer.engine, specs, {**parts, "extra": trainer.state}, dict)
+    with pytest.raises(ValueError, match="part extra: a shared part needs its check"):
+        PartSpec("extra", SHARED)
+    # every shared and rank part of a run is checked before any load, by its spec's check
+    assert {s.name for s in PARTS if s.check} == set(parts) - {"ema"}
 
 
 @pytest.mark.parametrize(
@@ -321,7 +320,7 @@ def test_fit_returns_the_summary_in_a_plain_python_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from commands import REPO
 
     code = (
         "import json, distres\n"
@@ -387,7 +386,7 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(monk
 def test_batch_mixing_reaches_training_steps_only(tmp_path):
     """Mixup's soft targets reach every training step; evaluation sees the val loader's own
     batches, never mixed."""
-    from distres.data.batch_augment import BatchAugment, spec_from_config
+    from distres.data.augment import BatchAugment, spec_from_config
 
     trainer = make_trainer(tmp_path, "train.mixup_alpha=0.4", checkpoints=False)
     trainer.augment = BatchAugment(spec_from_config(trainer.cfg), 0, 0, torch.device("cpu"))

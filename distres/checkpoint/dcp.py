@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from distres.checkpoint.store import CheckpointError
+from distres.errors import CheckpointError
 
 # A single-process run saves and loads without a process group on purpose; DCP warns that it
 # "assumes the intent" each time (also from async_save's background thread).

@@ -2,31 +2,21 @@
 CheckpointManager: one `save(step)`, one `load(path)`.
 
 Shared parts (the same on every rank: train state, schedule, early stopping) go to meta.json,
-each rank's own parts (data position, RNG, loss window) to its rank file, and the engine's
-tensors to its own format. Adding state means adding a part: its state_dict is saved and its
-load_state_dict called, and its check (by the same name, see distres.trainer.state) validates
-the saved state before any collective load.
+each rank's own parts (data position, RNG, loss window) to its rank file, and tensor parts
+(the EMA) beside the engine's tensors in its format. Adding state means adding a part: a
+PartSpec (distres.checkpoint.parts: its name, scope, check and format-1 name, in one line)
+and the object whose state_dict is saved and load_state_dict called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from distres.checkpoint.store import Check, CheckpointStore, read_rank_state
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class TensorPart(Stateful, Protocol):
-    """A part whose state is tensors the same on every rank (the EMA of the weights): the
-    engine writes them beside its own, in its format, so they reshard as its tensors do."""
-
-    def missing(self, model: Any) -> None: ...  # the checkpoint predates this part
+from distres.checkpoint.parts import RANK, SHARED, TENSOR, PartSpec, Stateful, TensorPart
+from distres.checkpoint.read import read_rank_state
+from distres.checkpoint.store import CheckpointStore
 
 
 class CheckpointManager:
@@ -34,23 +24,22 @@ class CheckpointManager:
         self,
         store: CheckpointStore | None,
         engine: Any,
-        shared: Mapping[str, Stateful],
-        ranks: Mapping[str, Stateful],
+        specs: tuple[PartSpec, ...],
+        parts: Mapping[str, Stateful],
         header: Callable[[], dict],
-        checks: tuple[Mapping[str, Check], Mapping[str, Check]],
-        tensors: Mapping[str, TensorPart] | None = None,
     ):
         """engine: writes and loads the tensors (checkpoint_info, save_tensors, load_tensors);
-        header: what meta.json says besides the parts (layout, model, config, metric);
-        checks: (shared, per rank) part checks; every part must have one;
-        tensors: parts of tensors the engine writes with its own (their names go to
-        meta.json's "tensors"."parts", checked by the engine's format)."""
-        for kind, parts, known in (("shared", shared, checks[0]), ("rank", ranks, checks[1])):
-            if set(parts) != set(known):
-                raise ValueError(f"{kind} parts {sorted(parts)} != their checks {sorted(known)}")
-        self.store, self.engine, self.header = store, engine, header
-        self.shared, self.ranks = dict(shared), dict(ranks)
-        self.tensors = dict(tensors or {})
+        specs: every part's declaration; parts: the object of each, by name (the two must
+        name the same parts); header: what meta.json says besides the parts (layout, model,
+        config, metric). Tensor parts' names go to meta.json's "tensors"."parts", checked by
+        the engine's format."""
+        if set(parts) != {s.name for s in specs}:
+            raise ValueError(f"parts {sorted(parts)} != their specs {[s.name for s in specs]}")
+        self.store, self.engine, self.header, self.specs = store, engine, header, specs
+        by_scope = {scope: {s.name: parts[s.name] for s in specs if s.scope == scope}
+                    for scope in (SHARED, RANK, TENSOR)}  # fmt: skip
+        self.shared, self.ranks = by_scope[SHARED], by_scope[RANK]
+        self.tensors: dict[str, TensorPart] = by_scope[TENSOR]  # type: ignore[assignment]
         self.saved_step = -1
 
     @property
@@ -61,6 +50,8 @@ class CheckpointManager:
         """A collective: every rank writes its parts (async writes commit later)."""
         if self.store is None or self.saved_step == step:
             return None
+        for part in self.tensors.values():  # one state on every rank (the EMA's statistics)
+            getattr(part, "before_save", lambda: None)()
         meta = {
             **self.header(),
             "tensors": {**self.engine.checkpoint_info(), "parts": sorted(self.tensors)},

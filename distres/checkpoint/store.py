@@ -1,7 +1,7 @@
 """Where checkpoints live, and how one becomes visible: atomic commit, `latest` and `best`,
-retention, and validation before any collective load. It knows nothing of tensor formats: the
-engine writes its tensors (DCP for DDP, DeepSpeed's own files) into the directory it is given,
-and validates them through the module that FORMATS names.
+retention (reading and validation: distres.checkpoint.read). It knows nothing of tensor
+formats: the engine writes its tensors (DCP for DDP, DeepSpeed's own files) into the
+directory it is given.
 
 Layout of one checkpoint, `<run.dir>/checkpoints/step-00000120/`:
 
@@ -23,202 +23,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from distres.checkpoint.read import (  # noqa: F401 (read.py's names, one import away)
+    BEST,
+    FORMAT_VERSION,
+    LATEST,
+    META,
+    _step,
+    committed,
+    find_resume,
+    rank_file,
+    read_meta,
+    read_rank_state,
+    step_name,
+    tensor_format,
+    validate,
+)
+from distres.errors import WriteError, why
+from distres.io import atomic_write, fsync_dir, write_json
+
 log = logging.getLogger("distres")
 
-FORMAT_VERSION = 2  # 2: parts' state_dicts under "state"; the tensor format under "tensors"
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
-META, LATEST, BEST = "meta.json", "latest", "best.json"
-# The module that reads each tensor format (see tensor_format).
-FORMATS = {"dcp": "distres.checkpoint.dcp", "deepspeed": "distres.engine.deepspeed"}
-
-Check = Callable[[Any], "str | None"]  # a part's saved state -> why it would not load, or None
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and why."""
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def committed(root: Path) -> list[Path]:
-    """Committed checkpoints under root, newest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {META} (not a distres checkpoint?)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / META}: unreadable ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path / META}: not a JSON object")
-    if meta.get("format_version") == 1:
-        meta = _from_v1(meta)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta.get('format_version')!r}, this distres reads "
-            f"1 and {FORMAT_VERSION}"
-        )
-    return meta
-
-
-# Format 1 (distres before the parts): one flat meta.json, rank files without "state".
-_V1_TRAIN = ("step", "epoch", "epoch_step", "samples_seen", "best_top1", "last_eval", "wandb_id")
-_V1_RANK = ("data", "rng", "window", "skipped")
-
-
-def _from_v1(old: dict) -> dict:
-    """A format-1 meta.json read as format 2 (a run resumes across the upgrade); a key it
-    lacks is left out, and validation names it."""
-    meta = {k: old[k] for k in ("step", "model", "config", "metric", "time") if k in old}
-    meta["format_version"] = FORMAT_VERSION
-    meta["layout"] = {k: old[k] for k in LAYOUT if k in old}
-    meta["tensors"] = {"format": old.get("format", "dcp"), "zero_stage": old.get("zero_stage", 0)}
-    engine = {k: old[k] for k in ("scheduler", "scaler") if k in old}
-    meta["state"] = {
-        "train": {k: old[k] for k in _V1_TRAIN if k in old},
-        "engine": engine,
-        **({"early_stopping": old["early_stopping"]} if "early_stopping" in old else {}),
-    }
-    return meta
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.json"
-
-
-# What every checkpoint's meta.json holds besides its parts, with the JSON type of each.
-HEADER: dict[str, type] = {
-    "step": int,
-    "tensors": dict,
-    "layout": dict,
-    "model": dict,
-    "config": str,
-    "state": dict,
-}
-LAYOUT = ("world_size", "micro_batch", "grad_accum", "global_batch", "steps_per_epoch")
-
-
-def validate(
-    path: Path, shared: Mapping[str, Check] | None = None, ranks: Mapping[str, Check] | None = None
-) -> dict:
-    """Everything a resume will read must be there and parse, checked before any collective
-    load: meta.json and its header, each shared part named in `shared` (by its check), every
-    rank file and each part named in `ranks`, and the engine's tensors (by their format's
-    own check). Returns the meta."""
-    meta = read_meta(path)
-    for key, kind in HEADER.items():
-        if key not in meta:
-            raise CheckpointError(f"{path / META}: incomplete (missing {key})")
-        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise CheckpointError(f"{path / META}: {key}={meta[key]!r} is not a {kind.__name__}")
-    layout = meta["layout"]
-    for key in LAYOUT:
-        value = layout.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CheckpointError(f"{path / META}: layout.{key}={value!r} is not a count")
-    parts = meta["tensors"].get("parts", [])
-    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
-        raise CheckpointError(f"{path / META}: tensors.parts={parts!r} is not a list of names")
-    _check_parts(path / META, meta["state"], shared or {})
-    for rank in range(layout["world_size"]):
-        read_rank_state(path, rank, ranks or {})
-    tensor_format(path, meta).validate_tensors(path, meta)
-    return meta
-
-
-def tensor_format(path: Path, meta: dict) -> Any:
-    """The module that reads this checkpoint's tensors: validate_tensors(path, meta) and
-    consolidated_weights(path, meta, model, trust)."""
-    fmt = meta["tensors"].get("format")
-    if fmt not in FORMATS:
-        raise CheckpointError(f"{path / META}: unknown tensor format {fmt!r}")
-    return importlib.import_module(FORMATS[fmt])
-
-
-def _check_parts(where: Path, state: dict, checks: Mapping[str, Check]) -> None:
-    for name, check in checks.items():
-        if name not in state:
-            raise CheckpointError(f"{where}: no state for {name!r}")
-        problem = check(state[name])
-        if problem:
-            raise CheckpointError(f"{where}: {name} cannot be restored ({problem})")
-
-
-def read_rank_state(path: Path, rank: int, checks: Mapping[str, Check] | None = None) -> dict:
-    """One rank's parts (name -> state), each part in `checks` checked."""
-    f = path / rank_file(rank)
-    try:
-        saved = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing (an incomplete checkpoint)") from None
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
-        raise CheckpointError(f"{f}: not a rank state ({type(e).__name__}: {e})") from None
-    if isinstance(saved, dict) and "state" not in saved and all(k in saved for k in _V1_RANK):
-        saved = {"state": saved}  # format 1
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
-        raise CheckpointError(f'{f}: not a rank state (no "state" mapping)')
-    _check_parts(f, saved["state"], checks or {})
-    return saved["state"]
-
-
-def find_resume(
-    root: Path, resume: str, check: Callable[[Path], dict] | None = None
-) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from, with its meta: `resume` is "auto" (the newest complete
-    one under root, skipping with a warning any that `check` refuses), "none", or a path (a
-    checkpoint, or a directory of them). `check` (default: validate with no part checks)
-    returns the meta or raises CheckpointError."""
-    check = check or validate
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint")
-        if not (path / META).is_file() and committed(path):
-            root = path  # a directory of checkpoints: its newest complete one
-        else:
-            return path, check(path)
-    latest = root / LATEST
-    candidates = committed(root)
-    if latest.is_file():  # the pointer first; a newer committed dir (crash after rename) next
-        named = root / latest.read_text().strip()
-        candidates.sort(key=lambda p: (p != named and _step(p) < _step(named), -_step(p)))
-    for path in candidates:
-        try:
-            return path, check(path)
-        except CheckpointError as e:
-            log.warning(f"skipping checkpoint: {e}")
-    if resume != "auto":
-        raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint in it")
-    return None
-
-
-def _step(path: Path) -> int:
-    m = STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else -1
+LOW_SPACE = 64 << 20  # bytes free under which a failed write is taken for a full device
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -232,7 +69,13 @@ class _Pending:
 
 class CheckpointStore:
     """Writes, commits and prunes checkpoints, whatever writes their tensors; one per rank,
-    every rank calls save() at the same step."""
+    every rank calls save() at the same step.
+
+    A write that fails on any rank (no space, no permission, a read-only or vanished
+    filesystem) fails on every rank at the same point, as one WriteError naming the
+    checkpoint, the cause and what is intact ("latest" is untouched); its temporary directory
+    is removed. When the newest checkpoint would not fit in the free space, the ones that
+    retention would remove after this save are removed before it."""
 
     def __init__(
         self,
@@ -253,15 +96,28 @@ class CheckpointStore:
         # in a background thread and must not interleave with the training's all-reduces.
         self.group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: _Pending | None = None
+        problem = None
         if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):  # from a write that crashed
-                shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                for stale in root.glob(".tmp-step-*"):  # from a write that crashed or failed
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError as e:
+                problem = f"{root}: cannot create the checkpoint directory ({why(e)})"
+        if (problem := self._agree(problem)) is not None:
+            raise WriteError(problem)
 
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
+
+    def _agree(self, problem: str | None) -> str | None:
+        """Every rank's problem (None: none) -> the first one, on every rank (a barrier)."""
+        if not self.distributed:
+            return problem
+        problems: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(problems, problem, group=self.group)
+        return next((p for p in problems if p is not None), None)
 
     def save(
         self,
@@ -278,16 +134,34 @@ class CheckpointStore:
         self.wait()  # one write in flight at a time; commits the previous async one
         final = self.root / step_name(step)
         tmp = self.root / f".tmp-{final.name}"
+        problem = None
         if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        _write_json(tmp / rank_file(self.rank), {"state": rank_state})
-        if self.rank == 0:
-            _write_json(tmp / META, {"format_version": FORMAT_VERSION, "step": step, **meta})
+            try:
+                self._make_room()
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                problem = self._explain(tmp, e)
+        self._fail_if(self._agree(problem), step, tmp)
+        try:
+            write_json(tmp / rank_file(self.rank), {"state": rank_state})
+            if self.rank == 0:
+                write_json(tmp / META, {"format_version": FORMAT_VERSION, "step": step, **meta})
+        except WriteError as e:
+            problem = str(e)
+        self._fail_if(self._agree(problem), step, tmp)
         failpoint("checkpoint.write", step, self.rank)
-        future = write(tmp)
+        future = None
+        try:
+            future = write(tmp)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the engine's own types (DCP's CheckpointException is a
+            problem = self._explain(tmp, e)  # BaseException, raised on every rank)
+        if future is None:  # an async write's collectives are under way on this group: its
+            # failure is agreed on in wait(), once they are done
+            self._fail_if(self._agree(problem), step, tmp)
         self.pending = _Pending(future, tmp, final, metric)
         if future is None:
             self.wait()
@@ -302,23 +176,87 @@ class CheckpointStore:
         if self.pending is None:
             return
         pending, self.pending = self.pending, None
+        problem = None
         if pending.future is not None:
-            pending.future.result()
+            try:
+                pending.future.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # DCP's CheckpointException, as above
+                problem = self._explain(pending.tmp, e)
         failpoint("checkpoint.commit", _step(pending.final), self.rank)
-        self._barrier()  # every rank's shard and rank file is written
+        # every rank's shard and rank file is written (or one failed, and all know it)
+        self._fail_if(self._agree(problem), _step(pending.final), pending.tmp)
         if self.rank == 0:
-            self._commit(pending)
+            try:
+                self._commit(pending)
+            except OSError as e:
+                problem = self._explain(pending.final, e)
+        self._fail_if(self._agree(problem), _step(pending.final), pending.tmp)
+
+    def _fail_if(self, problem: str | None, step: int, tmp: Path) -> None:
+        """On every rank alike: nothing, or remove the partial checkpoint and raise."""
+        if problem is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
+        latest = self.root / LATEST
+        intact = (
+            f"latest is still {latest.read_text().strip()}"
+            if latest.is_file()
+            else "no checkpoint was committed before it"
+        )
+        raise WriteError(f"checkpoint step {step}: not written ({problem}); {intact}")
+
+    def _explain(self, where: Path, e: BaseException) -> str:
+        """Why a write failed, in a user's words: an OSError's errno, else (the engine's
+        formats wrap it, e.g. torch.save's "unexpected pos") the free space, else the error."""
+        seen: BaseException | None = e
+        while seen is not None:
+            if isinstance(seen, OSError) and seen.errno is not None:
+                return f"{where}: {why(seen)}"
+            seen = seen.__cause__ or seen.__context__
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_SPACE:
+            return f"{where}: no space left on the device ({free / 2**20:.1f} MiB free)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{where}: {type(e).__name__}: {first[:200]}"
+
+    def _make_room(self) -> None:
+        """Rank 0, before a write: when the newest checkpoint's size exceeds the free space,
+        remove now what retention would remove once this one is committed."""
+        done = committed(self.root)
+        if len(done) < self.keep_last:
+            return
+        need = sum(f.stat().st_size for f in done[0].rglob("*") if f.is_file())
+        if shutil.disk_usage(self.root).free >= need:
+            return
+        keep = set(done[: self.keep_last - 1]) | self._best()
+        for path in done:
+            if path not in keep:
+                log.warning(f"making room for the next checkpoint: removing {path} early")
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _best(self) -> set[Path]:
+        if self.keep_best and (self.root / BEST).is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return {self.root / json.loads((self.root / BEST).read_text())["name"]}
+        return set()
 
     def _commit(self, pending: _Pending) -> None:
-        _fsync_dir(pending.tmp)
+        fsync_dir(pending.tmp)
         if pending.final.exists():  # a re-save of the same step (resumed, then stopped again)
             shutil.rmtree(pending.final)
         os.rename(pending.tmp, pending.final)
-        _replace_text(self.root / LATEST, pending.final.name)
+        fsync_dir(self.root)
+        atomic_write(self.root / LATEST, pending.final.name + "\n")
         if pending.metric is not None and self._better(pending.metric):
             best = {"name": pending.final.name, "metric": pending.metric}
-            _replace_text(self.root / BEST, json.dumps(best))
+            atomic_write(self.root / BEST, json.dumps(best) + "\n")
         self._prune()
 
     def _better(self, metric: float) -> bool:
@@ -329,10 +267,7 @@ class CheckpointStore:
         return metric > best if self.mode == "max" else metric < best
 
     def _prune(self) -> None:
-        keep = set(committed(self.root)[: self.keep_last])
-        if self.keep_best and (self.root / BEST).is_file():
-            with contextlib.suppress(ValueError, KeyError):
-                keep.add(self.root / json.loads((self.root / BEST).read_text())["name"])
+        keep = set(committed(self.root)[: self.keep_last]) | self._best()
         for path in committed(self.root):
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -356,31 +291,3 @@ def failpoint(name: str, step: int, rank: int) -> None:
         return
     if len(parts) < 3 or int(parts[2]) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# -- small helpers --------------------------------------------------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

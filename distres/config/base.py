@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration; main() prints it as one line and exits with code 2."""
+from distres.errors import ConfigError
 
 
 def doc(default: Any, help: str) -> Any:

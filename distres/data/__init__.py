@@ -25,9 +25,9 @@ _LAZY = {
     "KeyedBatch": "distres.data.api",
     "Loader": "distres.data.api",
     "SampleKey": "distres.data.api",
-    "build_eval_loader": "distres.data.loaders",
-    "build_loaders": "distres.data.loaders",
-    "resolve_shard_sets": "distres.data.loaders",
+    "build_eval_loader": "distres.data.build",
+    "build_loaders": "distres.data.build",
+    "resolve_shard_sets": "distres.data.build",
 }
 
 

@@ -18,10 +18,14 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
+from distres.errors import DataError
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from distres.data.shardset import ShardSet
+    from distres.data.shards.read import ShardSet
+
+__all__ = ["BadSamples", "Batch", "DataError", "KeyedBatch", "Loader", "SampleKey"]
 
 
 class Batch(NamedTuple):
@@ -45,15 +49,11 @@ class SampleKey(NamedTuple):
 
 class KeyedBatch(NamedTuple):
     """A Batch with each sample's SampleKey: what a loader built with keys=True yields
-    (the per-sample ledger, distres.ledger). Training never asks for keys."""
+    (the per-sample ledger, distres.results.ledger). Training never asks for keys."""
 
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[SampleKey]
-
-
-class DataError(RuntimeError):
-    """A sample that cannot be used; the message names the shard and the key."""
 
 
 class Loader(Protocol):
@@ -114,25 +114,22 @@ def parse_label(raw: bytes, where: str, num_classes: int) -> int:
 
 
 def position_problem(state: object) -> str | None:
-    """Why a loader's saved position (its state_dict) would not restore, or None."""
+    """Why a loader's saved position (its state_dict) would not restore, or None: the part
+    every backend shares (epoch and batches); a backend checks its own further."""
     if not isinstance(state, dict):
         return "not a mapping"
     for key in ("epoch", "batches"):
         value = state.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{key}={value!r}"
-    dali_state = state.get("dali")
-    if dali_state is None:
-        return None
-    if not isinstance(dali_state, str):
-        return "the DALI position is not text"
-    import base64
-    import binascii
+    return None
 
-    from distres.data.dali_index import checkpoint_problem
 
-    try:
-        raw = base64.b64decode(dali_state, validate=True)
-    except (binascii.Error, ValueError):
-        return "the DALI position is not base64"
-    return checkpoint_problem(raw)
+def class_names(classes: dict[str, int], num_classes: int) -> list[str]:
+    """One name per output index from a shard set's class map; an index no name maps to is
+    its own name."""
+    names = [str(i) for i in range(num_classes)]
+    for name, index in classes.items():
+        if 0 <= index < num_classes:
+            names[index] = name
+    return names

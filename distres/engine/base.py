@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distres.components.optim import build_optimizer, build_scheduler
 from distres.config import BatchPlan, Config
 from distres.data.api import Batch
 from distres.dist import DistEnv, average_buffers
 from distres.models import build_model
 from distres.models.resnet import count_params
-from distres.optim import build_optimizer, build_scheduler
 from distres.precision import autocast, resolve_precision
 
 

@@ -18,10 +18,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distres.checkpoint import dcp
+from distres.components.profiling import mark
 from distres.config import ConfigError
 from distres.data.api import Batch
 from distres.engine.base import EngineBase
-from distres.profiling import mark
 
 
 class DDPEngine(EngineBase):

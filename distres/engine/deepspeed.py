@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from distres.checkpoint.store import CheckpointError
+from distres.components.profiling import mark
 from distres.config import BatchPlan, Config, ConfigError
 from distres.data.api import Batch
 from distres.dist import export_ranks
 from distres.engine.base import EngineBase
-from distres.profiling import mark
+from distres.errors import CheckpointError
 
 TAG = "deepspeed"  # the tag directory inside a distres checkpoint
 PARTS = "distres_parts"  # the client-state key of distres's tensor parts (the EMA)

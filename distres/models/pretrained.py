@@ -8,7 +8,7 @@ they are; wrappers are unwrapped (timm's and torchvision's training checkpoints 
 weights under "state_dict" / "model") and DDP's / torch.compile's prefixes dropped.
 
 A head of another shape (another number of classes) is left at its fresh initialisation, with
-one line saying so. Anything else that does not fit is a one-line ConfigError naming the file
+one line saying so. Anything else that does not fit is a one-line WeightsError naming the file
 and the first few keys.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distres.config import ConfigError
+from distres.errors import WeightsError
 
 log = logging.getLogger("distres")
 
@@ -50,10 +50,10 @@ def _unwrap(obj: object, where: str) -> dict[str, torch.Tensor]:
                 if isinstance(obj, dict)
                 else type(obj).__name__
             )
-            raise ConfigError(f"model.init_from={where}: no state dict of tensors in it ({kind})")
+            raise WeightsError(f"model.init_from={where}: no state dict of tensors in it ({kind})")
         obj = inner
     else:
-        raise ConfigError(f"model.init_from={where}: no state dict of tensors in it")
+        raise WeightsError(f"model.init_from={where}: no state dict of tensors in it")
     state = {}
     for key, value in obj.items():
         for prefix in PREFIXES:
@@ -65,22 +65,22 @@ def _unwrap(obj: object, where: str) -> dict[str, torch.Tensor]:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict a `model.init_from` path names (see the module's doc), on the CPU."""
-    from distres.export import WEIGHTS
+    from distres.artifacts.final import WEIGHTS
 
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"model.init_from={path}: no such file or directory")
+        raise WeightsError(f"model.init_from={path}: no such file or directory")
     if p.is_dir():
         if (p / WEIGHTS).is_file():
             p = p / WEIGHTS
         else:
+            from distres.artifacts.consolidate import checkpoint_weights
             from distres.checkpoint import CheckpointError
-            from distres.export import checkpoint_weights
 
             try:
                 weights, _, _ = checkpoint_weights(p)
             except CheckpointError as e:
-                raise ConfigError(
+                raise WeightsError(
                     f"model.init_from={path}: neither a final/ directory ({WEIGHTS}) nor a "
                     f"distres checkpoint ({e})"
                 ) from None
@@ -90,21 +90,21 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
         try:
             return _unwrap(load_file(str(p), device="cpu"), str(path))
-        except ConfigError:
+        except WeightsError:
             raise
         except Exception as e:  # SafetensorError, OSError
-            raise ConfigError(f"model.init_from={path}: not a safetensors file ({e})") from None
+            raise WeightsError(f"model.init_from={path}: not a safetensors file ({e})") from None
     if p.suffix in STATE_DICT_SUFFIXES:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
             first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
-            raise ConfigError(
+            raise WeightsError(
                 f"model.init_from={path}: not loadable as weights only ({first.strip()[:160]}); "
                 "save the model's state_dict() (or a .safetensors file) instead"
             ) from None
         return _unwrap(obj, str(path))
-    raise ConfigError(
+    raise WeightsError(
         f"model.init_from={path}: expected a .safetensors file, a state dict "
         f"({'/'.join(STATE_DICT_SUFFIXES)}), or a distres final/ or checkpoint directory"
     )
@@ -125,17 +125,17 @@ def init_from(model: nn.Module, path: str | Path) -> None:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing:
-        raise ConfigError(
+        raise WeightsError(
             f"model.init_from={path}: missing {len(missing)} key(s) of this model: "
             f"{_first(missing)} (written for another model.name?)"
         )
     if unexpected:
-        raise ConfigError(
+        raise WeightsError(
             f"model.init_from={path}: {len(unexpected)} unexpected key(s): {_first(unexpected)}"
         )
     if wrong:
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
-        raise ConfigError(
+        raise WeightsError(
             f"model.init_from={path}: {len(wrong)} tensor(s) of another shape: {_first(shapes)}"
         )
     with torch.no_grad():

@@ -36,7 +36,7 @@ def drop_branch(block: nn.Module, out: Tensor) -> Tensor:
     1 / (1 - p); the identity in evaluation. No parameters: weights load either way.
 
     torchvision.ops.stochastic_depth(mode="row") written out: importing torchvision costs a
-    DALI run 2-3 s per rank at start-up (distres.data.loaders)."""
+    DALI run 2-3 s per rank at start-up (distres.data.build)."""
     if block.drop_path and block.training:
         keep = 1.0 - block.drop_path
         shape = (out.shape[0],) + (1,) * (out.dim() - 1)

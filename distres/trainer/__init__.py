@@ -1,26 +1,51 @@
 """The trainer: build (components in dependency order), state (the checkpointed parts),
-resume (which checkpoint, and the batch plan for it), loop (the Trainer)."""
+resume (which checkpoint, and the batch plan for it), loop (the Trainer), records (what it
+logs and prints)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from distres.config import BatchPlan, Config
-from distres.dist import DistEnv
+from distres.config import Config
+from distres.trainer.hooks import Hooks
 
 
-def run(
-    cfg: Config, env: DistEnv, device: torch.device, plan: BatchPlan, run_dir: Path
-) -> dict[str, Any]:
-    """One run on this rank: find the checkpoint to continue from (and keep its global
-    batch on this world size), build everything, train; the summary."""
+def resolve_run_dir(cfg: Config) -> Path:
+    if not cfg.run.dir:
+        cfg.run.dir = f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.run.dir)
+
+
+def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Train on this process's rank (read from the launcher's environment); the summary.
+    Checks the machine first (preflight), before any process group exists; finds the
+    checkpoint to continue from (keeping its global batch on this world size), builds
+    everything, trains."""
+    from distres.artifacts import layout
+    from distres.artifacts.lock import RunDirLock
+    from distres.config import plan_batch, save_config
+    from distres.dist import pick_device, process_group, read_env, shared_run_dir
+    from distres.log import setup_logging
+    from distres.preflight import preflight
     from distres.trainer.build import build, checkpoint_root
     from distres.trainer.resume import find_checkpoint, replan
 
-    found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
-    if found is not None:
-        plan = replan(plan, found[1])
-    return build(cfg, env, device, plan, run_dir, fresh=found is None).fit(found)
+    env = read_env()
+    setup_logging(env.is_main)
+    preflight(cfg)
+    plan = plan_batch(cfg, env.world_size)  # a ConfigError here: no process group yet
+    device = pick_device(cfg.run.device, env.local_rank)
+    with process_group(env, device, always=cfg.engine.name == "deepspeed"):
+        # Every rank must write to the same run.dir: rank 0's timestamp wins.
+        run_dir = shared_run_dir(resolve_run_dir(cfg), env)
+        cfg.run.dir = str(run_dir)
+        with RunDirLock(run_dir, env):
+            if env.is_main:
+                save_config(cfg, run_dir / layout.CONFIG)
+            found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
+            if found is not None:
+                plan = replan(plan, found[1])
+            trainer = build(cfg, env, device, plan, run_dir, fresh=found is None, hooks=hooks)
+            return trainer.fit(found)

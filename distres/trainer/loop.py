@@ -1,51 +1,43 @@
 """The training loop: restore, then optimizer steps with one boundary policy after each
 (log / close the epoch and evaluate / agree on a stop / checkpoint, each at its cadence),
-then finish (final evaluation, checkpoint, weights, summary)."""
+then finish (final evaluation, checkpoint, weights, ledger, summary). The components it calls
+are built by distres.trainer.build; it knows none of their options."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
-import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distres.artifacts.final import save_inference_info, save_weights
 from distres.checkpoint import CheckpointStore
 from distres.checkpoint.manager import CheckpointManager
-from distres.config import BatchPlan, Config, to_yaml
+from distres.components.profiling import StepProfiler, mark, table
+from distres.components.stopping import EarlyStopping, StopConsensus
+from distres.components.tracking import Tracker
+from distres.config import BatchPlan, Config
 from distres.data.api import Batch, Loader
-from distres.data.batch_augment import BatchAugment
+from distres.data.augment import BatchAugment
 from distres.dist import DistEnv
-from distres.ema import WeightEma
 from distres.engine.base import Engine
-from distres.evaluate import evaluate
-from distres.export import save_inference_info, save_weights
-from distres.precision import autocast
-from distres.profiling import StepProfiler, mark
-from distres.stopping import EarlyStopping, StopConsensus
-from distres.tracking import TensorBoardRun, Tracker, WandbRun, run_info, wandb_mode
-from distres.trainer.reports import Reports
+from distres.errors import WriteError
+from distres.results.evaluation import EvalTarget
+from distres.trainer import records
+from distres.trainer.hooks import Hooks
 from distres.trainer.resume import same_layout
-from distres.trainer.state import (
-    RANK_CHECKS,
-    SHARED_CHECKS,
-    DataPosition,
-    LossWindow,
-    RngStates,
-    SkipCounts,
-    TrainState,
-)
+from distres.trainer.state import DataPosition, LossWindow, TrainState, checkpoint_header, run_parts
 
 log = logging.getLogger("distres")
 
 
 @dataclasses.dataclass(eq=False)
-class Trainer(Reports):
+class Trainer:
     """One run on one rank, its parts built by distres.trainer.build (or by a test)."""
 
     cfg: Config
@@ -64,14 +56,26 @@ class Trainer(Reports):
     state: TrainState
     window: LossWindow
     data: DataPosition
-    checkpoints: CheckpointManager | None = None  # None: checkpoints off
+    # what validation evaluates (the weights, then their EMA), and which one final/ holds
+    targets: list[EvalTarget] = dataclasses.field(default_factory=list)
+    final: EvalTarget | None = None
+    # after each optimizer step, in order (the EMA's update)
+    step_hooks: list[Callable[[TrainState], None]] = dataclasses.field(default_factory=list)
+    tensor_parts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the EMA
+    notes: list[str] = dataclasses.field(default_factory=list)  # printed at the start
     # color jitter, random erasing, mixup/cutmix on the device (None: none of them is on);
     # its draws are functions of the step, so the checkpoint's step is all its state
     augment: BatchAugment | None = None
-    ema: WeightEma | None = None  # train.ema_decay > 0: the EMA of the weights, a tensor part
     profiler: StepProfiler | None = None  # tracking.profile_steps
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
+    checkpoints: CheckpointManager | None = None  # attach_checkpoints; None: off
 
     def __post_init__(self) -> None:
+        if not self.targets:
+            e = self.engine
+            self.targets = [EvalTarget(e.module, e.autocast, e.input_dtype, "val",
+                                       e.sync_buffers, e.full_state_dict)]  # fmt: skip
+        self.final = self.final or self.targets[0]
         if self.checkpoints is None:
             self.attach_checkpoints(None)
 
@@ -91,9 +95,11 @@ class Trainer(Reports):
                 reason = self.train_epoch()
             # still under the handlers: a stop signal during the final evaluation and
             # checkpoint only sets a flag, instead of killing the rank halfway through them
-            return self.finish(reason or "completed", time.perf_counter() - t0)
+            summary = self.finish(reason or "completed", time.perf_counter() - t0)
         finally:
             self.consensus.restore_signal_handlers()
+        self.hooks.after_fit(self, summary)
+        return summary
 
     def train_epoch(self) -> str | None:
         """The rest of this epoch; the stop reason if the run stops in it."""
@@ -128,14 +134,14 @@ class Trainer(Reports):
         logs = (s.step + 1) % self.cfg.tracking.log_every == 0 or s.step + 1 >= self.total_steps
         if self.augment is not None:
             micro_batches = self.augment(micro_batches, s.step)
-        loss = self.engine.train_step(micro_batches, grad_norm=logs)
+        loss = self.hooks.after_step(self, self.engine.train_step(micro_batches, grad_norm=logs))
         self.window.add(loss)
         self.consensus.note_loss(loss)
         s.step += 1
         s.epoch_step += 1
         s.samples_seen += self.plan.global_batch
-        if self.ema is not None:
-            self.ema.update(s.step, s.samples_seen, self.plan.global_batch)
+        for hook in self.step_hooks:
+            hook(s)
         if self.profiler is not None:
             self.report_profile(self.profiler.after(s.step))
         self.tracker.step(s.step, s.epoch)
@@ -146,7 +152,7 @@ class Trainer(Reports):
         s, cfg = self.state, self.cfg
         last = s.step >= self.total_steps
         if s.step % cfg.tracking.log_every == 0 or last:
-            self.log_train()
+            self.tracker.log(records.train_record(self))
         check = s.step % self.stop_check_every == 0 or last
         epoch_end = s.epoch_step == self.steps_per_epoch
         if epoch_end:
@@ -182,148 +188,102 @@ class Trainer(Reports):
 
     # -- start and finish -----------------------------------------------------------------
     def start(self) -> None:
-        cfg, env, plan, s = self.cfg, self.env, self.plan, self.state
-        mode = wandb_mode(cfg.tracking.wandb) if env.is_main else None
-        if mode is not None:
-            self.tracker.wandb = WandbRun(
-                self.run_dir,
-                mode,
-                cfg.tracking.wandb_project,
-                cfg.tracking.wandb_entity,
-                cfg.run.name,
-                s.wandb_id,  # from the checkpoint: a resumed job continues its run
-                run_info(cfg, env, self.device, plan, self.engine.num_params),
-            )
-            s.wandb_id = self.tracker.wandb.id
-        if env.is_main and cfg.tracking.tensorboard:
-            self.tracker.tensorboard = TensorBoardRun(self.run_dir, s.step)
-        self.tracker.print(
-            f"{cfg.model.name} ({self.engine.num_params / 1e6:.2f}M params) on {self.device}, "
-            f"world size {env.world_size}, global batch {plan.global_batch} = "
-            f"{plan.micro_batch} x {plan.grad_accum} accum x {env.world_size} ranks, lr "
-            f"{self.engine.lr:.4g}, {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} "
-            f"epochs, precision {self.engine.amp_dtype or torch.float32}; run dir {self.run_dir}"
-        )
-        if self.ema is not None:
-            self.tracker.print(self.ema.horizon(plan.global_batch))
-        self.tracker.start(s.step)
+        self.tracker.open(self.state, self.engine.num_params)
+        self.tracker.print(records.start_line(self))
+        for note in self.notes:
+            self.tracker.print(note)
+        self.tracker.start(self.state.step)
         self.engine.train()
 
     def finish(self, reason: str, wall_s: float) -> dict[str, Any]:
-        s, cfg = self.state, self.cfg
+        """Everything after the last step, one concern a line; the summary."""
+        poisoned = reason == "non_finite_loss"  # the weights are not worth keeping
         if self.profiler is not None:  # a window the run stopped in (or never reached)
-            self.report_profile(self.profiler.after(s.step, force=True))
+            self.report_profile(self.profiler.after(self.state.step, force=True))
         # training's input is done: a pipeline prefetched for an epoch that will not run
         # gives its GPU memory back before the last evaluation (the position was kept)
         self.train_data.close()
-        if reason != "non_finite_loss" and s.last_eval.get("step") != s.step:
+        if not poisoned and self.state.last_eval.get("step") != self.state.step:
             # Stopped mid-epoch: the summary still reports this step's accuracy. It is not an
             # evaluation early stopping counts (a preempted run would count one more).
             self.validate(count=False)
+        self.final_checkpoint(save=not poisoned)
+        self.val_data.close()
+        if (line := records.stop_line(reason, self.state, self.early_stopping)) is not None:
+            self.tracker.print(line)
+        self.tracker.close()
+        self.write_final_weights()
+        if self.cfg.tracking.ledger and not poisoned:
+            self.write_ledger()
+        summary = records.summary(self, reason, wall_s)
+        self.tracker.summary(summary)
+        if self.env.is_main and self.cfg.tracking.plots:
+            self.plot_curves()
+        self.tracker.finish(failed=poisoned)
+        return summary
+
+    def plot_curves(self) -> None:
+        from distres.results.report import plot_curves
+
+        try:
+            plot_curves(self.run_dir)
+        except WriteError as e:  # a picture: the run's outcome stands
+            self.tracker.print(f"tracking.plots: not drawn ({e})")
+
+    def final_checkpoint(self, save: bool) -> None:
+        """checkpoint.on_stop: the stop step (not after a non-finite loss: the last good
+        checkpoint stays "latest"); then the last async write is committed."""
         if self.checkpoints.enabled:
-            # A non-finite loss poisoned the weights: the last good checkpoint stays "latest".
-            if cfg.checkpoint.on_stop and reason != "non_finite_loss":
+            if save and self.cfg.checkpoint.on_stop:
                 self.save_checkpoint()
             self.checkpoints.close()
-        self.val_data.close()
-        self.report_stop(reason)
-        self.tracker.close()
-        self.engine.sync_buffers()
-        if self.ema is not None and cfg.checkpoint.final_weights == "ema":
-            self.ema.sync_buffers()
-        if cfg.checkpoint.save_final:
-            if cfg.checkpoint.final_weights == "ema":
-                weights = self.ema.state_dict()
-            else:
-                weights = self.engine.full_state_dict()  # a collective under ZeRO-3
-            if self.env.is_main:
-                final = self.run_dir / "final"
-                save_weights(weights, cfg.model, final)
-                save_inference_info(final, cfg, self.train_data.shards.classes)
-        if cfg.tracking.ledger and reason != "non_finite_loss":
-            self.write_ledger()
-        summary = {
-            "stop_reason": reason,
-            "final_val_top1": s.last_eval.get("val/top1"),
-            "final_val_top5": s.last_eval.get("val/top5"),
-            "final_val_loss": s.last_eval.get("val/loss"),
-            "best_val_top1": s.best_top1 if s.best_top1 > -math.inf else None,
-            **(
-                {"final_val_ema_top1": s.last_eval.get("val_ema/top1")}
-                if self.ema is not None
-                else {}
-            ),
-            "steps": s.step,
-            "epochs": s.epoch,
-            "samples_seen": s.samples_seen,
-            "global_batch": self.plan.global_batch,
-            "grad_accum": self.plan.grad_accum,
-            "world_size": self.env.world_size,
-            "model": cfg.model.name,
-            "params": self.engine.num_params,
-            "wall_s": round(wall_s, 3),
-        }
-        self.tracker.summary(summary)
-        if self.env.is_main and cfg.tracking.plots:
-            from distres.report import plot_curves
 
-            plot_curves(self.run_dir)
-        self.tracker.finish(failed=reason == "non_finite_loss")
-        return summary
+    def write_final_weights(self) -> None:
+        """final/: the weights checkpoint.final_weights names (a collective under ZeRO-3)."""
+        if not self.cfg.checkpoint.save_final:
+            return
+        if self.final.prepare is not None:
+            self.final.prepare()
+        weights = self.final.weights()
+        if self.env.is_main:
+            final = self.run_dir / "final"
+            try:
+                save_weights(weights, self.cfg.model, final)
+                save_inference_info(final, self.cfg, self.train_data.shards.classes)
+            except WriteError as e:  # the run itself has completed; its checkpoints stand
+                self.tracker.print(f"final weights: not written ({e})")
+
+    def write_ledger(self) -> None:
+        """tracking.ledger: every val sample's row for the weights final/ holds, the
+        per-class table and pictures (and into W&B)."""
+        from distres.results.ledger import write_run_ledger
+
+        info = {"checkpoint": None, "step": self.state.step, "ema": self.final.prefix != "val"}
+        try:
+            result = write_run_ledger(self.final, self.cfg, self.env, self.device,
+                                      self.run_dir, info)  # fmt: skip
+        except WriteError as e:  # rank 0's files (a full disk): the run itself has completed
+            self.tracker.print(f"tracking.ledger: not written ({e})")
+            return
+        if result is not None:
+            self.tracker.ledger(result, self.state.step)
+
+    def report_profile(self, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            self.tracker.log(record)
+            self.tracker.print(table(record))
 
     # -- checkpoints ----------------------------------------------------------------------
     def attach_checkpoints(self, store: CheckpointStore | None) -> None:
-        """Checkpoints of this run's parts in `store` (None: checkpoints off). What a
-        checkpoint holds is this list: a new piece of state is a new part here, with its
-        check in distres.trainer.state."""
-        self.checkpoints = CheckpointManager(
-            store,
-            self.engine,
-            shared={
-                "train": self.state,
-                "engine": self.engine,
-                "early_stopping": self.early_stopping,
-            },
-            ranks={
-                "data": self.data,
-                "rng": RngStates(self.device),
-                "window": self.window,
-                "skipped": SkipCounts(self.train_data, self.val_data),
-            },
-            header=self.checkpoint_header,
-            checks=(SHARED_CHECKS, RANK_CHECKS),
-            tensors={} if self.ema is None else {"ema": self.ema},
-        )
-
-    def metric(self) -> float | None:
-        """The monitored metric, when this step was evaluated (for the best checkpoint)."""
-        last = self.state.last_eval
-        return (
-            last.get(self.early_stopping.monitor) if last.get("step") == self.state.step else None
-        )
-
-    def checkpoint_header(self) -> dict[str, Any]:
-        """What meta.json says besides the parts' states."""
-        plan, es = self.plan, self.early_stopping
-        return {
-            "layout": {
-                "world_size": self.env.world_size,
-                "micro_batch": plan.micro_batch,
-                "grad_accum": plan.grad_accum,
-                "global_batch": plan.global_batch,
-                "steps_per_epoch": self.steps_per_epoch,
-            },
-            "model": dataclasses.asdict(self.cfg.model),
-            "config": to_yaml(self.cfg),
-            "metric": {"name": es.monitor, "mode": es.mode, "value": self.metric()},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        """Checkpoints of this run's parts (distres.trainer.state.PARTS) in `store` (None:
+        checkpoints off)."""
+        specs, parts = run_parts(self)
+        header = lambda: checkpoint_header(self)  # noqa: E731
+        self.checkpoints = CheckpointManager(store, self.engine, specs, parts, header)
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        if self.ema is not None and self.checkpoints.enabled:
-            self.ema.sync_buffers()  # one set of BN statistics, whichever rank writes them
-        path = self.checkpoints.save(self.state.step, self.metric())
+        path = self.checkpoints.save(self.state.step, records.metric(self))
         if path is None:
             return
         how = "staged (writing in the background)" if self.cfg.checkpoint.async_save else "saved"
@@ -333,58 +293,22 @@ class Trainer(Reports):
 
     def restore(self, path: Path, meta: dict) -> None:
         self.checkpoints.load(path, meta, self.env.rank, same_layout(meta, self.env, self.plan))
-        s, layout = self.state, meta["layout"]
+        s = self.state
         if self.env.is_main:
             self.tracker.truncate_after(s.step)
-        # The history says where it resumed: [before, now] where the layout changed.
-        self.tracker.log(
-            {
-                "event": "resume",
-                "step": s.step,
-                "epoch": s.epoch,
-                "samples": s.samples_seen,
-                "checkpoint": str(path),
-                "world_size": [layout["world_size"], self.env.world_size],
-                "grad_accum": [layout["grad_accum"], self.plan.grad_accum],
-            }
-        )
-        log.info(
-            f"resumed from {path}: step {s.step}, epoch {s.epoch + 1} "
-            f"(step {s.epoch_step} of {self.steps_per_epoch}), {s.samples_seen} samples "
-            f"seen; written by {layout['world_size']} rank(s), now {self.env.world_size}"
-        )
+        self.tracker.log(records.resume_record(self, path, meta))
+        log.info(records.resume_line(self, path, meta))
+        self.hooks.after_restore(self)
 
     def validate(self, count: bool = True) -> dict[str, float]:
-        s = self.state
-        self.val_data.set_epoch(s.epoch)
-        self.engine.sync_buffers()
-        metrics = evaluate(
-            self.engine.module,
-            self.val_data,
-            self.device,
-            self.engine.autocast,
-            self.engine.input_dtype,
-        )
-        if self.ema is not None:
-            # the EMA in fp32 under the run's autocast (DeepSpeed's module may be half)
-            self.ema.sync_buffers()
+        s, metrics = self.state, {}
+        for target in self.targets:
             self.val_data.set_epoch(s.epoch)
-            amp, device = self.engine.amp_dtype, self.device
-            ema = evaluate(self.ema.module, self.val_data, device, lambda: autocast(device, amp))
-            metrics.update({k.replace("val/", "val_ema/", 1): v for k, v in ema.items()})
+            metrics.update(target.evaluate(self.val_data, self.device))
         self.engine.train()
         s.best_top1 = max(s.best_top1, metrics["val/top1"])
         s.last_eval = {**metrics, "step": s.step}
-        self.tracker.log(
-            {
-                "event": "eval",
-                "step": s.step,
-                "epoch": max(0, s.epoch - 1),
-                "samples": s.samples_seen,
-                "lr": self.engine.current_lr(),
-                **metrics,
-            }
-        )
+        self.tracker.log(records.eval_record(self, metrics))
         # Metrics are all-reduced, so every rank reaches the same decision; it still travels
         # through the consensus so there is one path to a stop.
         if count and self.early_stopping.update(metrics, s.step):

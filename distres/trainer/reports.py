@@ -21,7 +21,7 @@ class Reports:
         """tracking.ledger: every val sample's row for the weights final/ holds (the EMA with
         checkpoint.final_weights=ema), the per-class table and pictures, into W&B too."""
         from distres.data import build_eval_loader
-        from distres.ledger import write_ledger
+        from distres.results.ledger import write_ledger
 
         cfg, env, device = self.cfg, self.env, self.device
         data = build_eval_loader(
@@ -47,7 +47,7 @@ class Reports:
 
     def report_profile(self: Trainer, record: dict[str, Any] | None) -> None:
         if record is not None:
-            from distres.profiling import table
+            from distres.components.profiling import table
 
             self.tracker.log(record)
             self.tracker.print(table(record))

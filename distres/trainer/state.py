@@ -1,9 +1,10 @@
-"""The run's state, as stateful parts of every checkpoint, and each part's check.
+"""The run's state, as stateful parts of every checkpoint: each declared once in PARTS (its
+name, where it lives, its check, its format-1 name), its object named in `run_parts`.
 
-Shared parts (the same on every rank) go to meta.json, each rank's own to its rank file (see
-distres.checkpoint.manager). A part has state_dict() / load_state_dict(); its check (in
-SHARED_CHECKS or RANK_CHECKS, by the part's name) says why a saved state would not load,
-before any collective load. Adding state means adding a part and its check here.
+Shared parts (the same on every rank) go to meta.json, each rank's own to its rank file,
+tensor parts beside the engine's tensors (see distres.checkpoint.manager). A part has
+state_dict() / load_state_dict(); its check says why a saved state would not load, before
+any collective load. Adding state means adding a part: one line in PARTS, one in run_parts.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from distres.data.api import Loader, position_problem
+from distres.checkpoint.parts import RANK, SHARED, TENSOR, PartSpec
+from distres.components.stopping import EarlyStopping
+from distres.data.api import Loader
+from distres.data.build import position_problem
 from distres.engine.base import check_engine_state
 from distres.rng import rng_problem, rng_state, set_rng_state
-from distres.stopping import EarlyStopping
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -195,21 +198,62 @@ class DataPosition:
             self.loader.set_epoch(self.train_state.epoch)
 
 
-SHARED_CHECKS: dict[str, Any] = {
-    "train": TrainState.check_state,
-    "engine": check_engine_state,
-    "early_stopping": EarlyStopping.check_state,
-}
-RANK_CHECKS: dict[str, Any] = {
-    "data": position_problem,
-    "rng": rng_problem,
-    "window": LossWindow.check_state,
-    "skipped": SkipCounts.check_state,
-}
+# format 1 (distres before the parts): the train state's fields at meta.json's top level
+_V1_TRAIN = ("step", "epoch", "epoch_step", "samples_seen", "best_top1", "last_eval", "wandb_id")
+PARTS: tuple[PartSpec, ...] = (
+    PartSpec("train", SHARED, TrainState.check_state, v1=_V1_TRAIN),
+    PartSpec("engine", SHARED, check_engine_state, v1=("scheduler", "scaler")),
+    PartSpec("early_stopping", SHARED, EarlyStopping.check_state, v1="early_stopping"),
+    PartSpec("data", RANK, position_problem),
+    PartSpec("rng", RANK, rng_problem),
+    PartSpec("window", RANK, LossWindow.check_state),
+    PartSpec("skipped", RANK, SkipCounts.check_state),
+    PartSpec("ema", TENSOR),  # train.ema_decay > 0 (a checkpoint without it: missing())
+)
+
+
+def run_parts(t: Any) -> tuple[tuple[PartSpec, ...], dict[str, Any]]:
+    """The specs and objects of a trainer's checkpoint (t: a distres.trainer.loop.Trainer);
+    a tensor part the run has not (no EMA) is left out of both."""
+    objects = {
+        "train": t.state,
+        "engine": t.engine,
+        "early_stopping": t.early_stopping,
+        "data": t.data,
+        "rng": RngStates(t.device),
+        "window": t.window,
+        "skipped": SkipCounts(t.train_data, t.val_data),
+        **t.tensor_parts,
+    }
+    specs = tuple(s for s in PARTS if s.name in objects)
+    return specs, {s.name: objects[s.name] for s in specs}
 
 
 def validate(path: Any) -> dict:
     """A checkpoint of a training run, every part of it checked; its meta."""
     from distres.checkpoint import validate as validate_checkpoint
 
-    return validate_checkpoint(path, SHARED_CHECKS, RANK_CHECKS)
+    return validate_checkpoint(path, PARTS)
+
+
+def checkpoint_header(t: Any) -> dict[str, Any]:
+    """What a trainer's meta.json says besides its parts' states (t: the Trainer)."""
+    import dataclasses as dc
+
+    from distres.config import to_yaml
+    from distres.trainer.records import metric
+
+    plan, es = t.plan, t.early_stopping
+    return {
+        "layout": {
+            "world_size": t.env.world_size,
+            "micro_batch": plan.micro_batch,
+            "grad_accum": plan.grad_accum,
+            "global_batch": plan.global_batch,
+            "steps_per_epoch": t.steps_per_epoch,
+        },
+        "model": dc.asdict(t.cfg.model),
+        "config": to_yaml(t.cfg),
+        "metric": {"name": es.monitor, "mode": es.mode, "value": metric(t)},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
