@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -143,6 +144,15 @@ def export_ranks(env: DistEnv, device: torch.device) -> None:
         # DeepSpeed picks its GPU by LOCAL_RANK; with one visible GPU per task that index
         # is not this process's device (pick_device chose it).
         os.environ["LOCAL_RANK"] = str(device.index)
+
+
+def from_main(value: Any, env: DistEnv) -> Any:
+    """Rank 0's `value` on every rank (itself where there is one rank)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shared_run_dir(run_dir: Path, env: DistEnv) -> Path:

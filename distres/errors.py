@@ -117,3 +117,9 @@ def report(prog: str, e: DistresError) -> int:
 
     print(f"{prog}: {e.label}: {e}", file=sys.stderr)
     return e.exit_code
+
+
+def from_os_error(e: OSError) -> DistresError:
+    """An OSError nobody anticipated (a file unreadable or vanished), as one line: exit 1."""
+    where = f"{e.filename}: " if e.filename else ""
+    return DistresError(f"{where}{why(e)}")

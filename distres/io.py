@@ -4,7 +4,8 @@ objects read with one-line errors.
 A write goes to a temporary file beside its target (same directory, so the same
 filesystem), is flushed and fsynced, renamed over the target, and the directory is fsynced:
 a reader sees the old file or the new one, never a part, and a crash leaves at most a
-`.<name>.<random>.tmp` beside it, which the next write of that target (or `sweep`) removes.
+`.<name>.<random>.tmp` beside it, which `sweep` removes (a run does so at its start, in the
+run directory, final/ and the ledger; the checkpoint store at each commit).
 A write that fails (no space, no permission, a read-only or vanished filesystem) removes its
 temporary file and raises WriteError naming the target and the cause.
 """
@@ -54,7 +55,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None,
                durable: bool = True) -> Path:  # fmt: skip
-    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    # ASCII (non-ASCII as escapes): any reader's locale decodes it
+    text = json.dumps(obj, indent=indent)
     return atomic_write(path, text + ("\n" if indent is not None else ""), durable=durable)
 
 
@@ -62,7 +64,7 @@ def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueErro
     """A JSON object from `path`, or `error` naming the file and what is wrong with it."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: missing") from None
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included

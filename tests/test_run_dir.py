@@ -169,17 +169,59 @@ def test_a_full_disk_is_one_line_exit_7_latest_intact_and_a_resume_once_freed(sm
 
 @pytest.mark.slow
 def test_retention_makes_room_before_a_save_that_would_not_fit(small_fs, tmp_path):
+    """keep_last=2 on a disk with room for two and a half checkpoints: the third save first
+    removes the one retention would remove after it (never the one latest names)."""
     where, size = small_fs
-    common = [*TINY, "checkpoint.every_steps=4", "checkpoint.keep_last=1",
+    common = [*TINY, "checkpoint.every_steps=4", "checkpoint.keep_last=2",
               "checkpoint.keep_best=false", "checkpoint.save_final=false",
               "train.max_steps=12"]  # fmt: skip
     probe = run_cli(*common, "train.max_steps=4", f"run.dir={tmp_path / 'probe'}")
     assert probe.returncode == 0, probe.stderr[-2000:]
     one = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints").rglob("*")
               if f.is_file() and "step-" in str(f))  # fmt: skip
-    size(f"{int(one * 1.6) // 1024 + 64}k")
+    size(f"{int(one * 2.6) // 1024 + 64}k")
     proc = run_cli(*common, f"run.dir={where / 'run'}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "making room for the next checkpoint: removing" in proc.stderr
+    assert "step-00000004 early" in proc.stderr
     ckpts = where / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-00000012"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000008", "step-00000012"]
+
+
+def test_a_run_in_this_process_already_holds_it(tmp_path):
+    with RunDirLock(tmp_path, DistEnv()), pytest.raises(errors.RunDirLocked, match="this process"):
+        RunDirLock(tmp_path, DistEnv()).__enter__()
+
+
+def test_a_filesystem_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capfd):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with RunDirLock(tmp_path, DistEnv()):
+        pass
+    assert "this filesystem takes no locks" in capfd.readouterr().err
+
+
+def test_making_room_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    import shutil
+
+    from distres.checkpoint import CheckpointStore
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 8):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "data").write_bytes(b"x" * 1000)
+    (root / "latest").write_text("step-00000008\n")
+    full = type("Usage", (), {"free": 10})()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    for keep_last in (1, 2):
+        store = CheckpointStore(root, rank=0, world_size=1, keep_last=keep_last,
+                                keep_best=False, mode="max", async_save=False)  # fmt: skip
+        store._make_room()
+        assert (root / "step-00000008").is_dir()
+    assert not (root / "step-00000004").exists()  # keep_last=2: the one retention would drop

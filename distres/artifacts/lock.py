@@ -15,8 +15,11 @@ checkpoint store's to remove, also at the start).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -28,6 +31,9 @@ from distres.artifacts import layout
 from distres.dist import DistEnv
 from distres.errors import RunDirLocked, WriteError, why
 from distres.io import sweep
+
+log = logging.getLogger("distres")
+_HELD: set[str] = set()  # the run directories this process holds
 
 
 def holder() -> dict:
@@ -52,6 +58,7 @@ class RunDirLock:
     def __init__(self, run_dir: Path, env: DistEnv):
         self.run_dir, self.env = Path(run_dir), env
         self.fd: int | None = None
+        self.key = ""
 
     def __enter__(self) -> RunDirLock:
         problem = self._acquire() if self.env.is_main else None
@@ -71,6 +78,9 @@ class RunDirLock:
     def _acquire(self) -> tuple[str, str] | None:
         """Rank 0: take the lock, or (kind, message) saying why not."""
         path = self.run_dir / layout.LOCK
+        key = str(path.resolve())
+        if key in _HELD:  # POSIX locks do not see the same process twice
+            return "locked", f"{self.run_dir} is being written by a run in this process"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -78,26 +88,47 @@ class RunDirLock:
             return "write", f"{self.run_dir}: cannot create the run directory's lock ({why(e)})"
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            try:
-                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                info = {}
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # no POSIX locks on this filesystem
+                log.warning(f"{path}: this filesystem takes no locks ({why(e)}); nothing stops "
+                            "a second run from writing the same run.dir")  # fmt: skip
+                os.close(fd)
+                return None
+            info = self._record(fd)
+            job = os.environ.get("SLURM_JOB_ID")
+            if job is not None and info.get("slurm_job") == job:
+                # this job's own earlier attempt (a requeue after a node failure, whose lock
+                # a network filesystem may keep for a lease period): it is gone
+                log.warning(f"{path}: held by this Slurm job's earlier attempt; taking over")
+                os.close(fd)
+                return None
             os.close(fd)
             return "locked", (
                 f"{self.run_dir} is being written by another run ({describe(info)}); "
                 "wait for it, stop it, or give this run another run.dir"
             )
-        self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder()).encode(), 0)
-        for folder in (self.run_dir, self.run_dir / layout.FINAL, self.run_dir / layout.LEDGER):
+        self.fd, self.key = fd, key
+        _HELD.add(key)
+        with contextlib.suppress(OSError):  # the record is for people; a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder()).encode(), 0)
+        for folder in (self.run_dir, self.run_dir / layout.FINAL, self.run_dir / layout.LEDGER,
+                       self.run_dir / layout.PLOTS):  # fmt: skip
             if folder.is_dir():
                 sweep(folder)
         return None
+
+    @staticmethod
+    def _record(fd: int) -> dict:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def release(self) -> None:
         if self.fd is not None:
             # the record stays (who held it last); the lock goes with the descriptor
             os.close(self.fd)
             self.fd = None
+            _HELD.discard(self.key)

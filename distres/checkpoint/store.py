@@ -51,7 +51,7 @@ from distres.checkpoint.read import (  # noqa: F401 (read.py's names, one import
     validate,
 )
 from distres.errors import WriteError, why
-from distres.io import atomic_write, fsync_dir, write_json
+from distres.io import atomic_write, fsync_dir, sweep, write_json
 
 log = logging.getLogger("distres")
 
@@ -192,22 +192,28 @@ class CheckpointStore:
                 self._commit(pending)
             except OSError as e:
                 problem = self._explain(pending.final, e)
+                if pending.final.is_dir():  # renamed: a resume finds it, `latest` aside
+                    problem = f"committed as {pending.final.name}, but not named latest ({problem})"
         self._fail_if(self._agree(problem), _step(pending.final), pending.tmp)
 
     def _fail_if(self, problem: str | None, step: int, tmp: Path) -> None:
-        """On every rank alike: nothing, or remove the partial checkpoint and raise."""
+        """On every rank alike: nothing, or remove the partial checkpoint and raise. `problem`
+        is "<what happened> (<why>)"; a bare cause means the checkpoint was not written."""
         if problem is None:
             return
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
+        if not problem.startswith("committed"):
+            problem = f"not written ({problem})"
         latest = self.root / LATEST
+        named = latest.read_text().strip() if latest.is_file() else ""
         intact = (
-            f"latest is still {latest.read_text().strip()}"
-            if latest.is_file()
+            f"latest is still {named}"
+            if named and (self.root / named).is_dir()
             else "no checkpoint was committed before it"
         )
-        raise WriteError(f"checkpoint step {step}: not written ({problem}); {intact}")
+        raise WriteError(f"checkpoint step {step}: {problem}; {intact}")
 
     def _explain(self, where: Path, e: BaseException) -> str:
         """Why a write failed, in a user's words: an OSError's errno, else (the engine's
@@ -235,7 +241,8 @@ class CheckpointStore:
         need = sum(f.stat().st_size for f in done[0].rglob("*") if f.is_file())
         if shutil.disk_usage(self.root).free >= need:
             return
-        keep = set(done[: self.keep_last - 1]) | self._best()
+        # never the one `latest` names (nor the best): a write that then fails leaves it
+        keep = set(done[: max(1, self.keep_last - 1)]) | self._best()
         for path in done:
             if path not in keep:
                 log.warning(f"making room for the next checkpoint: removing {path} early")
@@ -248,6 +255,7 @@ class CheckpointStore:
         return set()
 
     def _commit(self, pending: _Pending) -> None:
+        sweep(self.root)  # `latest` and `best.json` temporary files a crash left behind
         fsync_dir(pending.tmp)
         if pending.final.exists():  # a re-save of the same step (resumed, then stopped again)
             shutil.rmtree(pending.final)

@@ -11,6 +11,7 @@ from distres import errors
 from distres.artifacts.final import record_best_size
 from distres.artifacts.layout import run_dir_of
 from distres.results.evaluation import evaluate_checkpoint, resize_for
+from distres.trainer.state import PARTS
 
 PROG = "distres.evaluate"
 
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_best is not None and not sizes:
         parser.error("--write-best needs --sizes")
     try:
-        found = ckpt.find_resume(Path(args.checkpoint), args.checkpoint)
+        # the run's parts declared: a format-1 checkpoint's train state is read too
+        check = lambda path: ckpt.validate(path, PARTS)  # noqa: E731
+        found = ckpt.find_resume(Path(args.checkpoint), args.checkpoint, check)
         if found is None:
             raise ckpt.CheckpointError(f"{args.checkpoint}: no complete checkpoint")
         path, meta = found
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             best = record_best_size(final, sizes, [m["val/top1"] for m in results])
     except errors.DistresError as e:
         return errors.report(PROG, e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(PROG, errors.from_os_error(e))
     if results is None:  # not rank 0
         return 0
     head = {"checkpoint": str(path), "step": meta["step"], "tta": args.tta, "ema": args.ema}

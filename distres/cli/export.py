@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             check = export(model, fmt, out, info, args.opset or OPSET)
     except errors.DistresError as e:
         return errors.report(PROG, e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(PROG, errors.from_os_error(e))
     what = "the EMA of " if args.ema else ""
     print(f"{out}: {len(weights)} tensors of {what}{model_cfg.name} from {used}")
     if fmt != "safetensors":

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_weights(weights).eval()
     except errors.DistresError as e:
         return errors.report(PROG, e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(PROG, errors.from_os_error(e))
     transform = preprocess(info)
     mode = "RGB" if info["in_chans"] == 3 else "L"
     classes, k = info["classes"], min(args.top, len(info["classes"]))

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except errors.DistresError as e:
         return errors.report(PROG, e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(PROG, errors.from_os_error(e))
     except ValueError as e:  # --shard-size
         print(f"{PROG}: {e}", file=sys.stderr)
         return errors.USAGE
@@ -88,6 +90,8 @@ def index_main(argv: list[str]) -> int:
         manifest = index_shards(args.shards, Path(args.out) if args.out else None, args.force)
     except errors.DistresError as e:
         return errors.report(f"{PROG} index", e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(f"{PROG} index", errors.from_os_error(e))
     print(
         f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
         f"{len(manifest['classes'])} classes -> manifest.json"

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
     except errors.DistresError as e:
         return errors.report(PROG, e)
+    except OSError as e:  # a file nobody anticipated (unreadable, vanished)
+        return errors.report(PROG, errors.from_os_error(e))
     top1 = summary["final_val_top1"]
     if _is_main():
         print(

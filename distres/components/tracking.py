@@ -257,17 +257,21 @@ class Tracker:
         """Drop records past `step` (written after the checkpoint a run resumes from), so the
         train and eval records read as one uninterrupted history; a "resume" record then marks
         where it continued."""
-        if not self.enabled:
+        if not self.enabled or self._metrics is None:
             return
         self._metrics.close()
+        self._metrics = None
         path = self.run_dir / "metrics.jsonl"
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        atomic_write(path, "".join(line + "\n" for line in kept))
-        self._metrics = open(path, "a")  # noqa: SIM115
+        try:
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
+            atomic_write(path, "".join(line + "\n" for line in kept))
+            self._metrics = open(path, "a")  # noqa: SIM115
+        except (OSError, ValueError) as e:  # the run goes on (rank 0 alone: no collective)
+            self.print(f"metrics.jsonl: not continued ({e}); the run's records stop here")
 
     def open(self, state: Any, params: int) -> None:
         """Open the sinks (rank 0): W&B with the run id the train state holds (a resumed job

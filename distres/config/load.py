@@ -228,7 +228,9 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(to_yaml(cfg))
+    from distres.io import atomic_write
+
+    atomic_write(path, to_yaml(cfg))
 
 
 def help_text() -> str:

@@ -26,7 +26,8 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     from distres.artifacts import layout
     from distres.artifacts.lock import RunDirLock
     from distres.config import plan_batch, save_config
-    from distres.dist import pick_device, process_group, read_env, shared_run_dir
+    from distres.dist import from_main, pick_device, process_group, read_env, shared_run_dir
+    from distres.errors import WriteError
     from distres.log import setup_logging
     from distres.preflight import preflight
     from distres.trainer.build import build, checkpoint_root
@@ -42,8 +43,14 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
         run_dir = shared_run_dir(resolve_run_dir(cfg), env)
         cfg.run.dir = str(run_dir)
         with RunDirLock(run_dir, env):
+            problem = None
             if env.is_main:
-                save_config(cfg, run_dir / layout.CONFIG)
+                try:
+                    save_config(cfg, run_dir / layout.CONFIG)
+                except WriteError as e:
+                    problem = str(e)
+            if (problem := from_main(problem, env)) is not None:  # every rank stops with it
+                raise WriteError(problem)
             found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
             if found is not None:
                 plan = replan(plan, found[1])

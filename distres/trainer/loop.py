@@ -26,7 +26,6 @@ from distres.data.api import Batch, Loader
 from distres.data.augment import BatchAugment
 from distres.dist import DistEnv
 from distres.engine.base import Engine
-from distres.errors import WriteError
 from distres.results.evaluation import EvalTarget
 from distres.trainer import records
 from distres.trainer.hooks import Hooks
@@ -227,7 +226,7 @@ class Trainer:
 
         try:
             plot_curves(self.run_dir)
-        except WriteError as e:  # a picture: the run's outcome stands
+        except OSError as e:  # a picture (WriteError too): the run's outcome stands
             self.tracker.print(f"tracking.plots: not drawn ({e})")
 
     def final_checkpoint(self, save: bool) -> None:
@@ -250,7 +249,7 @@ class Trainer:
             try:
                 save_weights(weights, self.cfg.model, final)
                 save_inference_info(final, self.cfg, self.train_data.shards.classes)
-            except WriteError as e:  # the run itself has completed; its checkpoints stand
+            except OSError as e:  # WriteError too: the run has completed, its checkpoints stand
                 self.tracker.print(f"final weights: not written ({e})")
 
     def write_ledger(self) -> None:
@@ -262,7 +261,7 @@ class Trainer:
         try:
             result = write_run_ledger(self.final, self.cfg, self.env, self.device,
                                       self.run_dir, info)  # fmt: skip
-        except WriteError as e:  # rank 0's files (a full disk): the run itself has completed
+        except OSError as e:  # WriteError too, rank 0's files: the run has completed
             self.tracker.print(f"tracking.ledger: not written ({e})")
             return
         if result is not None:
