@@ -24,6 +24,7 @@ def preflight(cfg: Config) -> None:
     if d.source == "shards":
         for key in ("train_shards", "val_shards"):
             for spec in shard_specs(getattr(d, key)):
+                _check_scheme(f"data.{key}", spec)
                 if not _shard_source_exists(spec):
                     raise ConfigError(
                         f"data.{key}={spec!r}: no such shard directory, manifest or tar"
@@ -40,9 +41,23 @@ def preflight(cfg: Config) -> None:
             raise ConfigError(f"engine.deepspeed_config={path}: not a JSON object")
 
 
+def _check_scheme(key: str, spec: str) -> None:
+    from distres.data.shards import storage
+
+    try:
+        storage.check_scheme(spec)
+    except Exception as e:
+        raise ConfigError(f"{key}={spec!r}: {str(e).split(': ', 1)[-1]}") from None
+
+
 def _shard_source_exists(spec: str) -> bool:
-    """A directory, a file (tar or manifest), or a brace pattern whose first expansion exists."""
+    """A directory, a file (tar or manifest), or a brace pattern whose first expansion exists;
+    a remote source (s3, gs, http, pipe:) is checked when the set is read, before training."""
     import braceexpand
 
+    from distres.data.shards import storage
+
+    if storage.is_remote(spec):
+        return True
     first = next(iter(braceexpand.braceexpand(spec)), spec)
-    return Path(spec).is_dir() or Path(first).is_file() or "://" in spec
+    return Path(spec).is_dir() or Path(first).is_file()

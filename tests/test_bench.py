@@ -134,3 +134,17 @@ def test_the_gpu_session_rehearses_on_cpu_stand_ins_within_its_limits(tmp_path):
         int, re.search(r"GPU plan: core steps \(.*\) (\d+) s of (\d+) s", log).groups()
     )
     assert core <= budget - 15 and budget <= 480, (core, budget)
+
+
+def test_remote_shards_prints_local_and_s3_epochs():
+    out = bench("remote_shards.py", "--shards", "4", "--per-shard", "40", "--repeats", "1",
+                "--latency", "0.01", "--bandwidth", "0")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith(("local ", "s3 "))]
+    rows = [r for r in rows if r[1] in ("1", "2")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("local", "1"),
+        ("local", "2"),
+        ("s3", "1"),
+        ("s3", "2"),
+    ]
+    assert int(rows[2][4]) == 4 and int(rows[3][4]) == 0  # 4 downloads, then none

@@ -70,11 +70,13 @@ class CheckpointManager:
         self.saved_step = step
         return path
 
-    def load(self, path: Path, meta: dict, rank: int, same_layout: bool) -> None:
+    def load(
+        self, path: Path, meta: dict, rank: int, same_layout: bool, skip: tuple[str, ...] = ()
+    ) -> None:
         """Restore every part from checkpoint `path` (validated). Rank parts come from this
         rank's file when the batch layout is the one that wrote it; on another layout only
         parts with a `reshard(states, layout)` (the data position) are placed, from every old
-        rank's state."""
+        rank's state. Rank parts named in `skip` keep their fresh state."""
         saved = meta["tensors"].get("parts", [])
         parts = {n: p.state_dict() for n, p in self.tensors.items() if n in saved}
         self.engine.load_tensors(path, meta, parts)
@@ -88,12 +90,13 @@ class CheckpointManager:
         if same_layout:
             state = read_rank_state(path, rank)
             for name, part in self.ranks.items():
-                part.load_state_dict(state[name])
+                if name not in skip:
+                    part.load_state_dict(state[name])
         else:
             old = meta["layout"]["world_size"]
             states = [read_rank_state(path, r) for r in range(old)]
             for name, part in self.ranks.items():
-                if hasattr(part, "reshard"):
+                if hasattr(part, "reshard") and name not in skip:
                     part.reshard([s[name] for s in states], meta["layout"])
         self.saved_step = meta["step"]
 

@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         "DALI index files and a manifest (run once for train, once for val).",
     )
     parser.add_argument("--src", required=True, help="ImageFolder root, or a .csv/.tsv list")
-    parser.add_argument("--out", required=True, help="output directory for this split")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for this split, or a bucket prefix (s3://bucket/train, gs://)",
+    )
     parser.add_argument("--shard-size", default="512MB", help="upper bound per shard (512MB)")
     parser.add_argument(
         "--prefix",
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             args.src,
             args.out,
             size,
-            prefix=args.prefix or Path(args.out).name,
+            prefix=args.prefix or args.out.rstrip("/").rsplit("/", 1)[-1],
             workers=args.workers,
             quality=args.quality,
             progress=sys.stderr.isatty(),
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
         f"{len(manifest['classes'])} classes, {manifest['num_skipped']} skipped -> "
-        f"{Path(args.out) / MANIFEST}"
+        f"{args.out.rstrip('/')}/{MANIFEST}"
     )
     return 0
 

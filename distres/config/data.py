@@ -20,14 +20,35 @@ class DataConfig:
     train_shards: Any = doc(
         "",
         "train shards: a directory (with or without manifest.json), a manifest, one .tar, a "
-        "brace pattern (train-{000000..001023}.tar), or a list of these (YAML list or '::')",
+        "brace pattern (train-{000000..001023}.tar), or a list of these (YAML list or '::'); "
+        "each local, or a URL: s3://bucket/prefix, gs://, http(s)://, pipe:CMD "
+        "(docs/remote-data.md)",
     )
     val_shards: Any = doc("", "validation shards, given as train_shards")
     verify_checksums: bool = doc(
         False, "check each shard against its manifest's sha256 when first read"
     )
     cache_dir: str = doc(
-        "", "where built-in datasets are written; empty: $DISTRES_CACHE or ~/.cache/distres"
+        "",
+        "the node-local cache: remote shards (under shards/, one download per node) and "
+        "built-in datasets; empty: $DISTRES_CACHE or ~/.cache/distres. Put it on a local disk",
+    )
+    cache_limit: Any = doc(
+        0,
+        "bytes of remote shards the cache keeps (least recently used evicted; local shards "
+        "never count): an integer or a size such as 200GB or 1.5TiB; 0: no limit",
+    )
+    prefetch: int = doc(2, "remote shards each reader fetches ahead into the cache")
+    retries: int = doc(
+        5,
+        "remote reads: attempts in a row without progress (5xx, reset, truncated body, "
+        "stall) before the shard counts as bad (data.on_bad_sample)",
+    )
+    read_timeout: float = doc(60.0, "remote reads: seconds a connection or a socket read may stall")
+    allow_shard_change: bool = doc(
+        False,
+        "resume on a shard set other than the checkpoint's (other shards or counts): the "
+        "epoch restarts at its beginning on the new set; false: such a resume is refused",
     )
     backend: str = doc(
         "auto",
@@ -141,6 +162,10 @@ class DataConfig:
                 "the GPU wherever it runs on one (drop data.decode or use data.backend=torch)"
             )
         _at_least("data.dali_threads", self.dali_threads, 0)
+        self.cache_limit = parse_size("data.cache_limit", self.cache_limit)
+        _at_least("data.prefetch", self.prefetch, 0)
+        _at_least("data.retries", self.retries, 1)
+        _in_range("data.read_timeout", self.read_timeout, 0.1, 3600.0)
         _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.val_resize", self.val_resize, 0)
@@ -215,6 +240,22 @@ def _shard_spec(key: str, value: Any) -> str | list[str]:
     if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
         return list(value)
     raise ConfigError(f"{key}={value!r}: expected a path, a pattern or a list of them")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from an integer or a size with a unit (200GB, 1.5TiB, 512MiB)."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
+    if isinstance(value, bool) or m is None:
+        raise ConfigError(f"{key}={value!r}: expected bytes, or a size such as 200GB or 1.5TiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
 def shard_specs(value: str | list[str]) -> list[str]:

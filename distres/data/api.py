@@ -80,12 +80,14 @@ class BadSamples:
     def __init__(self, skip: bool):
         self.skip, self.count = skip, 0
 
-    def __call__(self, error: DataError, report: bool = True) -> None:
+    def __call__(self, error: DataError, report: bool = True, count: int = 1) -> None:
+        """count: the samples it stands for (a shard that could not be fetched: all of
+        them)."""
         if not self.skip:
             raise error
         if report:  # where every rank sees the same bad sample, one reports and counts
             logging.getLogger("distres.data").warning(f"skipped bad data: {error}")
-            self.count += 1
+            self.count += count
 
     def take(self) -> int:
         """The count since the last take (how a worker hands its count to the main process)."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from distres.config import Config
 from distres.data.api import Loader
+from distres.data.shards.cache import ShardCache
 from distres.data.shards.digits import digits
 from distres.data.shards.read import ShardSet, read_shard_set
+from distres.data.shards.scan import default_cache_dir
+from distres.data.shards.storage import Transfer
 from distres.data.spec import LoaderSpec
 from distres.precision import input_dtype, resolve_precision
 
@@ -19,7 +23,18 @@ def resolve_shard_sets(cfg: Config) -> tuple[ShardSet, ShardSet]:
     if cfg.data.source == "digits":
         train_dir, val_dir = digits(cfg.data.cache_dir or None)
         return read_shard_set(train_dir), read_shard_set(val_dir)
-    return read_shard_set(cfg.data.train_shards), read_shard_set(cfg.data.val_shards)
+    cache = shard_cache(cfg)
+    return (
+        read_shard_set(cfg.data.train_shards, cache),
+        read_shard_set(cfg.data.val_shards, cache),
+    )
+
+
+def shard_cache(cfg: Config) -> ShardCache:
+    """The node-local cache remote shards go through, as the data section sets it."""
+    d = cfg.data
+    root = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    return ShardCache(root, d.cache_limit, d.prefetch, Transfer(d.retries, d.read_timeout))
 
 
 def resolve_backend(name: str) -> str:

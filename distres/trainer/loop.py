@@ -29,7 +29,7 @@ from distres.engine.base import Engine
 from distres.results.evaluation import EvalTarget
 from distres.trainer import records
 from distres.trainer.hooks import Hooks
-from distres.trainer.resume import same_layout
+from distres.trainer.resume import same_layout, shard_change
 from distres.trainer.state import DataPosition, LossWindow, TrainState, checkpoint_header, run_parts
 
 log = logging.getLogger("distres")
@@ -291,8 +291,16 @@ class Trainer:
         )
 
     def restore(self, path: Path, meta: dict) -> None:
-        self.checkpoints.load(path, meta, self.env.rank, same_layout(meta, self.env, self.plan))
+        change = shard_change(self.cfg, path, meta, self.train_data)
+        same = same_layout(meta, self.env, self.plan)
+        self.checkpoints.load(path, meta, self.env.rank, same, skip=("data",) if change else ())
         s = self.state
+        if change:  # data.allow_shard_change: the epoch restarts on the new set
+            s.epoch_step = 0
+            log.warning(
+                f"WARNING: {change}; data.allow_shard_change=true: epoch {s.epoch} restarts "
+                f"at its beginning on the new set (step {s.step} so far)"
+            )
         if self.env.is_main:
             self.tracker.truncate_after(s.step)
         self.tracker.log(records.resume_record(self, path, meta))

@@ -68,6 +68,35 @@ def check_compatible(cfg: Config, path: Path, meta: dict) -> None:
         )
 
 
+def shard_change(cfg: Config, path: Path, meta: dict, loader: Any) -> str | None:
+    """None when the checkpoint counted its data position in this run's training shards
+    (wherever they live now); otherwise what differs, in one line. A ConfigError unless
+    data.allow_shard_change, with which the caller restarts the epoch on the new set."""
+    then = (meta.get("data") or {}).get("train")
+    spec = getattr(loader, "spec", None)
+    if not then or spec is None:  # written before checkpoints recorded their shards
+        return None
+    now = spec.shards.fingerprint()
+    if now["digest"] == then.get("digest"):
+        return None
+
+    def desc(f: dict) -> str:
+        return f"{f['shards']} shards, {f['samples']} samples ({f['first']} .. {f['last']})"
+
+    same = all(now[k] == then.get(k) for k in ("shards", "samples", "first", "last"))
+    line = (
+        f"data.train_shards differ from the shards checkpoint {path} was reading: now "
+        f"{desc(now)}, then {desc(then)}"
+        + ("; the same counts and names, but other checksums or sizes" if same else "")
+    )
+    if not cfg.data.allow_shard_change:
+        raise ConfigError(
+            f"{line}. Resume on the same shards (moving them elsewhere is fine), or set "
+            "data.allow_shard_change=true to restart the epoch on the new set"
+        )
+    return line
+
+
 def replan(plan: BatchPlan, meta: dict) -> BatchPlan:
     """Keep the checkpoint's global batch on this world size where it divides."""
     saved = meta["layout"]["global_batch"]

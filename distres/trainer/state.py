@@ -236,6 +236,11 @@ def validate(path: Any) -> dict:
     return validate_checkpoint(path, PARTS)
 
 
+def _fingerprint(loader: Any) -> dict | None:
+    spec = getattr(loader, "spec", None)  # a test's own loader may have none
+    return spec.shards.fingerprint() if spec is not None else None
+
+
 def checkpoint_header(t: Any) -> dict[str, Any]:
     """What a trainer's meta.json says besides its parts' states (t: the Trainer)."""
     import dataclasses as dc
@@ -253,6 +258,8 @@ def checkpoint_header(t: Any) -> dict[str, Any]:
             "steps_per_epoch": t.steps_per_epoch,
         },
         "model": dc.asdict(t.cfg.model),
+        # which shards the data position counts in (a resume on other shards is refused)
+        "data": {"train": _fingerprint(t.train_data)},
         "config": to_yaml(t.cfg),
         "metric": {"name": es.monitor, "mode": es.mode, "value": metric(t)},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

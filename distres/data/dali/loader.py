@@ -54,7 +54,8 @@ class DaliLoader:
     """Batches of one rank's part of a shard set, one epoch per iteration; see the module doc."""
 
     def __init__(self, spec: LoaderSpec):
-        shards, train, batch_size = spec.shards, spec.train, spec.batch_size
+        # DALI's readers open files: remote shards are read from the node-local cache
+        shards, train, batch_size = spec.shards.localized(spec.verify), spec.train, spec.batch_size
         image_size, num_classes, in_chans = spec.image_size, spec.num_classes, spec.in_chans
         mean, std, skip_bad, verify = spec.mean, spec.std, spec.skip_bad, spec.verify
         self.spec = spec

@@ -36,10 +36,19 @@ def manifest_of(item: str) -> Path | None:
 
 def read_manifest(path: Path) -> dict:
     manifest = read_json_object(path, ShardError)
+    check_manifest(manifest, str(path))
+    for shard in manifest["shards"]:
+        if not (path.parent / shard["name"]).is_file():
+            raise ShardError(f"{path.parent / shard['name']}: listed in {path} but missing")
+    return manifest
+
+
+def check_manifest(manifest: dict, path: str) -> None:
+    """A ShardError naming `path` for the first thing wrong in a manifest's contents."""
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
     shards = manifest.get("shards") or []
-    if not shards:
+    if not shards or not isinstance(shards, list):
         raise ShardError(f"{path}: lists no shards")
     classes = manifest.get("classes")
     if not isinstance(classes, dict) or not all(
@@ -47,14 +56,16 @@ def read_manifest(path: Path) -> dict:
     ):
         raise ShardError(f"{path}: 'classes' must map class names to indices")
     for shard in shards:
+        if not isinstance(shard, dict):
+            raise ShardError(f"{path}: a shard entry that is not an object: {shard!r}")
         name, samples = shard.get("name"), shard.get("samples")
         if not isinstance(name, str) or not isinstance(samples, int) or samples < 0:
             raise ShardError(f"{path}: a shard entry without a name or sample count: {shard}")
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if Path(name).is_absolute() or ".." in Path(name).parts or "://" in name:
             raise ShardError(f"{path}: shard {name!r} is outside the manifest's directory")
-        if not (path.parent / name).is_file():
-            raise ShardError(f"{path.parent / name}: listed in {path} but missing")
-    return manifest
+        size = shard.get("bytes")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ShardError(f"{path}: shard {name!r} has bytes={size!r}")
 
 
 def listed_in_manifest(tar: Path, seen: dict[Path, dict | None]) -> tuple[dict, dict] | None:

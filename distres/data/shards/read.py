@@ -12,10 +12,17 @@ index files, when a shard has none beside it, are written there too (DALI's own 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from distres.data.shards import storage
+from distres.data.shards.cache import CacheLimitError, ShardCache
 from distres.data.shards.manifest import (
     MANIFEST,
     ShardError,
@@ -23,7 +30,9 @@ from distres.data.shards.manifest import (
     manifest_of,
     read_manifest,
 )
-from distres.data.shards.scan import cached_index, scan_tar, sha256_file
+from distres.data.shards.remote import read_remote
+from distres.data.shards.scan import cached_index, default_cache_dir, scan_tar, sha256_file
+from distres.data.shards.storage import RemoteError
 
 __all__ = ["MANIFEST", "ShardError", "ShardSet", "expand_tars", "read_shard_set"]
 
@@ -32,15 +41,18 @@ _VERIFIED: set[str] = set()  # shards whose checksum this process has checked
 
 @dataclass(frozen=True)
 class ShardSet:
-    """What a reader needs: the shard paths, their sample counts and the class map; the
-    manifest's checksums and DALI index files where there are some (None: not known)."""
+    """What a reader needs: the shard URLs (local paths or remote URLs), their sample counts
+    and the class map; the manifest's checksums and DALI index files, and each shard's size,
+    where they are known (None: not known); the node-local cache remote shards go through."""
 
-    root: Path
+    root: Path | str
     urls: tuple[str, ...]
     counts: tuple[int, ...]
     classes: dict[str, int]
     sha256: tuple[str | None, ...] = ()
     indexes: tuple[str | None, ...] = ()
+    sizes: tuple[int | None, ...] = ()
+    cache: ShardCache | None = None
 
     @property
     def num_samples(self) -> int:
@@ -50,22 +62,97 @@ class ShardSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def remote(self) -> bool:
+        return any(storage.is_remote(u) for u in self.urls)
+
+    def size(self, i: int) -> int | None:
+        return self.sizes[i] if self.sizes else None
+
+    def checksum(self, i: int) -> str | None:
+        return self.sha256[i] if self.sha256 else None
+
+    def shard_cache(self) -> ShardCache:
+        return self.cache or ShardCache(default_cache_dir())
+
     def verify(self, i: int) -> None:
-        """Check shard i against its manifest checksum, once per process."""
+        """Check shard i against its manifest checksum, once per process (a remote shard:
+        when it is downloaded, see `local`)."""
         url = self.urls[i]
         if url in _VERIFIED:
             return
-        want = self.sha256[i] if self.sha256 else None
+        want = self.checksum(i)
         if want is None:
             raise ShardError(
                 f"{url}: data.verify_checksums=true but no checksum is known for it (index "
                 "the set with python -m distres.data.shards index, which records them)"
             )
+        if storage.is_remote(url):
+            return
         if sha256_file(Path(url)) != want:
             raise ShardError(
                 f"{url}: sha256 differs from its manifest (the shard changed or is damaged)"
             )
         _VERIFIED.add(url)
+
+    @contextlib.contextmanager
+    def local(self, i: int, verify: bool = False) -> Iterator[Path]:
+        """Shard i as a local file for the block's duration: itself, or (remote) its copy in
+        the node-local cache, downloaded if this node has none (checked against the
+        manifest's checksum when `verify`), kept from eviction meanwhile."""
+        url = self.urls[i]
+        if not storage.is_remote(url):
+            yield Path(url)
+            return
+        sha = self.checksum(i) if verify else None
+        with self.shard_cache().reading(url, self.size(i), sha) as path:
+            yield path
+
+    def prefetch(self, ids: list[int], verify: bool = False, threads: int = 0) -> None:
+        """Start fetching these remote shards into the node-local cache (local ones need
+        nothing), in order, `threads` at once (0: data.prefetch)."""
+        todo = [(self.urls[i], self.size(i), self.checksum(i) if verify else None)
+                for i in ids if storage.is_remote(self.urls[i])]  # fmt: skip
+        if todo:
+            self.shard_cache().ahead(todo, threads)
+
+    def localized(self, verify: bool = False) -> ShardSet:
+        """The same set with every remote shard replaced by its node-local copy (DALI reads
+        files): all of them fetched now, so the cache must hold the whole set."""
+        if not self.remote:
+            return self
+        cache = self.shard_cache()
+        total = sum(s or 0 for s in self.sizes) if self.sizes else 0
+        if cache.limit and total > cache.limit:
+            raise CacheLimitError(
+                f"{self.root}: data.backend=dali reads local files, so every remote shard is "
+                f"kept in the node-local cache, but the set's {total} bytes exceed "
+                f"data.cache_limit={cache.limit}; raise the limit or use data.backend=torch, "
+                "which streams through a smaller cache"
+            )
+        urls = []
+        for i, url in enumerate(self.urls):
+            if storage.is_remote(url):
+                cache.fetch(url, self.size(i), self.checksum(i) if verify else None)
+                url = str(cache.path_of(url))
+            urls.append(url)
+        return dataclasses.replace(self, urls=tuple(urls), indexes=())
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records of the set it read: shard names, sample counts and
+        checksums (sizes where there are none), in order. Where the shards live is not part
+        of it: the same shards moved from a disk to a bucket are the same set."""
+        h = hashlib.sha256()
+        for i, url in enumerate(self.urls):
+            item = [storage.basename(url), self.counts[i], self.checksum(i) or self.size(i)]
+            h.update(json.dumps(item).encode() + b"\n")
+        return {
+            "shards": len(self.urls),
+            "samples": self.num_samples,
+            "first": storage.basename(self.urls[0]),
+            "last": storage.basename(self.urls[-1]),
+            "digest": h.hexdigest(),
+        }
 
     def dali_index(self, i: int) -> str:
         """Shard i's DALI index file: the manifest's, one beside the tar, or one written to
@@ -79,29 +166,53 @@ class ShardSet:
         return str(cached_index(Path(self.urls[i])))
 
 
-def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
+def read_shard_set(spec: str | os.PathLike | list, cache: ShardCache | None = None) -> ShardSet:
     """Open a shard set from a manifest (or a directory holding one), a directory of tars, a
-    brace pattern, one tar, or a list of these ('::'-joined in one string, as webdataset)."""
+    brace pattern, one tar, or a list of these ('::'-joined in one string, as webdataset);
+    each local or remote (s3://, gs://, http(s)://, pipe:). Remote shards are read through
+    `cache` (None: the default cache directory, no limit)."""
     from distres.config import shard_specs
 
     specs = shard_specs(spec if isinstance(spec, list) else str(spec))
     if not specs:
         raise ShardError("no shard set given")
+    transfer = cache.transfer if cache is not None else storage.Transfer()
     urls: list[str] = []
     counts: list[int] = []
     sums: list[str | None] = []
     indexes: list[str | None] = []
+    sizes: list[int | None] = []
     classes: dict[str, int] = {}
     max_label = -1
-    roots: list[Path] = []
+    roots: list[str] = []
     manifests: dict[Path, dict | None] = {}
     for item in specs:
+        if storage.is_remote(item):
+            try:
+                found = read_remote(item, transfer)
+            except RemoteError as e:
+                if e.fatal:  # not found, access denied: the user's to fix, before training
+                    raise ShardError(str(e)) from None
+                raise
+            roots.append(found.root)
+            if found.classes and classes and found.classes != classes:
+                raise ShardError(f"{item}: its class map differs from {roots[0]}'s")
+            classes = classes or found.classes
+            max_label = max(max_label, found.max_label)
+            for e in found.entries:
+                urls.append(e.url)
+                counts.append(e.samples)
+                sums.append(e.sha256)
+                indexes.append(e.index)
+                sizes.append(e.size)
+            continue
+        storage.check_scheme(item)
         manifest = manifest_of(item)
         if manifest is not None:
             m = read_manifest(manifest)
-            roots.append(manifest.parent)
+            roots.append(str(manifest.parent))
             if classes and m["classes"] != classes:
-                raise ShardError(f"{manifest}: its class map differs from {roots[0] / MANIFEST}")
+                raise ShardError(f"{manifest}: its class map differs from {roots[0]}'s")
             classes = classes or m["classes"]
             for shard in m["shards"]:
                 urls.append(str(manifest.parent / shard["name"]))
@@ -109,9 +220,10 @@ def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
                 sums.append(shard.get("sha256"))
                 index = shard.get("index")
                 indexes.append(str(manifest.parent / index) if index else None)
+                sizes.append(shard.get("bytes"))
             continue
         for tar in expand_tars(item):
-            roots.append(tar.parent)
+            roots.append(str(tar.parent))
             listed = listed_in_manifest(tar, manifests)
             if listed is not None:
                 entry, known = listed
@@ -126,13 +238,34 @@ def read_shard_set(spec: str | os.PathLike | list) -> ShardSet:
                 max_label = max(max_label, scan["max_label"])
                 sums.append(None)
                 indexes.append(None)
+            sizes.append(tar.stat().st_size)
             urls.append(str(tar))
     if not urls:
         raise ShardError(f"{specs[0]}: lists no shards")
     for i in range(len(classes), max_label + 1):
         classes[str(i)] = i
-    root = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(specs[0])
-    return ShardSet(root, tuple(urls), tuple(counts), classes, tuple(sums), tuple(indexes))
+    shards = ShardSet(_root(roots, specs[0]), tuple(urls), tuple(counts), classes, tuple(sums),
+                      tuple(indexes), tuple(sizes), cache)  # fmt: skip
+    if shards.remote:
+        remote = {u: s for u, s in zip(urls, sizes, strict=True) if storage.is_remote(u)}
+        shards.shard_cache().check_fits(str(shards.root), remote)
+    return shards
+
+
+def _root(roots: list[str], first: str) -> Path | str:
+    """The set's place in messages: the common directory (or URL prefix) of its shards."""
+    if not roots:
+        return Path(first)
+    if any(storage.is_remote(r) for r in roots):
+        parts = [r.split("/") for r in roots]
+        common = []
+        for words in zip(*parts, strict=False):
+            if len(set(words)) > 1:
+                break
+            common.append(words[0])
+        joined = "/".join(common)
+        return joined if "://" in joined or joined.startswith("pipe:") else roots[0]
+    return Path(os.path.commonpath(roots))
 
 
 def expand_tars(item: str) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -16,7 +17,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from distres.data.shards import storage
 from distres.data.shards.manifest import ShardError
+from distres.data.shards.storage import Transfer
 from distres.io import atomic_write
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -43,29 +46,63 @@ def split_key(name: str) -> tuple[str | None, str | None]:
 
 def _cache_stem(tar: Path) -> Path:
     st = tar.stat()
-    key = f"{tar.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    return _stem(f"{tar.resolve()}\0{st.st_size}\0{st.st_mtime_ns}")
+
+
+def _stem(key: str) -> Path:
     return default_cache_dir() / "shard-scan" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def scan_tar(tar: Path) -> dict:
+def scan_tar(tar: Path | str, size: int | None = None, tag: str | None = None,
+             transfer: Transfer | None = None) -> dict:  # fmt: skip
     """{"samples", "max_label", "bytes"} of a tar, from one pass over its headers (plus the
-    small `.cls` members); cached by path, size and mtime."""
-    cached = _cache_stem(tar).with_suffix(".json")
-    if cached.is_file():
+    small `.cls` members); cached by path, size and mtime (a remote tar: by URL, size and
+    ETag). An object store's tar is read with ranged reads that skip the members between
+    headers; an HTTP or pipe: tar is streamed once."""
+    remote = isinstance(tar, str) and storage.is_remote(tar)
+    if remote:
+        cached = _stem(f"{tar}\0{size}\0{tag}").with_suffix(".json")
+    else:
+        tar = Path(tar)
+        cached = _cache_stem(tar).with_suffix(".json")
+    if cached.is_file() and (size is not None or not remote):
         try:
             return json.loads(cached.read_text())
         except ValueError:
             pass  # a damaged cache entry: scan again
-    size = tar.stat().st_size
+    if not remote:
+        size = tar.stat().st_size
+        with open(tar, "rb") as f:
+            result = _scan(f, str(tar), size, "r:")
+    else:
+        transfer = transfer or storage.Transfer()
+        out: dict = {}
+
+        def attempt(_):
+            if storage.scheme(tar) in ("s3", "gs", "gcs"):
+                with storage.open_seekable(tar, transfer) as f:
+                    out.update(_scan(f, tar, size, "r:"))
+            else:
+                with _Stream(tar, transfer.timeout) as f:
+                    out.update(_scan(f, tar, size, "r|"))
+            return 0
+
+        transfer.run(tar, attempt)
+        result = out
+    atomic_write(cached, json.dumps(result), durable=False)  # a cache: a crash may lose it
+    return result
+
+
+def _scan(f, name: str, size: int | None, mode: str) -> dict:
     samples, max_label, current = 0, -1, None
     try:
-        with tarfile.open(tar, mode="r:") as archive:
+        with tarfile.open(fileobj=f, mode=mode) as archive:
             for member in archive:
                 if not member.isfile():
                     continue
-                if member.offset_data + member.size > size:
+                if size is not None and member.offset_data + member.size > size:
                     raise ShardError(
-                        f"{tar}: truncated (member {member.name!r} ends past the file's "
+                        f"{name}: truncated (member {member.name!r} ends past the file's "
                         f"{size} bytes)"
                     )
                 key, ext = split_key(member.name)
@@ -78,11 +115,40 @@ def scan_tar(tar: Path) -> dict:
                     # a bad label is the reader's to report, per data.on_bad_sample
                     with contextlib.suppress(UnicodeDecodeError, ValueError):
                         max_label = max(max_label, int(raw.decode("ascii").strip()))
+    except storage.RemoteError:
+        raise
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{tar}: unreadable tar ({type(e).__name__}: {e})") from None
-    result = {"samples": samples, "max_label": max_label, "bytes": size}
-    atomic_write(cached, json.dumps(result), durable=False)  # a cache: a crash may lose it
-    return result
+        if storage.is_remote(name) and not isinstance(e, tarfile.TarError):
+            raise  # a network fault: the transfer retries it
+        raise ShardError(f"{name}: unreadable tar ({type(e).__name__}: {e})") from None
+    return {"samples": samples, "max_label": max_label, "bytes": size}
+
+
+class _Stream(io.RawIOBase):
+    """A read-only, forward-only file over storage.stream (tarfile's "r|" mode)."""
+
+    def __init__(self, url: str, timeout: float):
+        self.chunks, self.buf, self.position = storage.stream(url, 0, timeout), b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.buf = chunk
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        self.position += n
+        return n
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
 
 def cached_index(tar: Path) -> Path:

@@ -1,6 +1,7 @@
 """WebDataset shards: the writer tool, the DALI index files, and the manifest.
 
     python -m distres.data.shards --src DIR_OR_LIST --out DIR [--shard-size 512MB] [--prefix train]
+    python -m distres.data.shards --src DIR_OR_LIST --out s3://bucket/imagenet/train
 
 A shard set is a directory of `<prefix>-NNNNNN.tar` files, a DALI index `<prefix>-NNNNNN.idx`
 beside each (made by DALI's own `wds2idx` tool where DALI is installed), and `manifest.json`:
@@ -42,9 +43,10 @@ from pathlib import Path
 
 import webdataset as wds
 
+from distres.data.shards import storage
 from distres.data.shards.index import make_index
 from distres.data.shards.manifest import MANIFEST, ShardError, write_manifest
-from distres.data.shards.scan import sha256_file
+from distres.data.shards.scan import default_cache_dir, sha256_file
 from distres.data.shards.sources import (
     Item,
     _encode_item,
@@ -183,8 +185,11 @@ def build_shard_set(
     allow_empty_classes: bool = False,
     max_side: int = 0,
 ) -> dict:
-    """Write the source as a shard set (resuming an interrupted build); the manifest."""
-    src, out = Path(src), Path(out)
+    """Write the source as a shard set (resuming an interrupted build); the manifest. `out`
+    may be a bucket (s3://, gs://): see Bucket."""
+    src = Path(src)
+    bucket = Bucket(str(out), prefix) if storage.is_remote(str(out)) else None
+    out = bucket.stage if bucket is not None else Path(out)
     items, classes = list_source(src, allow_empty_classes)
     if not items:
         raise ShardError(f"--src {src}: no image files found")
@@ -196,11 +201,13 @@ def build_shard_set(
     state = {"fingerprint": fingerprint, "shards": [], "next_item": 0, "skipped": []}
     if journal_path.is_file():
         previous = json.loads(journal_path.read_text())
+        present = bucket.has if bucket is not None else lambda s: _written(out, s)
         if previous.get("fingerprint") == fingerprint and all(
-            (out / s["name"]).is_file() and sha256_file(out / s["name"]) == s["sha256"]
-            for s in previous["shards"]
+            present(s) for s in previous["shards"]
         ):
             state = previous
+    elif bucket is not None:
+        bucket.check_no_set()
     elif (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("prefix") == prefix:
@@ -229,7 +236,9 @@ def build_shard_set(
         prefix,
         max_bytes=shard_size,
         first_shard=len(state["shards"]),
-        on_shard=lambda entry: journal(entry, position["item"]),
+        on_shard=lambda entry: journal(
+            bucket.put(entry) if bucket is not None else entry, position["item"]
+        ),
     )
     root = src if src.is_dir() else src.parent
     todo = [(i, items[i], quality, max_side) for i in range(state["next_item"], len(items))]
@@ -254,8 +263,56 @@ def build_shard_set(
         state["shards"],
         [{"path": s["path"], "error": s["error"]} for s in state["skipped"]],
     )
+    if bucket is not None:
+        bucket.put_manifest()  # last: a set without its manifest is not mistaken for whole
     journal_path.unlink(missing_ok=True)
     return manifest
+
+
+def _written(out: Path, entry: dict) -> bool:
+    return (out / entry["name"]).is_file() and sha256_file(out / entry["name"]) == entry["sha256"]
+
+
+class Bucket:
+    """`--out s3://bucket/prefix` (or gs://): shards are written in a local staging folder
+    (under the cache directory, with the journal that resumes an interrupted build), each
+    uploaded with its index as soon as it is complete and then removed locally, and the
+    manifest uploaded last, so a half-written set is never mistaken for a complete one."""
+
+    def __init__(self, url: str, prefix: str):
+        if storage.scheme(url) not in ("s3", "gs", "gcs"):
+            raise ShardError(f"--out {url}: shards can be written to a directory, s3:// or gs://")
+        self.url, self.prefix = url.rstrip("/"), prefix
+        self.transfer = storage.Transfer()
+        key = hashlib.sha256(f"{self.url}\0{prefix}".encode()).hexdigest()[:16]
+        self.stage = default_cache_dir() / "upload" / key
+
+    def put(self, entry: dict) -> dict:
+        for name in (entry["name"], entry.get("index")):
+            if name:
+                local = self.stage / name
+                storage.upload(str(local), storage.join(self.url, name), self.transfer)
+                local.unlink()
+        return entry
+
+    def has(self, entry: dict) -> bool:
+        listing = storage.listdir(self.url, self.transfer)
+        return (listing.get(entry["name"]) or {}).get("size") == entry["bytes"]
+
+    def check_no_set(self) -> None:
+        if MANIFEST not in storage.listdir(self.url, self.transfer):
+            return
+        there = json.loads(storage.read_bytes(storage.join(self.url, MANIFEST), self.transfer))
+        if there.get("prefix") == self.prefix:
+            raise ShardError(
+                f"{storage.join(self.url, MANIFEST)}: a complete '{self.prefix}' set is "
+                "already there; use another --out or --prefix"
+            )
+
+    def put_manifest(self) -> None:
+        local = self.stage / MANIFEST
+        storage.upload(str(local), storage.join(self.url, MANIFEST), self.transfer)
+        local.unlink()
 
 
 def _encode_all(todo: list, workers: int) -> Iterator[tuple[int, bytes | None, str | None]]:

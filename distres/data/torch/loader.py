@@ -24,6 +24,7 @@ from distres.data.api import (
     shard_order,
 )
 from distres.data.buffers import BufferPool, rebatch
+from distres.data.shards import storage
 from distres.data.spec import LoaderSpec
 from distres.data.torch.encode import EncodedBatch, Encoder, steps, unpack
 from distres.data.torch.gpu_decode import DecodeStage
@@ -136,8 +137,11 @@ class ShardLoader:
             stride=(self.rank, self.world_size) if self.strided else (0, 1),
             skip_bad=self.skip_bad,
             encoder=Encoder(transform, self.in_chans) if self.stage else None,
+            verify=self.verify,
         )
         workers = min(self.num_workers, len(stream.shard_ids))
+        if self.shards.remote:
+            self._fetch_first(stream.shard_ids, max(1, workers))
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -169,6 +173,26 @@ class ShardLoader:
                 f"{self.shards.root}: rank {self.rank} found no usable sample in "
                 f"its shards this epoch ({self.skipped} skipped)"
             )
+
+    def _fetch_first(self, ids: list[int], workers: int) -> None:
+        """Start downloading this rank's shards of the epoch in the order its workers will
+        read them, up to 16 at once, while the workers start: their shuffle buffers fill
+        from the first few shards of each (a cold start waits for those alone). With a
+        cache limit, only as many as it holds beside the ones being read; the workers
+        fetch the rest data.prefetch ahead of themselves."""
+        cache = self.shards.shard_cache()
+        per_worker = [ids[w::workers] for w in range(workers)]
+        order = [p[k] for k in range(max(map(len, per_worker))) for p in per_worker
+                 if k < len(p)]  # fmt: skip
+        if workers > 1 or self.num_workers:
+            # a command started from a thread while DataLoader forks its workers can hand
+            # its exec-error pipe to a worker and never return: pipe: shards are fetched
+            # ahead by the workers themselves, which fork nothing
+            order = [i for i in order if not storage.is_pipe(self.shards.urls[i])]
+        if cache.limit:
+            biggest = max((self.shards.size(i) or 0 for i in ids), default=0) or 1
+            order = order[: max(workers, cache.limit // biggest - workers)]
+        self.shards.prefetch(order, self.verify, threads=min(16, len(order)))
 
     def _all_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[SampleKey]]]:
         yield from self._chunks(0)

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from distres.data.api import BadSamples, DataError, SampleKey, parse_label
 from distres.data.shards.read import ShardSet
+from distres.data.shards.storage import RemoteError
 from distres.data.torch.encode import pack
 from distres.data.torch.transforms import decode_jpeg
 
@@ -39,8 +40,10 @@ class SampleStream(IterableDataset):
         stride: tuple[int, int] = (0, 1),
         skip_bad: bool = False,
         encoder: Callable | None = None,
+        verify: bool = False,
     ):
         self.shards, self.shard_ids = shards, shard_ids
+        self.verify = verify  # data.verify_checksums: remote shards checked as downloaded
         self.encoder = encoder  # data.decode=gpu: bytes + geometry instead of pixels
         self.bad = BadSamples(skip_bad)
         # (rank, world): keep only the samples whose global index is rank mod world.
@@ -101,17 +104,33 @@ class SampleStream(IterableDataset):
     def _read(self, shard_ids: list[int]) -> Iterator[dict]:
         """Samples of each tar in turn, each with its shard index and ordinal in the tar
         (__shard__, __at__); a tar that breaks off (truncated, unreadable) ends with a
-        DataError naming it, or, when skipping, is counted as one bad item."""
-        for i in shard_ids:
+        DataError naming it, or, when skipping, is counted as one bad item. A remote shard
+        is read from the node-local cache, the next `prefetch` ones fetched meanwhile; one
+        that cannot be fetched within the retry budget is an error naming it, or, when
+        skipping, all its samples are counted as skipped."""
+        ahead = self.shards.shard_cache().prefetch if self.shards.remote else 0
+        for n, i in enumerate(shard_ids):
             url = self.shards.urls[i]
+            if ahead:
+                self.shards.prefetch(shard_ids[n + 1 : n + 1 + ahead], self.verify)
             try:
-                for at, sample in enumerate(wds.tarfile_samples([{"url": url}])):
-                    sample["__shard__"], sample["__at__"] = i, at
-                    yield sample
+                with self.shards.local(i, self.verify) as path, open(path, "rb") as f:
+                    for at, sample in enumerate(tar_samples(f, url)):
+                        sample["__shard__"], sample["__at__"] = i, at
+                        yield sample
+            except RemoteError as e:
+                where = f"shard {i} of {self.shards.root}"
+                self.bad(DataError(f"{e} ({where})"), count=self._share(i))
             except DataError:
                 raise
             except Exception as e:  # tarfile/webdataset raise several types for a bad tar
                 self.bad(DataError(f"{url}: unreadable tar ({type(e).__name__}: {e})"))
+
+    def _share(self, i: int) -> int:
+        """The samples of shard i this reader would have kept."""
+        rank, world = self.stride
+        start = self.offsets[self.shards.urls[i]]
+        return len(range((rank - start) % world, self.shards.counts[i], world))
 
     def _strided(self, samples: Iterator[dict]) -> Iterator[dict]:
         rank, world = self.stride
@@ -158,6 +177,13 @@ class SampleStream(IterableDataset):
         if raw is None:
             raise DataError(f"{self._where(sample)}: no .cls member")
         return parse_label(raw, self._where(sample), self.num_classes)
+
+
+def tar_samples(f, url: str) -> Iterator[dict]:
+    """webdataset's samples of an open tar (its tarfile_samples without its opener): the
+    same grouping by key, `__url__` the shard's own URL wherever the bytes came from."""
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": f}])
+    return wds.tariterators.group_by_keys(files)
 
 
 class StreamRng:
