@@ -344,3 +344,87 @@ def test_dali_reads_remote_shards_through_the_cache(env, local, tmp_path):
     small = read_shard_set("s3://data/train", cache_in(tmp_path / "b", limit=limit))
     with pytest.raises(CacheLimitError, match=r"data\.backend=dali reads local files"):
         run(small)
+
+
+def test_a_pipe_manifest_cannot_smuggle_a_command(tmp_path, local):
+    """A manifest read through pipe: names its shards relative to the command; a name that
+    is not a plain file name would become part of a shell command, and is refused."""
+    import json
+
+    manifest = json.loads((local / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "train-000000.tar; touch " + str(tmp_path / "pwned")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="not a plain file name"):
+        read_shard_set(f"pipe:cat {tmp_path}/manifest.json", cache_in(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_process_exits_without_finishing_its_queued_prefetches(env, tmp_path):
+    """Queued downloads are daemon work: a run that stops early exits at once instead of
+    first fetching the rest of its epoch over a slow link."""
+    with Proxy(env, bandwidth=256 << 10) as proxy:  # 5 s a shard
+        code = (
+            "import sys; from pathlib import Path; "
+            "from distres.data.shards.cache import ShardCache; "
+            "from distres.data.shards.read import read_shard_set; "
+            "s = read_shard_set('s3://data/train', ShardCache(Path(sys.argv[1]))); "
+            "s.prefetch(list(range(6)), threads=2)"
+        )
+        child = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], timeout=60,
+                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.url})  # fmt: skip
+        assert child.returncode == 0
+        assert sum(1 for m, p in proxy.requests if m == "GET" and p.endswith(".tar")) <= 2
+
+
+def test_a_transient_error_on_a_head_is_retried_not_a_404(env, local, tmp_path):
+    with http_server(local) as web, Proxy(web) as proxy:
+        # fsspec's HEAD, then its GET fallback: it reports a FileNotFoundError caused by 503
+        proxy.inject("503", lambda m, p: "train-000003" in p, times=2)
+        shards = read_shard_set(f"{proxy.url}/{TARS}", cache_in(tmp_path))
+        assert shards.counts == read_shard_set(str(local)).counts
+        assert proxy.count(None, "train-000003") >= 3
+
+
+def test_a_full_cache_disk_is_a_write_error_not_a_bad_shard(env, tmp_path):
+    """The cache's disk fills up: the read stops with exit 7 naming the file, even with
+    data.on_bad_sample=skip (it is not the shard's fault), and is not retried."""
+    from distres.errors import WRITE, WriteError
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    where = tmp_path / "fs"
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(where)]
+    if subprocess.run(mount, capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no tmpfs here")
+    try:
+        shards = read_shard_set("s3://data/train", ShardCache(where))
+        spec = LoaderSpec(shards, train=False, batch_size=64, mean=(0.5,), std=(0.25,),
+                          num_classes=10, image_size=16, skip_bad=True)  # fmt: skip
+        with pytest.raises(WriteError, match=r"\.part: cannot write s3://data/train/") as e:
+            list(ShardLoader(spec))
+        assert e.value.exit_code == WRITE
+    finally:
+        subprocess.run(["umount", "-l", str(where)], timeout=30)
+
+
+def test_indexing_a_set_later_or_moving_it_keeps_its_fingerprint(env, local, tmp_path):
+    """A foreign set (sizes known, no checksums), then the same tars with a manifest
+    (checksums too), in a bucket, or through pipe: (no sizes): one set for a resume."""
+    from types import SimpleNamespace
+
+    from distres.config import Config
+    from distres.trainer.resume import shard_change
+
+    foreign = read_shard_set("s3://data/foreign", cache_in(tmp_path))
+    meta = {"data": {"train": foreign.fingerprint()}}
+    cfg = Config()
+    cfg.data.dataset = "shards"
+    for spec in (str(local), "s3://data/train", f"pipe:cat {local}/{TARS}"):
+        loader = SimpleNamespace(spec=SimpleNamespace(shards=read_shard_set(spec)))
+        assert shard_change(cfg, Path("ckpt"), meta, loader) is None, spec
+    fewer = SimpleNamespace(
+        spec=SimpleNamespace(shards=read_shard_set(f"{local}/train-00000{{0..4}}.tar"))
+    )
+    with pytest.raises(Exception, match="now 5 shards, 1200 samples"):
+        shard_change(cfg, Path("ckpt"), meta, fewer)

@@ -96,6 +96,11 @@ def test_a_resume_on_other_shards_is_refused_in_one_line_unless_allowed(env, dig
     assert "restarts at its beginning on the new set (step 4 so far)" in allowed.stderr
     (resumed,) = resumes(tmp_path)[-1:]
     assert resumed["step"] == 4
+    # evaluation and the per-sample ledger read (and name) the shards where they live
+    ledger = run_cli("--checkpoint", str(tmp_path / "checkpoints"), "--ledger",
+                     "data.val_shards=s3://data/val", module="distres.evaluate")  # fmt: skip
+    assert ledger.returncode == 0, ledger.stderr[-3000:]
+    assert "s3://data/val/val-000000.tar" in (tmp_path / "ledger" / "val.jsonl").read_text()
 
 
 def test_a_missing_bucket_key_or_a_cache_below_one_shard_is_one_line(env, digits_dirs,

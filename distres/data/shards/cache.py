@@ -28,11 +28,11 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import re
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from distres.data.shards import storage
@@ -111,21 +111,34 @@ class ShardCache:
 
     def fetch(self, url: str, size: int | None = None, sha256: str | None = None,
               ahead: bool = False) -> bool:  # fmt: skip
-        """Make sure the node has `url` (one download per node); False when fetching ahead
-        and no room could be made for it."""
+        """Make sure the node has `url` (one download per node). Fetching ahead never
+        waits: False when another process holds the shard (it downloads or reads it) or no
+        room can be made for it."""
         path = self.path_of(url)
+        if _complete(path, size):
+            return True
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_lock(path)
         try:
-            self._wait_lock(fd, fcntl.LOCK_EX, path, url)
+            if ahead:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return False
+            else:
+                self._wait_lock(fd, fcntl.LOCK_EX, path, url)
             if _complete(path, size):
                 return True
             if not self._make_room(size or 0, keep=path) and ahead:
                 return False
             part = path.with_name(path.name + ".part")
             with open(part, "w+b") as f:
-                storage.download(url, f, self.transfer, size)
+                # the .part's mtime moves while the download backs off or is checked:
+                # readers waiting for it see a live download
+                beat = lambda: os.utime(part)  # noqa: E731
+                storage.download(url, f, self.transfer, size, heartbeat=beat)
                 if sha256 is not None:
+                    beat()
                     f.seek(0)
                     if _sha256(f) != sha256:
                         raise DataError(
@@ -133,6 +146,7 @@ class ShardCache:
                             "or is damaged)"
                         )
             os.replace(part, path)
+            _FAILED.pop((str(self.root), url), None)
             # downloads that ran side by side may together have passed the limit: back under
             # it, now that this one is done (only shards nobody reads go)
             self._make_room(0, keep=path)
@@ -144,8 +158,8 @@ class ShardCache:
         """Take the lock; while another process holds it (downloading), wait as long as
         its `.part` keeps growing."""
         part = path.with_name(path.name + ".part")
-        patience = self.transfer.timeout * (self.transfer.retries + 1)
-        last, since, pause = -1, time.monotonic(), 0.01
+        patience = self.transfer.patience
+        last, since, pause = None, time.monotonic(), 0.01
         while True:
             try:
                 fcntl.flock(fd, how | fcntl.LOCK_NB)
@@ -154,9 +168,10 @@ class ShardCache:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
             try:
-                grown = part.stat().st_size
+                st = part.stat()
+                grown = (st.st_size, st.st_mtime_ns)  # bytes, or a heartbeat
             except FileNotFoundError:  # not started, or just renamed into place
-                grown = -1
+                grown = None
             if grown != last:
                 last, since = grown, time.monotonic()
             elif time.monotonic() - since > patience:
@@ -177,14 +192,15 @@ class ShardCache:
         with _locked(self.dir / ".evict.lock"):
             files = []
             used = 0
+            mine = (str(keep), f"{keep}.part")  # counted (not its stale .part), never evicted
             for entry in os.scandir(self.dir):
                 ours = _OURS.match(entry.name) is not None
-                if not (ours or _PART.match(entry.name)) or entry.path == str(keep):
+                if not (ours or _PART.match(entry.name)) or entry.path == mine[1]:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     st = entry.stat()
                     used += st.st_size
-                    if ours:
+                    if ours and entry.path != mine[0]:
                         files.append((st.st_mtime, st.st_size, Path(entry.path)))
             for _, nbytes, victim in sorted(files):
                 if used + size <= self.limit:
@@ -204,7 +220,8 @@ class ShardCache:
             key = (str(self.root), url)
             if key in _PENDING or key in _FAILED:
                 continue
-            _PENDING[key] = pool.submit(self._ahead_one, url, size, sha)
+            _PENDING.add(key)
+            pool.submit(self._ahead_one, url, size, sha)
 
     def _ahead_one(self, url: str, size: int | None, sha: str | None) -> None:
         try:
@@ -214,23 +231,44 @@ class ShardCache:
         except Exception as e:  # the reader meets it again itself, and reports it
             log.debug(f"prefetch of {url} failed: {e}")
         finally:
-            _PENDING.pop((str(self.root), url), None)
+            _PENDING.discard((str(self.root), url))
 
 
 class CacheLimitError(DataError, ValueError):
     exit_code = 2  # a usage error: found before training
 
 
-_PENDING: dict[tuple[str, str], Future] = {}
+_PENDING: set[tuple[str, str]] = set()
 _FAILED: dict[tuple[str, str], RemoteError] = {}  # fetched ahead, in vain: the reader's error
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], _Pool] = {}
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+class _Pool:
+    """Daemon threads taking downloads from a queue, in order. Not a ThreadPoolExecutor:
+    the interpreter joins its threads at exit, so a run that stops early (max_steps, an
+    early stop, a preemption) would first download the rest of its epoch. A download cut
+    off at exit leaves a .part that the next one overwrites, and its lock dies with us."""
+
+    def __init__(self, workers: int):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        for n in range(workers):
+            threading.Thread(target=self._run, name=f"distres-prefetch-{n}", daemon=True).start()
+
+    def submit(self, fn, *args) -> None:
+        self.queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self.queue.get()
+            fn(*args)
+
+
+def _pool(workers: int) -> _Pool:
     key = (os.getpid(), workers)  # a forked worker starts its own
     if key not in _POOLS:
-        _PENDING.clear()
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="distres-prefetch")
+        if not any(k[0] == os.getpid() for k in _POOLS):
+            _PENDING.clear()  # the parent's, inherited by a fork
+        _POOLS[key] = _Pool(workers)
     return _POOLS[key]
 
 

@@ -15,7 +15,7 @@ from distres.data.shards import storage
 from distres.data.shards.cache import ShardCache
 from distres.data.shards.manifest import MANIFEST, ShardError, write_manifest
 from distres.data.shards.read import expand_tars
-from distres.data.shards.scan import default_cache_dir, scan_tar, sha256_file, write_dali_index
+from distres.data.shards.scan import scan_tar, sha256_file, write_dali_index
 
 
 def make_index(tar_path: Path) -> str | None:
@@ -78,8 +78,8 @@ def _index_bucket(items: list[str], force: bool) -> dict:
     listing = storage.listdir(root, transfer)
     if MANIFEST in listing and not force:
         raise ShardError(f"{storage.join(root, MANIFEST)}: already there; pass --force")
-    cache = ShardCache(default_cache_dir(), transfer=transfer)
     with tempfile.TemporaryDirectory(prefix="distres-index-") as stage:
+        cache = ShardCache(Path(stage) / "cache", transfer=transfer)  # one tar at a time
         entries, max_label = [], -1
         for url in urls:
             name = storage.basename(url)
@@ -92,6 +92,7 @@ def _index_bucket(items: list[str], force: bool) -> dict:
                 entries.append({"name": name, "samples": scan["samples"],
                                 "bytes": scan["bytes"], "sha256": sha256_file(local),
                                 "index": idx.name if has_index else None})  # fmt: skip
+            local.unlink()
             max_label = max(max_label, scan["max_label"])
             if has_index:
                 storage.upload(str(idx), storage.join(root, idx.name), transfer)

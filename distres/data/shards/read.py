@@ -139,20 +139,27 @@ class ShardSet:
         return dataclasses.replace(self, urls=tuple(urls), indexes=())
 
     def fingerprint(self) -> dict:
-        """What a checkpoint records of the set it read: shard names, sample counts and
-        checksums (sizes where there are none), in order. Where the shards live is not part
-        of it: the same shards moved from a disk to a bucket are the same set."""
-        h = hashlib.sha256()
-        for i, url in enumerate(self.urls):
-            item = [storage.basename(url), self.counts[i], self.checksum(i) or self.size(i)]
-            h.update(json.dumps(item).encode() + b"\n")
-        return {
+        """What a checkpoint records of the set it read: shard names and sample counts in
+        order (`digest`), and, where every shard's is known, their checksums and sizes
+        (compared only where both sides know them: indexing a set later, or reading it
+        through pipe:, changes nothing). Where the shards live is not part of it: the same
+        shards moved from a disk to a bucket are the same set."""
+
+        def digest(values: list) -> str:
+            return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+        names = [storage.basename(u) for u in self.urls]
+        out = {
             "shards": len(self.urls),
             "samples": self.num_samples,
-            "first": storage.basename(self.urls[0]),
-            "last": storage.basename(self.urls[-1]),
-            "digest": h.hexdigest(),
+            "first": names[0],
+            "last": names[-1],
+            "digest": digest([names, list(self.counts)]),
         }
+        for key, values in (("sha256", self.sha256), ("bytes", self.sizes)):
+            if values and all(v is not None for v in values):
+                out[key] = digest(list(values))
+        return out
 
     def dali_index(self, i: int) -> str:
         """Shard i's DALI index file: the manifest's, one beside the tar, or one written to

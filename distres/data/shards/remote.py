@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import braceexpand
@@ -23,6 +24,8 @@ from distres.data.shards import storage
 from distres.data.shards.manifest import MANIFEST, ShardError, check_manifest
 from distres.data.shards.scan import scan_tar
 from distres.data.shards.storage import RemoteError, Transfer
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 @dataclasses.dataclass
@@ -87,6 +90,15 @@ def _get_manifest(url: str, transfer: Transfer) -> dict:
 def _from_manifest(url: str, transfer: Transfer) -> Found:
     m = _get_manifest(url, transfer)
     base = storage.parent(url)
+    if storage.is_pipe(url):
+        # its names would be appended to a shell command: plain file names only
+        for shard in m["shards"]:
+            for name in (shard["name"], shard.get("index") or ""):
+                if not _SAFE_NAME.fullmatch(name or "x"):
+                    raise ShardError(
+                        f"{url}: shard name {name!r} is not a plain file name (letters, "
+                        "digits, . _ - /), which a pipe: manifest's names must be"
+                    )
     entries = []
     for shard in m["shards"]:
         index = shard.get("index")
@@ -149,9 +161,10 @@ def _beside(url: str, size: int | None, seen: dict, transfer: Transfer):
         try:
             m = _get_manifest(storage.join(base, MANIFEST), transfer)
             seen[base] = {"shards": {s["name"]: s for s in m["shards"]}, "classes": m["classes"]}
-        except (RemoteError, ShardError) as e:
-            if isinstance(e, RemoteError) and e.fatal and "not found" not in str(e):
-                raise
+        except (RemoteError, ShardError):
+            # no usable manifest there: the tar is scanned. (A bucket that only lets its
+            # tars be read answers 403 for a missing key: not a reason to stop.)
+            pass
     listed = seen[base]
     shard = listed["shards"].get(storage.basename(url)) if listed else None
     if shard is None or (size is not None and shard.get("bytes") != size):

@@ -17,12 +17,13 @@ import dataclasses
 import os
 import select
 import subprocess
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from distres.errors import DataError
+from distres.data.shards.clients import filesystem
+from distres.errors import DataError, DistresError, WriteError
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK = 1 << 20  # bytes per read of a stream; the block of a ranged (seekable) header scan
@@ -87,9 +88,23 @@ class Transfer:
     timeout: float = 60.0
     backoff: float = 0.5
 
-    def run(self, url: str, attempt: Callable[[int], int], start: int = 0) -> int:
+    @property
+    def patience(self) -> float:
+        """The longest a transfer can go without a byte: every attempt stalling for the
+        timeout, with the longest backoff between them."""
+        return (self.timeout + 10.0) * (self.retries + 1)
+
+    def run(
+        self,
+        url: str,
+        attempt: Callable[[int], int],
+        start: int = 0,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> int:
         """Call attempt(offset) until it returns without raising; it returns the offset it
-        reached, and a retry resumes there. Progress resets the count of failures."""
+        reached, and a retry resumes there. Progress resets the count of failures. A
+        distres error that is not a remote one (a local write that failed) is not retried;
+        `heartbeat` is called before each wait (those waiting for this transfer watch it)."""
         failures, offset, wait = 0, start, self.backoff
         while True:
             try:
@@ -98,6 +113,8 @@ class Transfer:
                 error, reached = p.error, p.offset
             except Exception as e:
                 error, reached = e, offset
+            if isinstance(error, DistresError) and not isinstance(error, RemoteError):
+                raise error
             error = classify(url, error)
             if error.fatal:
                 raise error from None
@@ -108,6 +125,8 @@ class Transfer:
                 raise RemoteError(
                     f"{url}: gave up after {failures} attempts at byte {offset} ({error})"
                 ) from None
+            if heartbeat is not None:
+                heartbeat()
             time.sleep(wait)
             wait = min(10.0, wait * 2)
 
@@ -123,11 +142,15 @@ class Progress(Exception):
 def classify(url: str, e: BaseException) -> RemoteError:
     if isinstance(e, RemoteError):
         return e
+    # the status first: fsspec's HTTP client reports any failed HEAD (a 503, a timeout)
+    # as a FileNotFoundError caused by it
     status = _status(e)
     name = type(e).__name__
-    if isinstance(e, FileNotFoundError) or status == 404:
+    text = str(e)
+    if status == 404 or (status is None and isinstance(e, FileNotFoundError)):
         return RemoteError(f"{url}: not found (404)", fatal=True)
-    if isinstance(e, PermissionError) or status in (401, 403):
+    denied = text.startswith(("Forbidden", "Unauthorized"))  # gcsfs: a bare OSError
+    if status in (401, 403) or (status is None and (isinstance(e, PermissionError) or denied)):
         return RemoteError(
             f"{url}: access denied ({status or name}: check the credentials and their rights "
             "on it)",
@@ -135,7 +158,7 @@ def classify(url: str, e: BaseException) -> RemoteError:
         )
     if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
         return RemoteError(f"{url}: no credentials found ({e})", fatal=True)
-    return RemoteError(f"{url}: {name}: {str(e)[:300] or 'no detail'}")
+    return RemoteError(f"{url}: {name}: {text[:300] or 'no detail'}")
 
 
 def _status(e: BaseException | None, depth: int = 0) -> int | None:
@@ -158,77 +181,7 @@ def _own_status(e: BaseException) -> int | None:
     return None
 
 
-# -- object stores and HTTP (fsspec) ---------------------------------------------------------
-_LOCK = threading.Lock()
-_FILESYSTEMS: dict[tuple, object] = {}
-# a DataLoader worker forked while a prefetch thread held _LOCK would wait for it forever
-os.register_at_fork(before=_LOCK.acquire, after_in_parent=_LOCK.release,
-                    after_in_child=_LOCK.release)  # fmt: skip
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID",
-               "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")  # fmt: skip
-
-
-def filesystem(url: str, timeout: float = 60.0):
-    """(fsspec filesystem, its path for `url`): one per protocol, timeout and process.
-
-    Our Transfer does the retrying, so the clients' own retry loops are kept to one attempt
-    (a 503 is not then retried 5 x 5 times)."""
-    import fsspec
-
-    protocol = scheme(url)
-    protocol = "gs" if protocol == "gcs" else protocol
-    # async clients do not survive a fork; endpoints and profiles come from the environment
-    env = tuple(os.environ.get(k) for k in _CLIENT_ENV)
-    key = (protocol, timeout, os.getpid(), env)
-    with _LOCK:
-        fs = _FILESYSTEMS.get(key)
-        if fs is None:
-            if protocol == "s3":
-                fs = fsspec.filesystem(
-                    "s3",
-                    skip_instance_cache=True,
-                    session=_aws_session(),
-                    config_kwargs={
-                        "connect_timeout": timeout,
-                        "read_timeout": timeout,
-                        "retries": {"total_max_attempts": 1, "mode": "standard"},
-                    },
-                )
-                fs.retries = 1
-            elif protocol == "gs":
-                fs = fsspec.filesystem("gs", skip_instance_cache=True, timeout=timeout)
-                fs.retries = 1
-            else:
-                import aiohttp
-
-                client_timeout = aiohttp.ClientTimeout(
-                    total=None, sock_connect=timeout, sock_read=timeout
-                )
-                fs = fsspec.filesystem(
-                    "http",
-                    skip_instance_cache=True,
-                    client_kwargs={"timeout": client_timeout},
-                )
-            _FILESYSTEMS[key] = fs
-    path = url if protocol in ("http", "https") else url.split("://", 1)[1]
-    return fs, path
-
-
-_SESSIONS: dict[tuple, object] = {}
-
-
-def _aws_session():
-    """One aiobotocore session per environment, kept across forks: a DataLoader worker
-    then starts its client from the models its parent parsed (0.2 s of CPU per worker and
-    epoch otherwise, on cores that decode). A session holds no connection or loop."""
-    from aiobotocore.session import AioSession
-
-    key = tuple(os.environ.get(k) for k in _CLIENT_ENV)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = AioSession()  # reading the shard set's listing warms it
-    return _SESSIONS[key]
-
-
+# -- object stores and HTTP (fsspec, through clients.py) ------------------------------------
 def info(url: str, transfer: Transfer) -> dict:
     """{"size": bytes or None, "tag": an ETag or mtime or None} of one object (a HEAD)."""
     fs, path = filesystem(url, transfer.timeout)
@@ -285,16 +238,29 @@ def read_bytes(url: str, transfer: Transfer, limit: int = 256 << 20) -> bytes:
     return bytes(buf)
 
 
-def download(url: str, dest: BinaryIO, transfer: Transfer, size: int | None = None) -> int:
+def download(
+    url: str,
+    dest: BinaryIO,
+    transfer: Transfer,
+    size: int | None = None,
+    heartbeat: Callable[[], None] | None = None,
+) -> int:
     """Copy `url` into the open file `dest`, resuming at the byte reached after a fault;
     with a known `size`, a body that ends short is a fault (retried) and a longer one an
-    error. Returns the bytes written."""
+    error. A write to `dest` that fails (a full disk) is a WriteError, never retried.
+    Returns the bytes written."""
 
     def attempt(offset: int) -> int:
         dest.seek(offset)
         dest.truncate()
         for chunk in stream(url, offset, transfer.timeout):
-            dest.write(chunk)
+            try:
+                dest.write(chunk)
+            except OSError as e:
+                raise WriteError(
+                    f"{getattr(dest, 'name', 'the cache')}: cannot write {url}'s bytes "
+                    f"({e.strerror or e}); free space or set data.cache_limit"
+                ) from None
         reached = dest.tell()
         if size is not None and reached != size:
             raise Progress(
@@ -305,7 +271,7 @@ def download(url: str, dest: BinaryIO, transfer: Transfer, size: int | None = No
             )
         return reached
 
-    return transfer.run(url, _progressing(attempt, dest.tell))
+    return transfer.run(url, _progressing(attempt, dest.tell), heartbeat=heartbeat)
 
 
 def _progressing(attempt: Callable[[int], int], where: Callable[[], int]) -> Callable[[int], int]:
@@ -314,7 +280,7 @@ def _progressing(attempt: Callable[[int], int], where: Callable[[], int]) -> Cal
     def run(offset: int) -> int:
         try:
             return attempt(offset)
-        except Progress:
+        except (Progress, WriteError):
             raise
         except Exception as e:
             raise Progress(e, where()) from None
@@ -363,9 +329,10 @@ def _discard(f, n: int) -> None:
 def _pipe(command: str, offset: int, timeout: float) -> Iterator[bytes]:
     """A command's standard output (webdataset's pipe:); a failed or stalled command is a
     fault, retried from the start (the bytes already written are skipped)."""
-    proc = subprocess.Popen(
-        command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
-    )
+    # stderr to a file: a command that talks a lot there (curl's progress meter) must not
+    # block on a full pipe nobody reads
+    err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err, bufsize=0)
     try:
         fd, skip = proc.stdout.fileno(), offset
         while True:
@@ -382,8 +349,9 @@ def _pipe(command: str, offset: int, timeout: float) -> Iterator[bytes]:
                 yield chunk
         rc = proc.wait(timeout=timeout)
         if rc != 0:
-            err = proc.stderr.read(400).decode(errors="replace").strip().replace("\n", " ")
-            raise RemoteError(f"pipe:{command}: exit status {rc}" + (f" ({err})" if err else ""))
+            err.seek(max(0, err.seek(0, 2) - 400))
+            said = err.read().decode(errors="replace").strip().replace("\n", " ")
+            raise RemoteError(f"pipe:{command}: exit status {rc}" + (f" ({said})" if said else ""))
         if skip:
             raise EOFError(f"output ended before byte {offset}")
     finally:
@@ -391,7 +359,7 @@ def _pipe(command: str, offset: int, timeout: float) -> Iterator[bytes]:
             proc.kill()
             proc.wait()
         proc.stdout.close()
-        proc.stderr.close()
+        err.close()
 
 
 def open_seekable(url: str, transfer: Transfer) -> BinaryIO:

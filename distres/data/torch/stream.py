@@ -21,6 +21,7 @@ from distres.data.shards.read import ShardSet
 from distres.data.shards.storage import RemoteError
 from distres.data.torch.encode import pack
 from distres.data.torch.transforms import decode_jpeg
+from distres.errors import DistresError
 
 CHUNK = 32  # samples per worker->main hand-over; amortises IPC without holding back a batch
 
@@ -121,7 +122,7 @@ class SampleStream(IterableDataset):
             except RemoteError as e:
                 where = f"shard {i} of {self.shards.root}"
                 self.bad(DataError(f"{e} ({where})"), count=self._share(i))
-            except DataError:
+            except DistresError:  # a bad sample (already judged) or a cache write that failed
                 raise
             except Exception as e:  # tarfile/webdataset raise several types for a bad tar
                 self.bad(DataError(f"{url}: unreadable tar ({type(e).__name__}: {e})"))
