@@ -61,6 +61,29 @@ def s3_server() -> Iterator[str]:
             proc.wait()
 
 
+@contextlib.contextmanager
+def gcs_server() -> Iterator[str]:
+    """gcp-storage-emulator (Python, in memory) in its own process; its endpoint URL, for
+    STORAGE_EMULATOR_HOST (google-auth's and gcsfs's convention)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory", "--default-bucket", "data"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """What a client needs to reach the server: the AWS conventions, nothing distres-own."""
     return {

@@ -44,6 +44,10 @@ def filesystem(url: str, timeout: float = 60.0):
                 )
                 fs.retries = 1
             elif protocol == "gs":
+                if os.environ.get("STORAGE_EMULATOR_HOST"):
+                    # gcsfs asks a bucket's type over gRPC first, which an emulator does not
+                    # answer: 60 s of waiting per bucket (read when gcsfs is imported)
+                    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
                 fs = fsspec.filesystem("gs", skip_instance_cache=True, timeout=timeout)
                 fs.retries = 1
             else:
