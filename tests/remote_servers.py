@@ -41,11 +41,11 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3 API in server mode, in its own process; its endpoint URL."""
+def _server(*args: str) -> Iterator[str]:
+    """`python -m ARGS --port P` in its own process until the block ends; its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", *args, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -61,27 +61,16 @@ def s3_server() -> Iterator[str]:
             proc.wait()
 
 
-@contextlib.contextmanager
-def gcs_server() -> Iterator[str]:
-    """gcp-storage-emulator (Python, in memory) in its own process; its endpoint URL, for
-    STORAGE_EMULATOR_HOST (google-auth's and gcsfs's convention)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--in-memory", "--default-bucket", "data"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def s3_server():
+    """moto's S3 API in server mode; its endpoint URL (AWS_ENDPOINT_URL)."""
+    return _server("moto.server", "-H", "127.0.0.1", "-p")
+
+
+def gcs_server():
+    """gcp-storage-emulator (Python, in memory), a bucket named data; its endpoint URL,
+    for STORAGE_EMULATOR_HOST (google-auth's and gcsfs's convention)."""
+    return _server("gcp_storage_emulator", "start", "--host", "127.0.0.1", "--in-memory",
+                   "--default-bucket", "data", "--port")  # fmt: skip
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
