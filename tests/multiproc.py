@@ -21,6 +21,18 @@ TIMING = {"img_per_s", "step_time_s", "data_wait_frac"}  # fields that follow th
 # the steps only have to be real steps; tests about accuracy keep the default's 32 px.
 SMALL = ["data.image_size=16", "data.val_resize=16", "data.random_resized_crop=true"]
 
+# Exact-resume runs: 2 ranks x 64 of the 1,436 digits: 11 steps per epoch, 22 in all,
+# deterministic, a checkpoint every 3 steps and a record every step.
+EXACT = [
+    *SMALL,
+    "run.threads=1",
+    "run.deterministic=true",
+    "train.epochs=2",
+    "checkpoint.every_steps=3",
+    "tracking.log_every=1",
+    "checkpoint.keep_last=50",
+]
+
 
 # torchrun's own options to fork each rank from its agent, which the tests start with torch
 # already imported (launcher.py): a rank starts in a fraction of a second instead of ~6 s of

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from commands import REPO, run_cli
-from multiproc import SMALL, assert_same_weights, kill_at_step, records, resumes, train
+from multiproc import EXACT, SMALL, assert_same_weights, kill_at_step, records, resumes, train
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
@@ -23,16 +23,7 @@ from distres import checkpoint as ckpt
 # every test here launches real runs (torchrun, SIGKILL, the CLI)
 pytestmark = pytest.mark.slow
 
-# 2 ranks x 64 of the 1,436 digits: 11 steps per epoch, 22 in all.
-BASE = [
-    *SMALL,
-    "run.threads=1",
-    "run.deterministic=true",
-    "train.epochs=2",
-    "checkpoint.every_steps=3",
-    "tracking.log_every=1",
-    "checkpoint.keep_last=50",
-]
+BASE = EXACT
 
 
 @pytest.fixture(scope="module")

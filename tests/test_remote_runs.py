@@ -9,7 +9,7 @@ import io
 
 import pytest
 from commands import run_cli
-from multiproc import SMALL, assert_same_weights, kill_at_step, records, resumes, train
+from multiproc import EXACT, SMALL, assert_same_weights, kill_at_step, records, resumes, train
 from PIL import Image
 from remote_servers import Proxy, s3_client, s3_env, s3_server, upload_dir
 
@@ -17,16 +17,7 @@ from distres.data.shards.read import read_shard_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-BASE = [
-    *SMALL,
-    "run.threads=1",
-    "run.deterministic=true",
-    "train.epochs=2",
-    "checkpoint.every_steps=3",
-    "tracking.log_every=1",
-    "checkpoint.keep_last=50",
-    "data.backend=torch",
-]
+BASE = [*EXACT, "data.backend=torch"]
 
 
 @pytest.fixture(scope="module")

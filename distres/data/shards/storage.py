@@ -98,14 +98,13 @@ class Transfer:
         self,
         url: str,
         attempt: Callable[[int], int],
-        start: int = 0,
         heartbeat: Callable[[], None] | None = None,
     ) -> int:
         """Call attempt(offset) until it returns without raising; it returns the offset it
         reached, and a retry resumes there. Progress resets the count of failures. A
         distres error that is not a remote one (a local write that failed) is not retried;
         `heartbeat` is called before each wait (those waiting for this transfer watch it)."""
-        failures, offset, wait = 0, start, self.backoff
+        failures, offset, wait = 0, 0, self.backoff
         while True:
             try:
                 return attempt(offset)
@@ -363,11 +362,11 @@ def _pipe(command: str, offset: int, timeout: float) -> Iterator[bytes]:
 
 
 def open_seekable(url: str, transfer: Transfer) -> BinaryIO:
-    """A read-only file object over an object (ranged reads of `CHUNK` blocks): reading tar
-    headers without fetching the members between them."""
+    """A read-only file object over an object-store object (ranged reads of `CHUNK` blocks):
+    reading tar headers without fetching the members between them. (A web server need not
+    take ranges, and a command cannot seek: those are streamed.)"""
     fs, path = filesystem(url, transfer.timeout)
-    http = scheme(url) in ("http", "https")
-    return fs.open(path, "rb", block_size=CHUNK, cache_type="readahead" if not http else "bytes")
+    return fs.open(path, "rb", block_size=CHUNK, cache_type="readahead")
 
 
 def upload(local: str, url: str, transfer: Transfer) -> None:

@@ -184,7 +184,7 @@ class ShardLoader:
         per_worker = [ids[w::workers] for w in range(workers)]
         order = [p[k] for k in range(max(map(len, per_worker))) for p in per_worker
                  if k < len(p)]  # fmt: skip
-        if workers > 1 or self.num_workers:
+        if self.num_workers:
             # a command started from a thread while DataLoader forks its workers can hand
             # its exec-error pipe to a worker and never return: pipe: shards are fetched
             # ahead by the workers themselves, which fork nothing
