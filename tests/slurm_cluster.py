@@ -264,6 +264,13 @@ PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
             time.sleep(1)
         raise TimeoutError(f"job {job} still {state!r} after {timeout} s")
 
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        """The end of a daemon's log (slurmd, slurmctld), for a failing test's message."""
+        try:
+            return (self.root / "log" / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError as e:
+            return f"({e})"
+
     def steps_alive(self, job: str) -> bool:
         """Whether any step daemon of the job (its batch script included) still runs."""
         for pid in marked(self.mark):

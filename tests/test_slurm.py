@@ -67,13 +67,28 @@ def log(tmp: Path, job: str) -> str:
     return (tmp / f"slurm-{job}.out").read_text()
 
 
-def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
-    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+def wait_for_steps(cluster, job: str, tmp: Path, steps: int, timeout: float = 300) -> None:
+    """Wait until the job has logged `steps` records. A job that ends first fails at once, and
+    a timeout says where the job stood (pending on what, or running) with its output."""
+    metrics, deadline = tmp / "run" / "metrics.jsonl", time.monotonic() + timeout
+    fields: dict[str, str] = {}
     while time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
             return
-        time.sleep(0.2)
-    raise TimeoutError(f"{metrics}: fewer than {steps} records after {timeout} s")
+        fields = cluster.job_fields(job)
+        if fields.get("JobState") in slurm_cluster.TERMINAL:
+            break
+        time.sleep(0.5)
+    out = tmp / f"slurm-{job}.out"
+    where = {k: fields.get(k) for k in ("JobState", "Reason", "StartTime", "RunTime")}
+    raise AssertionError(
+        f"job {job}: fewer than {steps} records in {metrics} ({where}); its output:\n"
+        + (out.read_text()[-4000:] if out.exists() else "(none yet)")
+        + "\nslurmctld log:\n"
+        + cluster.log_tail("slurmctld")
+        + "\nslurmd log:\n"
+        + cluster.log_tail("slurmd")
+    )
 
 
 def test_a_full_run_through_sbatch(cluster, tmp_path):
@@ -89,7 +104,7 @@ def test_a_full_run_through_sbatch(cluster, tmp_path):
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job = sbatch(cluster, tmp_path, "train.epochs=3")
-    wait_for_steps(tmp_path / "run", 6)
+    wait_for_steps(cluster, job, tmp_path, 6)
     # The warning Slurm sends before a time limit or preemption, to the batch shell and steps.
     assert cluster.client(["scancel", "--signal=USR1", "--full", job]).returncode == 0
     deadline = time.monotonic() + 120
@@ -121,7 +136,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
 
 def test_scancel_sigterm_checkpoints_and_stops(cluster, tmp_path):
     job = sbatch(cluster, tmp_path, "train.epochs=3")
-    wait_for_steps(tmp_path / "run", 6)
+    wait_for_steps(cluster, job, tmp_path, 6)
     assert cluster.client(["scancel", job]).returncode == 0
     cluster.wait_job(job, timeout=180)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
