@@ -148,3 +148,31 @@ def test_remote_shards_prints_local_and_s3_epochs():
         ("s3", "2"),
     ]
     assert int(rows[2][4]) == 4 and int(rows[3][4]) == 0  # 4 downloads, then none
+
+
+def test_shard_writer_prints_a_row_per_writer():
+    # 72 images: past the 64 below which distres's writer encodes without its worker pool
+    out = bench("shard_writer.py", "--images", "72", "--sizes", "64,128", "--workers", "2")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1]}
+    assert {"distres", "litdata", "webdataset"} <= rows.keys(), out
+    for name in ("distres", "litdata", "webdataset"):
+        if name == "litdata" and rows[name][1] == "skipped":
+            continue  # litdata not installed: its row says so
+        assert rows[name][1] == "72" and float(rows[name][3]) > 0, out
+
+
+def test_scale_prints_every_stage_and_its_exponent(tmp_path):
+    out = bench("scale.py", "--sizes", "8000,16000", "--classes", "21841", "--scan-max", "16000",
+                "--work", str(tmp_path))  # fmt: skip
+    table, exponents = out.split("growth exponents")
+    stages = {line[:34].strip() for line in table.splitlines()[1:] if line.strip()}
+    expected = {"manifest read", "scan, 1 rank: first", "scan, 2 ranks of a node: cached",
+                "DALI index checks", "first batch, torch, rank 0 of 8", "ledger runs, rank 0 of 8",
+                "ledger merge + write, rank 0", "ledger read back",
+                "per-class + pictures, 21841 cl", "distres.report, 21841 cl"}  # fmt: skip
+    assert expected <= stages, stages
+    for line in table.splitlines()[1:]:
+        if line.strip():
+            assert float(line[46:55]) > 0 and float(line[56:64]) > 0, line  # seconds, peak MB
+    assert "ledger merge + write, rank 0       time" in exponents
+    assert (tmp_path / "report-16000-21841" / "plots" / "confusion_val.png").is_file()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
@@ -100,8 +101,16 @@ def _rows(n: int, classes: int, seed: int = 0) -> dict:
 def test_per_class_table_and_confusion_by_hand(tmp_path):
     rows = _rows(3000, 1000)
     names = [f"class{i}" for i in range(1000)]
-    table = class_metrics.per_class(rows["label"], rows["top"], rows["loss"], names)
-    for c in (0, 17, 999):
+    # fed in uneven chunks, as the merge feeds it
+    stats = class_metrics.ClassStats(1000)
+    for a, b in ((0, 7), (7, 1500), (1500, 3000)):
+        stats.update(rows["label"][a:b], rows["top"][a:b], rows["loss"][a:b])
+    table = stats.table(names)
+    dense = np.zeros((1000, 1000), np.int64)  # the matrix by hand
+    np.add.at(dense, (rows["label"], rows["top"][:, 0]), 1)
+    off = dense.copy()
+    np.fill_diagonal(off, 0)
+    for c in range(1000):
         mine = rows["label"] == c
         n = int(mine.sum())
         assert table[c]["support"] == n
@@ -110,22 +119,26 @@ def test_per_class_table_and_confusion_by_hand(tmp_path):
             hit5 = (rows["top"][mine] == c).any(axis=1).mean()
             assert table[c]["top5"] == pytest.approx(hit5)
             assert table[c]["loss"] == pytest.approx(rows["loss"][mine].mean(), rel=1e-6)
+        other = table[c]["confused_with"]
+        assert other == (int(off[c].argmax()) if off[c].any() else None)
+        assert table[c]["confused_count"] == off[c].max()
     # support-weighted per-class accuracy is the overall accuracy
     overall = sum(r["top1"] * r["support"] for r in table if r["support"]) / 3000
     assert overall == pytest.approx(ledger.metrics(rows)["top1"])
-    # the confusion matrix's 20 classes come from its most-confused pairs
-    matrix = class_metrics.confusion(rows["label"], rows["top"][:, 0], 1000)
-    assert matrix.sum() == 3000 and np.trace(matrix) == (rows["top"][:, 0] == rows["label"]).sum()
-    pairs = class_metrics.most_confused(matrix, 5)
-    assert [p[2] for p in pairs] == sorted((p[2] for p in pairs), reverse=True)
-    chosen = class_metrics.confused_classes(matrix, 20)
+    # the most-confused pairs are the largest off-diagonal cells, ties by class index
+    pairs = stats.most_confused(40)
+    flat = np.lexsort((np.arange(1000**2) % 1000, np.arange(1000**2) // 1000, -off.ravel()))
+    assert pairs == [(int(i // 1000), int(i % 1000), int(off.flat[i])) for i in flat[:40]]
+    chosen = stats.confused_classes(20)
     assert len(chosen) == 20 and {pairs[0][0], pairs[0][1]} <= set(chosen)
+    np.testing.assert_array_equal(stats.submatrix(chosen), dense[np.ix_(chosen, chosen)])
     summary = {
         "classes": names,
         "split": "val",
         "metrics": ledger.metrics(rows),
+        **stats.summary(names),
     }
-    out = class_metrics.plot_confusion(summary, rows, tmp_path / "c.png")
+    out = class_metrics.plot_confusion(summary, tmp_path / "c.png")
     assert Image.open(out).size[0] > 400
 
 
@@ -134,22 +147,62 @@ def test_ledger_round_trip_and_damaged_files_are_one_line_errors(tmp_path):
     urls = ("/s/a.tar", "/s/b.tar", "/s/c.tar")
     info = {"checkpoint": "x", "classes": [str(i) for i in range(10)]}
     path = ledger.write(rows, tmp_path, "val", urls, info)
+    assert path.name == "val.parquet" and ledger.find(tmp_path / "ledger") == [path]
+    assert not list((tmp_path / "ledger").glob(".parts-*"))  # the runs are gone
     summary, back = ledger.read(path)
-    assert summary["metrics"] == ledger.metrics(rows)
-    assert back["key"] == [k.key for k in rows["keys"]]
-    assert back["shard"] == [urls[k.shard] for k in rows["keys"]]
-    np.testing.assert_array_equal(back["top"], rows["top"])
-    np.testing.assert_allclose(back["loss"], rows["loss"], rtol=1e-6)
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join([*lines[:3], '{"shard": 1}', *lines[3:]]) + "\n")
-    with pytest.raises(ledger.LedgerError, match=r"val\.jsonl: line 4 is not a ledger row"):
+    assert summary["metrics"] == pytest.approx(ledger.metrics(rows))
+    order = sorted(range(50), key=lambda i: (rows["keys"][i].shard, rows["keys"][i].at))
+    assert back["key"] == [rows["keys"][i].key for i in order]
+    assert back["shard"] == [urls[rows["keys"][i].shard] for i in order]
+    np.testing.assert_array_equal(back["top"], rows["top"][order])
+    np.testing.assert_array_equal(back["loss"], rows["loss"][order])
+    # what pandas, polars and DuckDB read: plain columns
+    table = pq.read_table(path)
+    assert table.column_names == ["shard", "key", "label", *[
+        f"{c}{j}" for j in range(1, 6) for c in ("pred", "prob")], "loss"]  # fmt: skip
+    hardest = max(range(50), key=lambda i: rows["loss"][i])
+    assert summary["hardest"][0]["key"] == rows["keys"][hardest].key
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ledger.LedgerError, match=r"val\.parquet: not a ledger"):
         ledger.read(path)
     path.with_suffix(".json").write_text("[1, 2")
     with pytest.raises(ledger.LedgerError, match=r"val\.json: unreadable"):
-        ledger.read(path)
+        ledger.read_summary(path)
     path.with_suffix(".json").unlink()
     with pytest.raises(ledger.LedgerError, match=r"val\.json: missing"):
-        ledger.read(path)
+        ledger.read_summary(path)
+
+
+def test_the_merge_of_many_runs_is_the_sorted_rows_with_bounded_batches(tmp_path, monkeypatch):
+    """Runs of every size, interleaved key ranges and empty ranks: the merge emits every row
+    once in (shard, position) order."""
+    from distres.results import ledger_files as files
+
+    monkeypatch.setattr(files, "BATCH", 7)  # many merge steps
+    monkeypatch.setattr(files, "ROW_GROUP", 50)
+    rng = np.random.default_rng(3)
+    n = 1000
+    shard, at = rng.integers(0, 4, n), rng.permutation(n)
+    rows = _rows(n, 30, seed=4)
+    runs, start = [], 0
+    for i, size in enumerate((0, 1, 333, 7, 200, 459)):
+        part = slice(start, start + size)
+        start += size
+        if size:
+            code = files.sort_code(shard[part], at[part])
+            keys = [f"k{j}" for j in range(part.start, part.stop)]
+            runs.append(files.write_run(tmp_path / f"r{i}.parquet", code, keys,
+                        rows["label"][part], rows["top"][part], rows["prob"][part],
+                        rows["loss"][part]))  # fmt: skip
+    stats = class_metrics.ClassStats(30)
+    out = tmp_path / "ledger.parquet"
+    assert files.merge(runs, out, ("a", "b", "c", "d"), stats) == n
+    table = pq.read_table(out)
+    order = np.lexsort((at, shard))
+    assert table.column("key").to_pylist() == [f"k{j}" for j in order]
+    assert table.column("shard").to_pylist() == ["abcd"[shard[j]] for j in order]
+    assert pq.ParquetFile(out).metadata.num_row_groups > 1
+    assert int(stats.support.sum()) == n
 
 
 # -- profiler and TensorBoard --------------------------------------------------------------
@@ -305,7 +358,12 @@ def planted_run(tmp_path_factory, digits_dirs):
 
 
 def _ledger_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The ledger's rows as dicts with the top-5 and probabilities as lists."""
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        r["top5"] = [r.pop(f"pred{j}") for j in range(1, 6)]
+        r["prob"] = [r.pop(f"prob{j}") for j in range(1, 6)]
+    return rows
 
 
 @pytest.mark.slow
@@ -315,7 +373,7 @@ def test_the_ledger_is_one_on_any_world_size_and_its_classes_add_up(planted_run,
     val/top1."""
     run_dir, _ = planted_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows1 = _ledger_rows(run_dir / "ledger" / "val.jsonl")
+    rows1 = _ledger_rows(run_dir / "ledger" / "val.parquet")
     assert len(rows1) == 361
     at_end = json.loads((run_dir / "ledger" / "val.json").read_text())
     assert at_end["metrics"]["top1"] == summary["final_val_top1"] and at_end["step"] == 88
@@ -325,7 +383,7 @@ def test_the_ledger_is_one_on_any_world_size_and_its_classes_add_up(planted_run,
     two = run_module("torch.distributed.run", [*cmd, "run.threads=1"], cwd=REPO, env=env,
                      timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
-    rows2 = _ledger_rows(tmp_path / "two" / "ledger" / "val.jsonl")
+    rows2 = _ledger_rows(tmp_path / "two" / "ledger" / "val.parquet")
     for a, b in zip(rows1, rows2, strict=True):
         assert (a["shard"], a["key"], a["label"], a["top5"]) == (
             b["shard"],
@@ -361,7 +419,7 @@ def test_a_planted_mislabel_comes_first_in_the_training_set_ledger(planted_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.splitlines()[0])
     assert result["split"] == "train" and result["train/samples"] == 1436
-    rows = _ledger_rows(run_dir / "ledger" / "train.jsonl")
+    rows = _ledger_rows(run_dir / "ledger" / "train.parquet")
     worst = max(rows, key=lambda r: r["loss"])
     assert (worst["key"], worst["label"], worst["top5"][0]) == (key, 1, 0)
     # the report shows the tables and redraws the pictures of both ledgers

@@ -347,3 +347,81 @@ def test_max_side_shrinks_large_images_and_progressive_jpegs_become_baseline(tmp
         module="distres.data.shards",
     )  # fmt: skip
     assert r.returncode == 2 and "--max-side -1" in r.stderr
+
+
+_SCAN_RANK = """
+import json, os, pathlib, sys, time
+from distres.data.shards import scan
+from distres.data.shards.read import read_shard_set
+done = []
+once = scan._scan_once
+def counted(tar, *a):
+    done.append(str(tar))
+    time.sleep(0.3)  # a scan that takes time, as a real tar's does
+    return once(tar, *a)
+scan._scan_once = counted
+# both ranks start together (the import time of each differs)
+here = pathlib.Path(sys.argv[1])
+(here / f"ready-{os.environ['LOCAL_RANK']}").touch()
+while not all((here / f"ready-{r}").exists() for r in (0, 1)):
+    time.sleep(0.01)
+s = read_shard_set(sys.argv[1])
+print(json.dumps({"scanned": done, "samples": s.num_samples, "counts": list(s.counts)}))
+"""
+
+
+def test_the_ranks_of_a_node_scan_a_foreign_set_together(tmp_path):
+    """Two ranks of a node (LOCAL_RANK 0 and 1 of 2), started together on 8 foreign tars with
+    an empty cache: every tar is scanned exactly once over both, each rank scans some, and
+    both see the same counts. A lock left by a rank killed mid-scan blocks nothing."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    import webdataset as wds
+    from commands import REPO
+
+    for s in range(8):
+        with wds.TarWriter(str(tmp_path / f"t-{s}.tar")) as w:
+            for i in range(50 + s):
+                w.write({"__key__": f"{s}-{i:03d}", "jpg": b"x" * 64, "cls": str(i % 3)})
+    env = {**os.environ, "DISTRES_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+           "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SCAN_RANK, str(tmp_path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            env={**env, "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    scanned = [t for o in outs for t in o["scanned"]]
+    assert sorted(scanned) == sorted(str(tmp_path / f"t-{s}.tar") for s in range(8))
+    assert all(o["scanned"] for o in outs), outs  # both ranks did part of the work
+    assert outs[0]["counts"] == outs[1]["counts"] == [50 + s for s in range(8)]
+    # a scan's lock held by a process that then dies: the kernel drops it, the next scan runs
+    from distres.data.shards.scan import _cache_stem, scan_tar
+
+    (tmp_path / "new.tar").write_bytes((tmp_path / "t-0.tar").read_bytes())
+    env_cache = os.environ.get("DISTRES_CACHE")
+    os.environ["DISTRES_CACHE"] = str(tmp_path / "cache")
+    try:
+        lock = _cache_stem(tmp_path / "new.tar").with_suffix(".lock")
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+            , str(lock)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert holder.stdout.readline().strip() == "held"
+        with open(lock) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it is held
+        holder.kill()
+        holder.wait(30)
+        assert scan_tar(tmp_path / "new.tar")["samples"] == 50
+    finally:
+        if env_cache is None:
+            os.environ.pop("DISTRES_CACHE")
+        else:
+            os.environ["DISTRES_CACHE"] = env_cache

@@ -159,7 +159,7 @@ def print_ledger(path: str, pictures: dict[str, str]) -> None:
     """Where the ledger went, and the classes it finds worst."""
     from distres.results import ledger
 
-    summary, _ = ledger.read(path)
+    summary = ledger.read_summary(path)
     worst = sorted(
         (r for r in summary["per_class"] if r["support"]),
         key=lambda r: (r["top1"], -r["support"]),

@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         out = plot_curves(run_dir)
         table = summary_table(run_dir)
         ledgers = []
-        for path in sorted((run_dir / ledger.LEDGER_DIR).glob("*.jsonl")):
-            summary, rows = ledger.read(path)
-            pictures = class_metrics.draw(summary, rows, run_dir / "plots")
-            ledgers.append((path, ledger_tables(summary, rows), pictures))
+        for path in ledger.find(run_dir / ledger.LEDGER_DIR):
+            summary = ledger.read_summary(path)
+            pictures = class_metrics.draw(summary, run_dir / "plots")
+            ledgers.append((path, ledger_tables(summary), pictures))
         profile = profile_lines(run_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"distres.report: {e}", file=sys.stderr)

@@ -2,18 +2,21 @@
 probabilities, and loss.
 
 Each rank evaluates its part of a split (every sample exactly once over all ranks, as the
-validation does) with a loader that yields each sample's SampleKey; rank 0 gathers the parts
-and writes them in the shard set's order (shards as the manifest lists them, samples in tar
-order), so the ledger has the same rows in the same order on any world size. Written as
-<dir>/ledger/<split>.jsonl (one JSON object per sample: pandas.read_json(lines=True) reads
-it) and <split>.json (what was evaluated, the split's metrics, and the per-class table,
-distres.results.per_class).
+validation does) with a loader that yields each sample's SampleKey, and writes its rows as
+sorted runs; rank 0 merges the runs in the shard set's order (shards as the manifest lists
+them, samples in tar order) with bounded memory (distres.results.ledger_files), so the ledger
+has the same rows in the same order on any world size, and no rank holds all of them.
+Written as <dir>/ledger/<split>.parquet (pandas.read_parquet, polars, DuckDB) and
+<split>.json (what was evaluated, the split's metrics, the per-class table, the
+most-confused pairs and what the pictures show: distres.results.per_class).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,18 +28,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distres.data.api import KeyedBatch, SampleKey, class_names
-from distres.errors import USAGE, DistresError
-from distres.io import atomic_write, write_json
+from distres.data.api import KeyedBatch, class_names
+from distres.io import write_json
+from distres.results import ledger_files as files
+from distres.results.ledger_files import LedgerError
+from distres.results.per_class import ClassStats
+
+__all__ = ["LEDGER_DIR", "TOP_K", "LedgerError", "collect", "read", "write", "write_ledger"]
 
 LEDGER_DIR = "ledger"
 TOP_K = 5
 
 
-class LedgerError(DistresError, ValueError):
-    """A ledger file that cannot be read; the message names it."""
-
-    exit_code, label = USAGE, "ledger error"
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @torch.no_grad()
@@ -44,147 +51,185 @@ def collect(
     model: nn.Module,
     batches: Iterable[KeyedBatch],
     autocast: Callable[[], AbstractContextManager],
+    parts: Path,
     input_dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """This rank's rows: keys, labels, top-k classes and probabilities, and per-sample loss
-    (numpy arrays, on the host). The model's outputs are logits or log-probabilities (FlipTTA):
-    log_softmax takes either to log-probabilities."""
+) -> list[Path]:
+    """This rank's rows (keys, labels, top-k classes and probabilities, per-sample loss),
+    written under `parts` as sorted runs of at most RUN_ROWS rows; returns their paths. The
+    model's outputs are logits or log-probabilities (FlipTTA): log_softmax takes either to
+    log-probabilities."""
     was_training = model.training
     model.eval()
-    keys: list[SampleKey] = []
-    labels, tops, probs, losses = [], [], [], []
+    rank, _ = _world()
+    runs: list[Path] = []
+    chunk: dict[str, list] = {n: [] for n in ("shard", "at", "key", "y", "top", "p", "l")}
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        if not held:
+            return
+        # one copy to the host per run, not one per batch
+        c = {n: torch.cat(v).cpu().numpy() for n, v in chunk.items() if n not in ("key",
+             "shard", "at")}  # fmt: skip
+        code = files.sort_code(np.asarray(chunk["shard"]), np.asarray(chunk["at"]))
+        path = parts / f"rank{rank:05d}-{len(runs):05d}.parquet"
+        runs.append(files.write_run(path, code, chunk["key"], c["y"], c["top"], c["p"], c["l"]))
+        for v in chunk.values():
+            v.clear()
+        held = 0
+
     for images, y, batch_keys in batches:
         if input_dtype is not None:
             images = images.to(input_dtype)
         with autocast():
             logits = model(images)
         logp = logits.float().log_softmax(1)
-        k = min(TOP_K, logp.shape[1])
-        top = logp.topk(k, dim=1)
-        # kept on the device until the end: one copy to the host, not one per batch
-        labels.append(y)
-        tops.append(top.indices)
-        probs.append(top.values.exp())
-        losses.append(F.nll_loss(logp, y, reduction="none"))
-        keys.extend(batch_keys)
+        top = logp.topk(min(TOP_K, logp.shape[1]), dim=1)
+        chunk["y"].append(y)
+        chunk["top"].append(top.indices)
+        chunk["p"].append(top.values.exp())
+        chunk["l"].append(F.nll_loss(logp, y, reduction="none"))
+        for k in batch_keys:
+            chunk["shard"].append(k.shard)
+            chunk["at"].append(k.at)
+            chunk["key"].append(k.key)
+        held += len(batch_keys)
+        if held >= files.RUN_ROWS:
+            flush()
+    flush()
     model.train(was_training)
-    if not keys:
-        return {"keys": [], **_empty()}
-    return {
-        "keys": keys,
-        "label": torch.cat(labels).cpu().numpy(),
-        "top": torch.cat(tops).cpu().numpy(),
-        "prob": torch.cat(probs).cpu().numpy(),
-        "loss": torch.cat(losses).cpu().numpy(),
-    }
+    return runs
 
 
-def _empty() -> dict[str, np.ndarray]:
-    """A rank with no sample of the split (more ranks than samples); gather leaves it out."""
-    k = TOP_K
-    return {
-        "label": np.zeros(0, np.int64),
-        "top": np.zeros((0, k), np.int64),
-        "prob": np.zeros((0, k), np.float32),
-        "loss": np.zeros(0, np.float32),
-    }
-
-
-def gather(part: dict[str, Any]) -> dict[str, Any] | None:
-    """Every rank's rows on rank 0, merged in the shard set's order (None on other ranks).
-    One gather_object of numpy arrays and keys (pickled between this job's own ranks)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(part, parts, dst=0)
-        if parts is None:
-            return None
-    else:
-        parts = [part]
-    parts = [p for p in parts if len(p["keys"])] or parts[:1]
-    keys = [k for p in parts for k in p["keys"]]
-    merged = {
-        name: np.concatenate([p[name] for p in parts]) for name in ("label", "top", "prob", "loss")
-    }
-    order = sorted(range(len(keys)), key=lambda i: (keys[i].shard, keys[i].at))
-    return {"keys": [keys[i] for i in order], **{n: a[order] for n, a in merged.items()}}
-
-
-def metrics(rows: dict[str, Any]) -> dict[str, float]:
+def metrics_of(stats: ClassStats) -> dict[str, float]:
     """loss, top-1 and top-5 of the rows (what distres.evaluate reports for the split)."""
-    n = len(rows["label"])
+    n = int(stats.support.sum())
     if n == 0:
         from distres.data.api import DataError
 
         raise DataError("the split has no usable sample: no ledger to write")
-    hit = rows["top"] == rows["label"][:, None]
     return {
-        "loss": float(rows["loss"].astype(np.float64).sum() / n),
-        "top1": float(hit[:, 0].sum() / n),
-        "top5": float(hit[:, :TOP_K].any(axis=1).sum() / n),
+        "loss": stats.total_loss / n,
+        "top1": float(stats.hit1.sum() / n),
+        "top5": float(stats.hit5.sum() / n),
         "samples": n,
     }
 
 
-def _short(x: float) -> float:
-    return float(f"{x:.7g}")  # float32's precision, not float64's 17 digits
+def metrics(rows: dict[str, Any]) -> dict[str, float]:
+    """metrics_of rows held in memory (label, top, loss arrays)."""
+    stats = ClassStats(int(max(rows["label"].max(initial=0), rows["top"].max(initial=0))) + 1)
+    stats.update(rows["label"], rows["top"], rows["loss"])
+    return metrics_of(stats)
 
 
-def write(
-    rows: dict[str, Any],
-    out_dir: str | os.PathLike,
-    split: str,
-    urls: tuple[str, ...],
-    info: dict[str, Any],
-) -> Path:
-    """<out_dir>/ledger/<split>.jsonl (atomically) and <split>.json (info, metrics and the
-    per-class table); returns the .jsonl path."""
-    from distres.results.per_class import per_class
-
-    path = Path(out_dir) / LEDGER_DIR / f"{split}.jsonl"
-    lines = []
-    for i, key in enumerate(rows["keys"]):
-        record = {
-            "shard": urls[key.shard],
-            "key": key.key,
-            "label": int(rows["label"][i]),
-            "top5": rows["top"][i].tolist(),
-            "prob": [_short(p) for p in rows["prob"][i].tolist()],
-            "loss": _short(float(rows["loss"][i])),
-        }
-        lines.append(json.dumps(record) + "\n")
-    atomic_write(path, "".join(lines))
+def finish(runs: list[Path], out_dir: str | os.PathLike, split: str, urls: tuple[str, ...],
+           info: dict[str, Any]) -> Path:  # fmt: skip
+    """Merge every rank's runs into <out_dir>/ledger/<split>.parquet and write <split>.json
+    (info, metrics, the per-class table and what the pictures show); returns the .parquet
+    path."""
+    path = Path(out_dir) / LEDGER_DIR / f"{split}.parquet"
+    stats = ClassStats(len(info["classes"]))
+    files.merge(runs, path, urls, stats)
     summary = {
         **info,
         "split": split,
         "rows": path.name,
-        "metrics": metrics(rows),
-        "per_class": per_class(rows["label"], rows["top"], rows["loss"], info["classes"]),
+        "metrics": metrics_of(stats),
+        **stats.summary(info["classes"]),
     }
     write_json(path.with_suffix(".json"), summary, indent=1)
     return path
 
 
-def table(rows: dict[str, Any], urls: tuple[str, ...]) -> dict[str, Any]:
-    """Gathered rows in the form `read` returns (shard paths and keys as lists)."""
-    return {
-        "shard": [urls[k.shard] for k in rows["keys"]],
-        "key": [k.key for k in rows["keys"]],
-        **{n: rows[n] for n in ("label", "top", "prob", "loss")},
-    }
+def write(rows: dict[str, Any], out_dir: str | os.PathLike, split: str,
+          urls: tuple[str, ...], info: dict[str, Any]) -> Path:  # fmt: skip
+    """A ledger of rows held in memory ({"keys": [SampleKey], label, top, prob, loss}),
+    written the way a distributed evaluation writes it (one run, merged)."""
+    parts = Path(out_dir) / LEDGER_DIR / f".parts-{split}-{uuid.uuid4().hex[:8]}"
+    keys = rows["keys"]
+    code = files.sort_code(np.array([k.shard for k in keys]), np.array([k.at for k in keys]))
+    try:
+        run = files.write_run(parts / "rank00000-00000.parquet", code, [k.key for k in keys],
+                              rows["label"], rows["top"], rows["prob"], rows["loss"])  # fmt: skip
+        return finish([run], out_dir, split, urls, info)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A ledger written by `write`: (its summary, its rows as arrays with shard and key
-    lists). LedgerError naming the file otherwise."""
-    path = Path(path)
-    side = path.with_suffix(".json")
+def find(directory: Path) -> list[Path]:
+    """The ledgers in a directory (the summary's "rows" file of each <split>.json; a
+    JSON-lines ledger of an earlier distres too)."""
+    found = []
+    for side in sorted(Path(directory).glob("*.json")):
+        for suffix in (".parquet", ".jsonl"):
+            if side.with_suffix(suffix).is_file():
+                found.append(side.with_suffix(suffix))
+                break
+    return found
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The summary (<split>.json) of a ledger; LedgerError naming the file otherwise."""
+    side = Path(path).with_suffix(".json")
     try:
         summary = json.loads(side.read_text())
-        lines = path.read_text().splitlines()
     except FileNotFoundError as e:
         raise LedgerError(f"{e.filename}: missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise LedgerError(f"{side}: unreadable ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
+        raise LedgerError(f"{side}: not a ledger summary (no class list)")
+    if "confusion" not in summary:  # a JSON-lines ledger of an earlier distres
+        label, top, loss = (read(path)[1][n] for n in ("label", "top", "loss"))
+        stats = ClassStats(len(summary["classes"]))
+        stats.update(label, top, loss, lambda _: [])
+        summary.update(stats.summary(summary["classes"]))
+        summary["hardest"] = _legacy_hardest(path, summary)
+    return summary
+
+
+def _legacy_hardest(path, summary) -> list[dict]:
+    _, rows = read(path)
+    order = np.argsort(-rows["loss"], kind="stable")[:16]
+    return [{"shard": rows["shard"][i], "key": rows["key"][i], "label": int(rows["label"][i]),
+             "pred1": int(rows["top"][i, 0]), "prob1": float(rows["prob"][i, 0]),
+             "loss": float(rows["loss"][i])} for i in order]  # fmt: skip
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ledger, all of its rows in memory (for a small split; files.read_chunks streams):
+    (its summary, its rows as arrays with shard and key lists). Reads the Parquet ledger and
+    the JSON-lines ledger of earlier versions. LedgerError naming the file otherwise."""
+    path = Path(path)
+    side = path.with_suffix(".json")
+    try:
+        summary = json.loads(side.read_text())
+    except FileNotFoundError as e:
+        raise LedgerError(f"{e.filename}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LedgerError(f"{side}: unreadable ({e})") from None
+    if path.suffix == ".jsonl":
+        return summary, _read_jsonl(path)
+    shard, key, parts = [], [], []
+    for batch in files.read_chunks(path):
+        shard += batch.column("shard").to_pylist()
+        key += batch.column("key").to_pylist()
+        parts.append(files.columns_of(batch))
+    if not parts:
+        raise LedgerError(f"{path}: no rows")
+    arrays = {n: np.concatenate([p[n] for p in parts]) for n in ("label", "top", "prob", "loss")}
+    return summary, {"shard": shard, "key": key, **arrays}
+
+
+def _read_jsonl(path: Path) -> dict[str, Any]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError as e:
+        raise LedgerError(f"{e.filename}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LedgerError(f"{path}: unreadable ({e})") from None
     shard, key, label, top, prob, loss = [], [], [], [], [], []
     for n, line in enumerate(lines, 1):
         try:
@@ -197,8 +242,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
             loss.append(float(r["loss"]))
         except (ValueError, KeyError, TypeError) as e:
             raise LedgerError(f"{path}: line {n} is not a ledger row ({e!r})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
-        raise LedgerError(f"{side}: not a ledger summary (no class list)")
     try:
         arrays = {
             "label": np.asarray(label, np.int64),
@@ -208,30 +251,70 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
         }
     except ValueError as e:  # ragged top-k lists
         raise LedgerError(f"{path}: rows of different lengths ({e})") from None
-    return summary, {"shard": shard, "key": key, **arrays}
+    return {"shard": shard, "key": key, **arrays}
+
+
+def _gather_runs(runs: list[Path] | None, error: Exception | None) -> list[Path] | None:
+    """Every rank's run paths on rank 0 (None elsewhere). A rank whose part failed raises on
+    every rank, so none waits on it."""
+    rank, world = _world()
+    mine = (runs, None if error is None else (type(error), str(error)))
+    if world == 1:
+        every = [mine]
+    else:
+        every = [None] * world
+        dist.all_gather_object(every, mine)  # paths and errors: a few bytes a rank
+    failed = next((e for _, e in every if e is not None), None)
+    if failed is not None:
+        if error is not None:
+            raise error
+        try:
+            raise failed[0](failed[1])
+        except TypeError:  # an exception class that takes more than a message
+            raise RuntimeError(failed[1]) from None
+    return [p for r, _ in every for p in r] if rank == 0 else None
+
+
+def _parts_dir(out_dir: Path, split: str) -> Path:
+    """One directory for this evaluation's runs, named by rank 0 (a stale one from a killed
+    attempt is never read)."""
+    token = [uuid.uuid4().hex[:12]]
+    if _world()[1] > 1:
+        dist.broadcast_object_list(token, src=0)
+    return Path(out_dir) / LEDGER_DIR / f".parts-{split}-{token[0]}"
 
 
 def write_ledger(
     model, data, cfg, out_dir: Path, split: str, autocast, info: dict, input_dtype=None
 ) -> dict | None:
-    """Collect every rank's rows of `data` (a keyed loader), and on rank 0 write the ledger
-    under out_dir and draw its pictures under out_dir/plots. Rank 0 gets the split's metrics
-    (the val/* names distres.evaluate prints) with the ledger's and pictures' paths."""
+    """Collect every rank's rows of `data` (a keyed loader) as sorted runs, and on rank 0
+    merge them into the ledger under out_dir and draw its pictures under out_dir/plots.
+    Rank 0 gets the split's metrics (the val/* names distres.evaluate prints) with the
+    ledger's and pictures' paths."""
     from distres.results import per_class as class_metrics
 
-    rows = gather(collect(model, data, autocast, input_dtype))
-    if rows is None:
-        return None
-    names = class_names(data.shards.classes, cfg.model.num_classes)
-    info = {
-        **info,
-        "image_size": cfg.data.eval_size,
-        "resize": cfg.data.val_resize,
-        "classes": names,
-    }
-    path = write(rows, out_dir, split, data.shards.urls, info)
+    parts = _parts_dir(out_dir, split)
+    try:
+        runs, error = collect(model, data, autocast, parts, input_dtype), None
+    except Exception as e:  # told to every rank in the gather, raised on all of them
+        runs, error = None, e
+    try:
+        runs = _gather_runs(runs, error)
+        if runs is None:
+            return None
+        names = class_names(data.shards.classes, cfg.model.num_classes)
+        info = {
+            **info,
+            "image_size": cfg.data.eval_size,
+            "resize": cfg.data.val_resize,
+            "classes": names,
+        }
+        path = finish(runs, out_dir, split, data.shards.urls, info)
+    finally:
+        if _world()[0] == 0:
+            shutil.rmtree(parts, ignore_errors=True)
     summary = json.loads(path.with_suffix(".json").read_text())
-    pictures = class_metrics.draw(summary, table(rows, data.shards.urls), Path(out_dir) / "plots")
+    pictures = class_metrics.draw(summary, Path(out_dir) / "plots")
     m = summary["metrics"]
     return {
         "val/loss": m["loss"],

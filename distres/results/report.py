@@ -97,13 +97,10 @@ def summary_table(run_dir: Path):
     return table
 
 
-def ledger_tables(summary: dict, rows: dict, worst: int = 10):
+def ledger_tables(summary: dict, worst: int = 10):
     """The per-class table (every class up to 20 of them, else the `worst` by top-1) and the
-    most-confused pairs of a ledger, as rich tables."""
-    import numpy as np
+    most-confused pairs of a ledger's summary, as rich tables."""
     from rich.table import Table
-
-    from distres.results.per_class import confusion, most_confused
 
     names = summary["classes"]
     classes = [r for r in summary["per_class"] if r["support"]]
@@ -124,12 +121,11 @@ def ledger_tables(summary: dict, rows: dict, worst: int = 10):
             f"{r['loss']:.4f}",
             f"{names[other]} ({r['confused_count']})" if other is not None else "-",
         )
-    matrix = confusion(rows["label"], rows["top"][:, 0], len(names))
     pairs = Table(title=f"{summary['split']}: most confused (true -> predicted)")
     for column in ("true", "predicted", "count", "of true"):
         pairs.add_column(column, justify="left" if column in ("true", "predicted") else "right")
-    support = np.bincount(rows["label"], minlength=len(names))
-    for true, pred, n in most_confused(matrix, 10):
+    support = [r["support"] for r in summary["per_class"]]
+    for true, pred, n in summary["most_confused"][:10]:
         pairs.add_row(names[true], names[pred], str(n), f"{100 * n / support[true]:.1f}%")
     return per_class, pairs
 

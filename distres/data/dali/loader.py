@@ -216,15 +216,19 @@ class DaliLoader:
                 yield batch
         finally:
             # The caller may stop mid-epoch (a stop, max_steps) and checkpoint afterwards:
-            # keep the position the pipeline had reached before it goes.
-            if self._done < total:
+            # keep the position the pipeline had reached before it goes (close() has kept it
+            # when it released the pipeline under a suspended iteration).
+            if self._done < total and self._pipe is not None:
                 self._stopped = self._position()
             self._pipe = None
 
     def close(self) -> None:
         """Release the pipelines (their GPU memory and threads) now rather than at exit: the
-        one prefetched for the next epoch, and the outputs still held for the consumer."""
+        one prefetched for the next epoch, and the outputs still held for the consumer. Closed
+        mid-epoch, the position reached stays the loader's state_dict()."""
         self._next = self._defining = None
+        if self._pipe is not None:  # an iteration not run to its end
+            self._stopped = self._position()
         self._pipe = None
         self._held.clear()
 

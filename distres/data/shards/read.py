@@ -31,7 +31,7 @@ from distres.data.shards.manifest import (
     read_manifest,
 )
 from distres.data.shards.remote import read_remote
-from distres.data.shards.scan import cached_index, default_cache_dir, scan_tar, sha256_file
+from distres.data.shards.scan import cached_index, default_cache_dir, scan_tars, sha256_file
 from distres.data.shards.storage import RemoteError
 
 __all__ = ["MANIFEST", "ShardError", "ShardSet", "expand_tars", "read_shard_set"]
@@ -229,9 +229,13 @@ def read_shard_set(spec: str | os.PathLike | list, cache: ShardCache | None = No
                 indexes.append(str(manifest.parent / index) if index else None)
                 sizes.append(shard.get("bytes"))
             continue
-        for tar in expand_tars(item):
+        tars = expand_tars(item)
+        listings = [listed_in_manifest(tar, manifests) for tar in tars]
+        unlisted = [(tar, None, None) for tar, listed in zip(tars, listings, strict=True)
+                    if listed is None]  # fmt: skip
+        scans = iter(scan_tars(unlisted))
+        for tar, listed in zip(tars, listings, strict=True):
             roots.append(str(tar.parent))
-            listed = listed_in_manifest(tar, manifests)
             if listed is not None:
                 entry, known = listed
                 counts.append(int(entry["samples"]))
@@ -240,7 +244,7 @@ def read_shard_set(spec: str | os.PathLike | list, cache: ShardCache | None = No
                 indexes.append(str(tar.parent / index) if index else None)
                 classes = classes or known
             else:
-                scan = scan_tar(tar)
+                scan = next(scans)
                 counts.append(scan["samples"])
                 max_label = max(max_label, scan["max_label"])
                 sums.append(None)

@@ -22,7 +22,7 @@ import braceexpand
 
 from distres.data.shards import storage
 from distres.data.shards.manifest import MANIFEST, ShardError, check_manifest
-from distres.data.shards.scan import scan_tar
+from distres.data.shards.scan import scan_tars
 from distres.data.shards.storage import RemoteError, Transfer
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._/-]+")
@@ -134,9 +134,15 @@ def _from_tars(
         sizes = _sizes(urls, transfer)
     manifests: dict[str, dict | None] = {}
     entries, classes, max_label = [], {}, -1
-    for url in urls:
-        size, tag = sizes[url]["size"], sizes[url]["tag"]
-        listed = None if storage.is_pipe(url) else _beside(url, size, manifests, transfer)
+    listings = [
+        None if storage.is_pipe(u) else _beside(u, sizes[u]["size"], manifests, transfer)
+        for u in urls
+    ]
+    unlisted = [(u, sizes[u]["size"], sizes[u]["tag"])
+                for u, listed in zip(urls, listings, strict=True) if listed is None]  # fmt: skip
+    scans = iter(scan_tars(unlisted, transfer))
+    for url, listed in zip(urls, listings, strict=True):
+        size = sizes[url]["size"]
         if listed is not None:
             shard, known = listed
             index = shard.get("index")
@@ -145,7 +151,7 @@ def _from_tars(
                                  storage.join(base, index) if index else None))  # fmt: skip
             classes = classes or known
             continue
-        scan = scan_tar(url, size, tag, transfer)
+        scan = next(scans)
         max_label = max(max_label, scan["max_label"])
         entries.append(Entry(url, scan["samples"], size if size is not None else scan["bytes"]))
     root = item if storage.is_pipe(item) else storage.parent(urls[0])

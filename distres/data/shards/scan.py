@@ -65,11 +65,62 @@ def scan_tar(tar: Path | str, size: int | None = None, tag: str | None = None,
     else:
         tar = Path(tar)
         cached = _cache_stem(tar).with_suffix(".json")
-    if cached.is_file() and (size is not None or not remote):
-        try:
-            return json.loads(cached.read_text())
-        except ValueError:
-            pass  # a damaged cache entry: scan again
+    known = size is not None or not remote
+    if known and (result := _cached(cached)) is not None:
+        return result
+    with _scanning(cached):  # a rank of the node scanning this tar now: wait, then read it
+        if known and (result := _cached(cached)) is not None:
+            return result
+        result = _scan_once(tar, remote, size, transfer)
+        atomic_write(cached, json.dumps(result), durable=False)  # a cache: a crash may lose it
+    return result
+
+
+def scan_tars(items: list[tuple], transfer: Transfer | None = None) -> list[dict]:
+    """scan_tar of each (tar, size, tag), shared by the ranks of a node: each rank starts at
+    its own part of the list (LOCAL_RANK of LOCAL_WORLD_SIZE) and goes round, so the ranks
+    scan disjoint parts, then read each other's results from the cache; a tar another rank is
+    scanning is waited for (its lock), never scanned twice. With ranks on several nodes
+    sharing $DISTRES_CACHE, every rank of the job shares the work the same way."""
+    results: list[dict | None] = [None] * len(items)
+    for i in node_order(len(items)):
+        tar, size, tag = items[i]
+        results[i] = scan_tar(tar, size, tag, transfer)
+    return results  # type: ignore[return-value]
+
+
+def node_order(n: int) -> list[int]:
+    """0..n-1 starting at this rank's part of the node's (LOCAL_RANK of LOCAL_WORLD_SIZE) and
+    going round: the ranks of a node that each visit every item start on disjoint parts."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    start = n * min(local_rank, local_world - 1) // local_world
+    return [*range(start, n), *range(start)]
+
+
+def _cached(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or a damaged entry: scan (again)
+        return None
+
+
+@contextlib.contextmanager
+def _scanning(cached: Path):
+    """An exclusive flock on <entry>.lock while one rank scans; the kernel drops it when its
+    holder dies, so a killed scan never blocks the next start."""
+    import fcntl
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cached.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _scan_once(tar, remote: bool, size: int | None, transfer: Transfer | None) -> dict:
     if not remote:
         size = tar.stat().st_size
         with open(tar, "rb") as f:
@@ -89,7 +140,6 @@ def scan_tar(tar: Path | str, size: int | None = None, tag: str | None = None,
 
         transfer.run(tar, attempt)
         result = out
-    atomic_write(cached, json.dumps(result), durable=False)  # a cache: a crash may lose it
     return result
 
 
