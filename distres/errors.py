@@ -11,6 +11,7 @@ checks them against each other).
     6  an export whose outputs do not match the PyTorch model's (nothing kept)
     7  a write that failed: no space, no permission, a read-only or vanished filesystem
     8  the run directory belongs to another run that is still running
+  130  interrupted by Ctrl-C: every rank stopped at the same step, with a checkpoint
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import errno
 
 OK, FAILED, USAGE, PREEMPTED, NON_FINITE, CHECKPOINT, EXPORT, WRITE, LOCKED = range(9)
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C
 # what each code means (the README's exit-code table, checked against this by a test)
 EXIT_CODES: dict[int, str] = {
     OK: "completed or stopped early",
@@ -29,12 +31,14 @@ EXIT_CODES: dict[int, str] = {
     EXPORT: "an export whose outputs do not match the PyTorch model's (nothing kept)",
     WRITE: "a write that failed: no space, no permission, a read-only or vanished filesystem",
     LOCKED: "the run directory belongs to another run that is still running",
+    INTERRUPTED: "interrupted by Ctrl-C: every rank stopped at the same step, with a checkpoint",
 }
 # how a run that ended without an error ended, by its summary's stop_reason
 STOP_CODES: dict[str, int] = {
     "completed": OK,
     "early_stop": OK,
     "preempted": PREEMPTED,
+    "interrupted": INTERRUPTED,
     "non_finite_loss": NON_FINITE,
 }
 

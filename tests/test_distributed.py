@@ -334,8 +334,35 @@ def test_global_batch_derives_accumulation_or_says_what_divides():
     cfg = load_config(None, ["train.batch_size=32", "train.global_batch=256"])
     assert plan_batch(cfg, 4).grad_accum == 2
     assert plan_batch(cfg, 8).grad_accum == 1
-    with pytest.raises(ConfigError, match=r"train.global_batch=256 .*=32 x 3 ranks = 96"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch=256 .*=32 x 3 ranks = 96; "
+        r"world sizes that keep it: 1, 2, 4, 8; or train.elastic_batch=nearest",
+    ):
         plan_batch(cfg, 3)
+    # a resumed checkpoint's global batch on another world size, by the same policy
+    with pytest.raises(
+        ConfigError, match=r"the checkpoint's global batch 384 .* 1, 2, 3, 4, 6, 12"
+    ):
+        plan_batch(load_config(None, ["train.batch_size=32"]), 5, target=384)
+
+
+def test_elastic_batch_nearest_takes_the_nearest_and_says_what_the_lr_does(capsys):
+    from distres.log import setup_logging
+
+    setup_logging(True)  # rank 0's log: warnings on stderr
+    cfg = load_config(None, ["train.batch_size=32", "train.global_batch=256",
+                             "train.elastic_batch=nearest", "optim.lr_scaling=linear"])  # fmt: skip
+    plan = plan_batch(cfg, 3)  # 96 a step: 3 x 96 = 288 is nearest to 256
+    assert (plan.grad_accum, plan.global_batch) == (3, 288)
+    assert "train.global_batch=256 on 3 rank(s) of 32 becomes 288 (grad_accum 3); the lr " \
+        "follows it (x 1.125, optim.lr_scaling=linear)" in capsys.readouterr().err  # fmt: skip
+    from distres.engine.base import scaled_lr
+
+    assert scaled_lr(cfg, plan) == pytest.approx(cfg.optim.lr * 288 / 256)
+    cfg.optim.lr_scaling = "none"
+    assert plan_batch(cfg, 5, target=384).global_batch == 320  # 160 a step, 2.4 -> 2
+    assert "the lr stays (optim.lr_scaling=none)" in capsys.readouterr().err
 
 
 def test_linear_lr_scaling():

@@ -409,3 +409,23 @@ def test_batch_mixing_reaches_training_steps_only(tmp_path):
         val.set_epoch(epoch)
         raw += [b.images for b in val]
     assert evaluated and all(any(torch.equal(x, r) for r in raw) for x in evaluated)
+
+
+def test_every_minutes_checkpoints_on_the_wall_clock(tmp_path):
+    """checkpoint.every_minutes with a fake clock (25 s a step): a checkpoint every third
+    step, counted from the start and from each checkpoint (a checkpoint for another reason
+    restarts the count too); the last step is the run's end, not a timed save."""
+    trainer = make_trainer(tmp_path, "checkpoint.every_steps=0", "checkpoint.every_epochs=0",
+                           "checkpoint.every_minutes=1")  # fmt: skip
+    now = [1000.0]
+    trainer.clock = lambda: now[0]
+    trainer.step_hooks.append(lambda s: now.__setitem__(0, now[0] + 25))
+    assert trainer.fit()["steps"] == 15
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "latest")
+    assert saved == [f"step-{s:08d}" for s in (3, 6, 9, 12)], saved
+    # off: no timed checkpoint at all
+    quiet = make_trainer(tmp_path / "off", "checkpoint.every_steps=0", "checkpoint.every_epochs=0")
+    quiet.clock = lambda: now[0]
+    quiet.step_hooks.append(lambda s: now.__setitem__(0, now[0] + 1e6))
+    quiet.fit()
+    assert not [p for p in (tmp_path / "off" / "checkpoints").iterdir() if p.name != "latest"]

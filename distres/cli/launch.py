@@ -51,6 +51,7 @@ def exit_code(failures: dict) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -67,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except SignalException as e:
+        # The agent got a signal (a Ctrl-C, a scheduler's SIGTERM) and passed it to the
+        # workers, which stop at a step boundary with a checkpoint (their own exit code is
+        # not reported to an agent that is shutting down); the shell's convention for it.
+        print(f"[distres.launch] stopped by {signal.Signals(e.sigval).name}: the workers were "
+              "told to stop at the next step with a checkpoint (torch's agent gives them 30 s)",
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.sigval
     return 0
 
 

@@ -2,12 +2,13 @@
 
 Exit codes: distres.errors (0 completed or stopped early, 1 failed, 2 bad config or data found
 before training, 3 preempted, 4 non-finite loss, 5 a checkpoint that cannot be used, 7 a write
-that failed, 8 the run directory is another live run's).
+that failed, 8 the run directory is another live run's, 130 interrupted by Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from distres import errors
 from distres.config import help_text, load_config
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return errors.report(PROG, e)
     except OSError as e:  # a file nobody anticipated (unreadable, vanished)
         return errors.report(PROG, errors.from_os_error(e))
+    except KeyboardInterrupt:  # before the training loop's handler, or after it
+        print(f"{PROG}: interrupted (Ctrl-C) outside training: nothing to checkpoint",
+              file=sys.stderr)  # fmt: skip
+        return errors.INTERRUPTED
     top1 = summary["final_val_top1"]
     if _is_main():
         print(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 from distres.config import EarlyStopConfig
+from distres.errors import INTERRUPTED
 
 
 class EarlyStopping:
@@ -59,65 +62,92 @@ class EarlyStopping:
         return None
 
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # a scheduler's warning: preempted, requeue
 
 
 class StopConsensus:
     """One stop decision per step boundary, shared by every rank.
 
-    Three stop flags travel in one small all-reduce (MAX): an early-stop decision, a stop
-    request from a signal (the handler only sets a Python flag), and a non-finite loss. The
-    loss flag is set on the device with no host sync; the only sync is the all-reduce's result,
+    The stop flags travel in one small all-reduce (MAX): an early-stop decision, a stop
+    request from a scheduler's signal (SIGUSR1, SIGTERM) or from Ctrl-C (SIGINT; the handlers
+    only set a Python flag), a non-finite loss, and a checkpoint due by the wall clock
+    (checkpoint.every_minutes: each rank's own clock, so any rank's says so for all). The loss
+    flag is set on the device with no host sync; the only sync is the all-reduce's result,
     read once per check. Every rank calls agree() at the same step boundaries, so every rank
     leaves the loop at the same step.
     """
 
-    REASONS = ("non_finite_loss", "preempted", "early_stop")  # by priority
+    REASONS = ("non_finite_loss", "preempted", "interrupted", "early_stop")  # by priority
 
     def __init__(self, device: torch.device):
         self.device = device
         self.non_finite = torch.zeros((), device=device)
         self.early_stop = False
         self.signal: int | None = None
+        self.interrupted = False
         self.peers_busy = False
+        self.checkpoint_due = False  # set by agree(): some rank's clock says a save is due
         self._previous: dict[int, object] = {}
 
     def install_signal_handlers(self) -> None:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def restore_signal_handlers(self) -> None:
         """The handlers from before the run; after a stop for a signal, stop signals are
         ignored instead: the same warning often arrives twice (Slurm's `scancel --full`
         reaches every rank, and the batch script's trap sends it again), and the default
-        action of a late repeat would kill a rank that is on its way out with exit code 3."""
+        action of a late repeat would kill a rank that is on its way out with exit code 3.
+        After a Ctrl-C, another one still exits at once."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
+            if sig == signal.SIGINT:
+                signal.signal(sig, self._on_interrupt if self.interrupted else handler)
+            else:
+                signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum
 
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        """Ctrl-C: the first stops every rank at the next step boundary with a checkpoint
+        (as a scheduler's signal does); a second one exits at once."""
+        main = os.environ.get("RANK", "0") == "0"
+        if self.interrupted:
+            if main:
+                print("second Ctrl-C: exiting now; the last checkpoint stays the latest",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(INTERRUPTED)
+        self.interrupted = True
+        if main:
+            print("Ctrl-C: stopping every rank at the next step with a checkpoint "
+                  "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)  # fmt: skip
+
     def note_loss(self, loss: torch.Tensor) -> None:
         self.non_finite = torch.maximum(self.non_finite, (~torch.isfinite(loss)).float())
 
-    def agree(self, busy: bool = False) -> str | None:
+    def agree(self, busy: bool = False, checkpoint_due: bool = False) -> str | None:
         """All-reduce the flags (when distributed); the agreed stop reason, or None.
 
         `busy` rides along: this rank's async checkpoint write is still running. After the
-        call, peers_busy says whether any rank's was, so a commit waits for none of them.
+        call, peers_busy says whether any rank's was, so a commit waits for none of them, and
+        checkpoint_due whether any rank's clock says a checkpoint is due.
         """
         # Host values go in as scalar fills (kernel arguments): torch.tensor(x, device=cuda)
         # would be a blocking copy from pageable memory (pytorch issue 120996).
-        flags = torch.empty(4, device=self.device)
+        flags = torch.empty(6, device=self.device)
         flags[0] = self.non_finite
         flags[1] = float(self.signal is not None)
-        flags[2] = float(self.early_stop)
-        flags[3] = float(busy)
+        flags[2] = float(self.interrupted)
+        flags[3] = float(self.early_stop)
+        flags[4] = float(busy)
+        flags[5] = float(checkpoint_due)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        *stops, busy_anywhere = flags.tolist()
+        *stops, busy_anywhere, due_anywhere = flags.tolist()
         self.peers_busy = bool(busy_anywhere)
+        self.checkpoint_due = bool(due_anywhere)
         for reason, raised in zip(self.REASONS, stops, strict=True):
             if raised:
                 return reason

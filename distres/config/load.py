@@ -4,6 +4,7 @@ effect refused, the batch plan for a world size, and the --help text."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distres.config.base import ConfigError
 from distres.config.schema import Config
+
+log = logging.getLogger("distres")
 
 # Keys that only matter under another choice: (key, whether it matters, the choice it needs).
 # A value the user states (an override, or the --config file itself; not a base preset, whose
@@ -122,20 +125,40 @@ class BatchPlan:
         return self.micro_batch * self.grad_accum * self.world_size
 
 
-def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
-    """Resolve gradient accumulation for this world size (checked before any group exists)."""
+def plan_batch(cfg: Config, world_size: int, target: int | None = None) -> BatchPlan:
+    """Resolve gradient accumulation for this world size (checked before any group exists):
+    for train.global_batch, or `target` (a resumed checkpoint's global batch). Where the
+    world size cannot make it, train.elastic_batch says what happens (one line either way)."""
     micro = cfg.train.batch_size
-    if not cfg.train.global_batch:
+    target = target or cfg.train.global_batch
+    if not target:
         return BatchPlan(micro, cfg.train.grad_accum, world_size)
     per_step = micro * world_size
-    if cfg.train.global_batch % per_step:
-        fits = [d * per_step for d in range(1, 9)]
+    if target % per_step == 0:
+        return BatchPlan(micro, target // per_step, world_size)
+    what = (
+        f"train.global_batch={target}"
+        if target == cfg.train.global_batch
+        else f"the checkpoint's global batch {target}"
+    )
+    if cfg.train.elastic_batch == "exact":
+        worlds = [w for w in range(1, 1025) if target % (micro * w) == 0]
         raise ConfigError(
-            f"train.global_batch={cfg.train.global_batch} is not a multiple of train.batch_size="
-            f"{micro} x {world_size} ranks = {per_step}; use one of {fits[:4]}..., or a "
-            "batch_size that divides global_batch / world size"
+            f"{what} is not a multiple of train.batch_size={micro} x {world_size} ranks = "
+            f"{per_step}; world sizes that keep it: {', '.join(map(str, worlds[:12]))}; or "
+            "train.elastic_batch=nearest to take the nearest global batch this world size can"
         )
-    return BatchPlan(micro, cfg.train.global_batch // per_step, world_size)
+    plan = BatchPlan(micro, max(1, round(target / per_step)), world_size)
+    lr = (
+        f"the lr follows it (x {plan.global_batch / target:.4g}, optim.lr_scaling=linear)"
+        if cfg.optim.lr_scaling == "linear"
+        else "the lr stays (optim.lr_scaling=none)"
+    )
+    log.warning(
+        f"train.elastic_batch=nearest: {what} on {world_size} rank(s) of {micro} becomes "
+        f"{plan.global_batch} (grad_accum {plan.grad_accum}); {lr}"
+    )
+    return plan
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -212,6 +212,12 @@ class CheckpointConfig:
     dir: str = doc("", "where checkpoints go; empty means <run.dir>/checkpoints")
     every_steps: int = doc(0, "checkpoint every N optimizer steps; 0: off")
     every_epochs: int = doc(1, "checkpoint at the end of every N epochs; 0: off")
+    every_minutes: float = doc(
+        0.0,
+        "also checkpoint when this many minutes of wall clock have passed since the last "
+        "checkpoint (or the start), decided by all ranks together at a stop check "
+        "(train.stop_check_every); bounds the work a crash or membership change loses; 0: off",
+    )
     on_stop: bool = doc(True, "checkpoint when the run stops: completed, early stop, signal")
     keep_last: int = doc(2, "committed checkpoints kept, newest first (plus the best one)")
     keep_best: bool = doc(True, "also keep the best checkpoint by early_stop.monitor")
@@ -232,6 +238,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _at_least("checkpoint.every_steps", self.every_steps, 0)
         _at_least("checkpoint.every_epochs", self.every_epochs, 0)
+        _at_least("checkpoint.every_minutes", self.every_minutes, 0.0)
         _at_least("checkpoint.keep_last", self.keep_last, 1)
         if not self.resume:
             raise ConfigError("checkpoint.resume='': use auto, none or a checkpoint path")
@@ -239,7 +246,7 @@ class CheckpointConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.every_steps or self.every_epochs or self.on_stop)
+        return bool(self.every_steps or self.every_epochs or self.every_minutes or self.on_stop)
 
 
 @dataclass

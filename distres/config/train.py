@@ -18,6 +18,13 @@ class TrainConfig:
         "samples per optimizer step over all ranks; 0: batch_size x "
         "grad_accum x world size, else grad_accum is derived from it",
     )
+    elastic_batch: str = doc(
+        "exact",
+        "when micro-batch x accumulation x world size cannot equal the global batch (global_batch "
+        "set, or a checkpoint's resumed on another world size): exact refuses in one line naming "
+        "the world sizes that work | nearest takes the nearest global batch it can (the LR "
+        "follows it under optim.lr_scaling=linear), logged",
+    )
     label_smoothing: float = doc(
         0.0, "label smoothing (cross-entropy; with mixing or bce, folded into the targets)"
     )
@@ -82,6 +89,7 @@ class TrainConfig:
         _at_least("train.grad_accum", self.grad_accum, 1)
         _at_least("train.global_batch", self.global_batch, 0)
         _at_least("train.stop_check_every", self.stop_check_every, 0)
+        _choice("train.elastic_batch", self.elastic_batch, ("exact", "nearest"))
         _in_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
         _choice("train.loss", self.loss, ("ce", "bce"))
         _in_range("train.bce_threshold", self.bce_threshold, 0.0, 0.99)

@@ -53,6 +53,6 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
                 raise WriteError(problem)
             found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
             if found is not None:
-                plan = replan(plan, found[1])
+                plan = replan(cfg, plan, found[1])
             trainer = build(cfg, env, device, plan, run_dir, fresh=found is None, hooks=hooks)
             return trainer.fit(found)

@@ -68,6 +68,8 @@ class Trainer:
     profiler: StepProfiler | None = None  # tracking.profile_steps
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
     checkpoints: CheckpointManager | None = None  # attach_checkpoints; None: off
+    clock: Callable[[], float] = time.monotonic  # checkpoint.every_minutes (a test's fake)
+    last_save_at: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -160,15 +162,18 @@ class Trainer:
                 with self.window.paused():
                     self.validate()
                 check = True  # an early-stop decision travels through the consensus
-        reason = None
+        reason, timed = None, False
         if check:
-            # one all-reduce: the stop flags, and whether any rank's async write still runs
-            reason = self.consensus.agree(busy=self.checkpoints.busy())
+            # one all-reduce: the stop flags, whether any rank's async write still runs, and
+            # whether any rank's clock says a checkpoint is due (the ranks' clocks differ)
+            reason = self.consensus.agree(busy=self.checkpoints.busy(),
+                                          checkpoint_due=self.clock_due())  # fmt: skip
+            timed = self.consensus.checkpoint_due
             if not self.consensus.peers_busy:
                 self.checkpoints.commit()  # every rank's part is on disk
         if reason is None and last:
             reason = "completed"
-        if reason is None and self.checkpoint_due(epoch_end):
+        if reason is None and (timed or self.checkpoint_due(epoch_end)):
             with self.window.paused():
                 self.save_checkpoint()
         return reason
@@ -179,6 +184,11 @@ class Trainer:
         host sync that drains the GPU's queue, so a GPU checks every 25 steps."""
         return self.cfg.train.stop_check_every or (25 if self.device.type == "cuda" else 1)
 
+    def clock_due(self) -> bool:
+        """checkpoint.every_minutes: this rank's clock says a checkpoint is due."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and self.clock() - self.last_save_at >= 60 * minutes
+
     def checkpoint_due(self, epoch_end: bool) -> bool:
         ck, s = self.cfg.checkpoint, self.state
         if epoch_end:
@@ -187,6 +197,7 @@ class Trainer:
 
     # -- start and finish -----------------------------------------------------------------
     def start(self) -> None:
+        self.last_save_at = self.clock()  # every_minutes counts from the start
         self.tracker.open(self.state, self.engine.num_params)
         self.tracker.print(records.start_line(self))
         for note in self.notes:
@@ -202,11 +213,19 @@ class Trainer:
         # training's input is done: a pipeline prefetched for an epoch that will not run
         # gives its GPU memory back before the last evaluation (the position was kept)
         self.train_data.close()
-        if not poisoned and self.state.last_eval.get("step") != self.state.step:
+        unevaluated = not poisoned and self.state.last_eval.get("step") != self.state.step
+        # A stop by a signal or Ctrl-C is checkpointed before the evaluation below: that
+        # averages the ranks' BN buffers (EvalTarget.prepare), which a run never stopped does
+        # not do at this step, so the resumed run would not be the same run.
+        first = reason in ("preempted", "interrupted")
+        if first:
+            self.final_checkpoint(save=True)
+        if unevaluated:
             # Stopped mid-epoch: the summary still reports this step's accuracy. It is not an
             # evaluation early stopping counts (a preempted run would count one more).
             self.validate(count=False)
-        self.final_checkpoint(save=not poisoned)
+        if not first:
+            self.final_checkpoint(save=not poisoned)
         self.val_data.close()
         if (line := records.stop_line(reason, self.state, self.early_stopping)) is not None:
             self.tracker.print(line)
@@ -282,6 +301,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
+        self.last_save_at = self.clock()
         path = self.checkpoints.save(self.state.step, records.metric(self))
         if path is None:
             return

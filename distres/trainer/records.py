@@ -114,6 +114,11 @@ def stop_line(reason: str, s: TrainState, es: EarlyStopping) -> str | None:
         )
     if reason == "preempted":
         return f"stop requested by a signal; all ranks stopped at step {s.step}"
+    if reason == "interrupted":
+        return (
+            f"interrupted (Ctrl-C); all ranks stopped at step {s.step} with a checkpoint: "
+            "the same command resumes from it"
+        )
     if reason == "non_finite_loss":
         return f"non-finite training loss on at least one rank; all ranks stopped at step {s.step}"
     return None

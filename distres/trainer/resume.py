@@ -104,25 +104,21 @@ def shard_change(cfg: Config, path: Path, meta: dict, loader: Any) -> str | None
     return line
 
 
-def replan(plan: BatchPlan, meta: dict) -> BatchPlan:
-    """Keep the checkpoint's global batch on this world size where it divides."""
+def replan(cfg, plan: BatchPlan, meta: dict) -> BatchPlan:
+    """Keep the checkpoint's global batch on this world size: where it cannot, as
+    train.elastic_batch says (a one-line refusal, or the nearest, logged)."""
+    from distres.config import plan_batch
+
     saved = meta["layout"]["global_batch"]
     if plan.global_batch == saved:
         return plan
-    per_step = plan.micro_batch * plan.world_size
-    if saved % per_step == 0:
-        new = BatchPlan(plan.micro_batch, saved // per_step, plan.world_size)
+    new = plan_batch(cfg, plan.world_size, target=saved)
+    if new.global_batch == saved:
         log.info(
             f"resuming a global batch of {saved} on {plan.world_size} rank(s): "
             f"grad_accum {plan.grad_accum} -> {new.grad_accum}"
         )
-        return new
-    log.warning(
-        f"WARNING: the checkpoint's global batch {saved} is not a multiple of "
-        f"train.batch_size={plan.micro_batch} x {plan.world_size} ranks; the global batch "
-        f"changes to {plan.global_batch} (LR and schedule follow this run's config)"
-    )
-    return plan
+    return new
 
 
 def same_layout(meta: dict, env: DistEnv, plan: BatchPlan) -> bool:

@@ -276,9 +276,9 @@ class ShardLoader:
 
 def _ignore_stop_signals(worker_id: int) -> None:
     # A preemption signal is the training process's to handle (stop at a step boundary);
-    # Slurm may signal every process of the job, and a worker killed by it would crash the
-    # loader mid-step.
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    # Slurm may signal every process of the job, and a terminal's Ctrl-C every process of
+    # its foreground group: a worker killed by either would crash the loader mid-step.
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
