@@ -4,8 +4,8 @@ stage at N samples, and the growth exponent fitted across N (time ~ N^k).
 The shard sets are real tars, but one template tar of 1,000 tiny samples is hard-linked into
 N/1,000 shards (ImageNet-1k's ~1,280 shards at 1.28M, ImageNet-21k's 14,000 at 14M), so every
 size is built in seconds and its manifest, DALI indexes and tar headers are what a real set of
-that size has. Each stage runs in a process of its own; its peak is that process's maximum
-resident set (ru_maxrss, imports included: "base" is the process before the stage).
+that size has. Each stage runs in a process of its own; its peak is that process's high-water
+mark (VmHWM, imports included: "base" is the process after its imports, before the stage).
 
 Stages: the manifest read; a foreign set (no manifest) scanned first and from the cache, by one
 rank and by the 2 ranks of a node together; DALI's index checks (cold); start-up to the first
@@ -252,6 +252,13 @@ def per_class(work: Path, n: int, c: int) -> dict:
     return {"s": time.perf_counter() - t}
 
 
+def vmhwm_mb() -> float:
+    """This process's high-water mark since its exec. Not wait4's ru_maxrss: exec carries the
+    forking process's high-water mark over."""
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 1024
+
+
 def child(a: argparse.Namespace) -> None:
     # what every stage imports, before the base is taken: "peak - base" is the stage's own
     import matplotlib.pyplot  # noqa: F401
@@ -263,7 +270,7 @@ def child(a: argparse.Namespace) -> None:
 
     base = rss_mb()
     result = stage(a.child, a)
-    print(json.dumps({**result, "base_mb": base}))
+    print(json.dumps({**result, "base_mb": base, "peak_mb": vmhwm_mb()}))
 
 
 # -- the parent --------------------------------------------------------------------------------
@@ -272,19 +279,23 @@ def run_stage(name: str, work: Path, n: int, c: int, env: dict | None = None,
     """`parallel` copies at once (the ranks of a node, LOCAL_RANK each); the slowest's time."""
     cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--n", str(n),
            "--num-classes", str(c), "--backend", backend]  # fmt: skip
-    procs = []
+    procs, outs = [], []
     for r in range(parallel):
         e = {**os.environ, **(env or {}), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(parallel),
-             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, text=True))
+             "RANK": str(r), "WORLD_SIZE": str(parallel), "PYTHONPATH": str(REPO),
+             "OMP_NUM_THREADS": "1"}  # fmt: skip
+        out = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read after wait: a pipe could fill)
+        procs.append(subprocess.Popen(cmd, env=e, stdout=out, text=True))
+        outs.append(out)
     results = []
-    for p in procs:
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out = p.stdout.read()
+    for p, out in zip(procs, outs, strict=True):
+        p.wait()
+        out.seek(0)
+        text = out.read()
+        out.close()
         if p.returncode:
             raise SystemExit(f"stage {name} at N={n}, {c} classes failed ({p.returncode})")
-        results.append({**json.loads(out.splitlines()[-1]), "peak_mb": usage.ru_maxrss / 1024})
+        results.append(json.loads(text.splitlines()[-1]))
     worst = max(results, key=lambda r: r["s"])
     return {**worst, "peak_mb": max(r["peak_mb"] for r in results)}
 

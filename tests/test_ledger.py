@@ -194,15 +194,22 @@ def test_the_merge_of_many_runs_is_the_sorted_rows_with_bounded_batches(tmp_path
             runs.append(files.write_run(tmp_path / f"r{i}.parquet", code, keys,
                         rows["label"][part], rows["top"][part], rows["prob"][part],
                         rows["loss"][part]))  # fmt: skip
-    stats = class_metrics.ClassStats(30)
-    out = tmp_path / "ledger.parquet"
-    assert files.merge(runs, out, ("a", "b", "c", "d"), stats) == n
-    table = pq.read_table(out)
     order = np.lexsort((at, shard))
-    assert table.column("key").to_pylist() == [f"k{j}" for j in order]
-    assert table.column("shard").to_pylist() == ["abcd"[shard[j]] for j in order]
-    assert pq.ParquetFile(out).metadata.num_row_groups > 1
-    assert int(stats.support.sum()) == n
+    for fan_in in (64, 2):  # all at once; in two levels of intermediate runs
+        monkeypatch.setattr(files, "FAN_IN", fan_in)
+        stats = class_metrics.ClassStats(30)
+        out = tmp_path / f"ledger-{fan_in}.parquet"
+        assert files.merge(runs, out, ("a", "b", "c", "d"), stats) == n
+        table = pq.read_table(out)
+        assert table.column("key").to_pylist() == [f"k{j}" for j in order]
+        assert table.column("shard").to_pylist() == ["abcd"[shard[j]] for j in order]
+        assert pq.ParquetFile(out).metadata.num_row_groups > 1
+        assert int(stats.support.sum()) == n
+    assert len(list(tmp_path.glob("merge01-*.parquet"))) == 2  # 5 runs -> 3 -> 2 -> merged
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a label outside the classes: one line, not numpy's broadcast error
+    with pytest.raises(ValueError, match="a label 29 outside the 10 classes"):
+        class_metrics.ClassStats(10).update(np.array([29]), np.zeros((1, 5), int), np.ones(1))
 
 
 # -- profiler and TensorBoard --------------------------------------------------------------

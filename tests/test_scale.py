@@ -1,6 +1,6 @@
 """ImageNet-21k's class count end to end: a run on 1,536 tiny images labelled over 21,841
 classes trains, writes its ledger, per-class table and pictures, and `distres.report` reads it
-back, each process within a bounded peak memory (its own ru_maxrss, from wait4). The dense
+back, each process within a bounded peak memory (its own high-water mark, VmHWM). The dense
 21,841 x 21,841 confusion matrix once took such a run past the machine's 24 GB at its end.
 bench/scale.py measures how each structure grows with N."""
 
@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,31 @@ pytestmark = pytest.mark.slow
 CLASSES = 21_841
 
 
+# The process's own high-water mark (VmHWM: its memory since its exec). Not wait4's ru_maxrss:
+# exec carries the forking process's high-water mark over, so a command started from a
+# pytest process grown to 3 GB "peaks" at 3 GB whatever it does.
+_MEASURED = """
+import atexit, runpy, sys
+hwm, module = sys.argv.pop(1), sys.argv.pop(1)
+def peak():
+    with open("/proc/self/status") as f:
+        kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+    with open(hwm, "w") as out:
+        out.write(kb)
+atexit.register(peak)
+sys.argv[0] = module
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def run_measured(args: list[str], out: Path, timeout: float = 600) -> tuple[int, str, float]:
     """`python -m args...` in a fresh interpreter: (exit code, stderr, peak RSS in MB)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    hwm = out / "vmhwm"
+    cmd = [sys.executable, "-c", _MEASURED, str(hwm), *args]
     with open(out / "stdout", "w") as so, open(out / "stderr", "w") as se:
-        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=so, stderr=se, env=env,
-                                cwd=REPO)  # fmt: skip
-        timer = threading.Timer(timeout, proc.kill)  # never a hang
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, (out / "stderr").read_text(), usage.ru_maxrss / 1024
+        proc = subprocess.run(cmd, stdout=so, stderr=se, env=env, cwd=REPO, timeout=timeout)
+    return proc.returncode, (out / "stderr").read_text(), int(hwm.read_text()) / 1024
 
 
 @pytest.fixture(scope="module")

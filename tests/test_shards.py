@@ -387,13 +387,13 @@ def test_the_ranks_of_a_node_scan_a_foreign_set_together(tmp_path):
             for i in range(50 + s):
                 w.write({"__key__": f"{s}-{i:03d}", "jpg": b"x" * 64, "cls": str(i % 3)})
     env = {**os.environ, "DISTRES_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
-           "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+           "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _SCAN_RANK, str(tmp_path)],
             text=True,
             stdout=subprocess.PIPE,
-            env={**env, "LOCAL_RANK": str(r)},
+            env={**env, "LOCAL_RANK": str(r), "RANK": str(r)},
         )
         for r in (0, 1)
     ]

@@ -17,6 +17,8 @@ import logging
 import signal
 import sys
 
+from distres import errors
+
 TRAIN = ["-m", "distres.train"]
 RENDEZVOUS = (
     "--standalone",
@@ -69,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except SignalException as e:
-        # The agent got a signal (a Ctrl-C, a scheduler's SIGTERM) and passed it to the
-        # workers, which stop at a step boundary with a checkpoint (their own exit code is
-        # not reported to an agent that is shutting down); the shell's convention for it.
-        print(f"[distres.launch] stopped by {signal.Signals(e.sigval).name}: the workers were "
-              "told to stop at the next step with a checkpoint (torch's agent gives them 30 s)",
+        # The agent got a signal (Ctrl-C, a scheduler's SIGTERM/SIGUSR1) and passed it to the
+        # workers, which stop at a step boundary with a checkpoint; an agent that is shutting
+        # down does not collect their codes, so the signal's own meaning is the exit code.
+        name = signal.Signals(e.sigval).name
+        print(f"[distres.launch] stopped by {name}: the workers were told to stop at the next "
+              "step with a checkpoint (torch's agent gives them 30 s)",
               file=sys.stderr)  # fmt: skip
-        return 128 + e.sigval
+        return errors.INTERRUPTED if e.sigval == signal.SIGINT else errors.PREEMPTED
     return 0
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
 
 from distres.config import EarlyStopConfig
-from distres.errors import INTERRUPTED
 
 
 class EarlyStopping:
@@ -88,8 +86,12 @@ class StopConsensus:
         self.peers_busy = False
         self.checkpoint_due = False  # set by agree(): some rank's clock says a save is due
         self._previous: dict[int, object] = {}
+        self._main = True
 
     def install_signal_handlers(self) -> None:
+        from distres.dist import read_env
+
+        self._main = read_env().is_main  # who says what a Ctrl-C does (one line, not N)
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
@@ -99,12 +101,12 @@ class StopConsensus:
         ignored instead: the same warning often arrives twice (Slurm's `scancel --full`
         reaches every rank, and the batch script's trap sends it again), and the default
         action of a late repeat would kill a rank that is on its way out with exit code 3.
-        After a Ctrl-C, another one still exits at once."""
+        SIGINT gets its previous handler back either way (Python's KeyboardInterrupt)."""
         for sig, handler in self._previous.items():
-            if sig == signal.SIGINT:
-                signal.signal(sig, self._on_interrupt if self.interrupted else handler)
+            if sig == signal.SIGINT or self.signal is None:
+                signal.signal(sig, handler)
             else:
-                signal.signal(sig, signal.SIG_IGN if self.signal is not None else handler)
+                signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -112,17 +114,16 @@ class StopConsensus:
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         """Ctrl-C: the first stops every rank at the next step boundary with a checkpoint
-        (as a scheduler's signal does); a second one exits at once."""
-        main = os.environ.get("RANK", "0") == "0"
-        if self.interrupted:
-            if main:
-                print("second Ctrl-C: exiting now; the last checkpoint stays the latest",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            os._exit(INTERRUPTED)
+        (as a scheduler's signal does). A second one is the kernel's: SIGINT's default action
+        ends the process at once, even a rank blocked in a collective or a device wait,
+        where no Python handler would run."""
         self.interrupted = True
-        if main:
-            print("Ctrl-C: stopping every rank at the next step with a checkpoint "
-                  "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)  # fmt: skip
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self._main:
+            # os.write, not print: a handler runs between any two bytecodes, and print would
+            # re-enter a stderr write the main thread may be in the middle of
+            os.write(2, b"Ctrl-C: stopping every rank at the next step with a checkpoint "
+                        b"(Ctrl-C again to exit at once)\n")  # fmt: skip
 
     def note_loss(self, loss: torch.Tensor) -> None:
         self.non_finite = torch.maximum(self.non_finite, (~torch.isfinite(loss)).float())

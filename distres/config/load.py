@@ -143,10 +143,15 @@ def plan_batch(cfg: Config, world_size: int, target: int | None = None) -> Batch
     )
     if cfg.train.elastic_batch == "exact":
         worlds = [w for w in range(1, 1025) if target % (micro * w) == 0]
+        keep = (
+            f"world sizes that keep it: {', '.join(map(str, worlds[:12]))}"
+            if worlds
+            else f"no world size keeps it with train.batch_size={micro} (use a divisor of {target})"
+        )
         raise ConfigError(
             f"{what} is not a multiple of train.batch_size={micro} x {world_size} ranks = "
-            f"{per_step}; world sizes that keep it: {', '.join(map(str, worlds[:12]))}; or "
-            "train.elastic_batch=nearest to take the nearest global batch this world size can"
+            f"{per_step}; {keep}; or train.elastic_batch=nearest to take the nearest global "
+            "batch this world size can make"
         )
     plan = BatchPlan(micro, max(1, round(target / per_step)), world_size)
     lr = (
@@ -155,7 +160,7 @@ def plan_batch(cfg: Config, world_size: int, target: int | None = None) -> Batch
         else "the lr stays (optim.lr_scaling=none)"
     )
     log.warning(
-        f"train.elastic_batch=nearest: {what} on {world_size} rank(s) of {micro} becomes "
+        f"WARNING: train.elastic_batch=nearest: {what} on {world_size} rank(s) of {micro} becomes "
         f"{plan.global_batch} (grad_accum {plan.grad_accum}); {lr}"
     )
     return plan

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distres.data.api import KeyedBatch, class_names
+from distres.errors import DistresError
 from distres.io import write_json
 from distres.results import ledger_files as files
 from distres.results.ledger_files import LedgerError
@@ -182,20 +183,23 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
         raise LedgerError(f"{side}: not a ledger summary (no class list)")
     if "confusion" not in summary:  # a JSON-lines ledger of an earlier distres
-        label, top, loss = (read(path)[1][n] for n in ("label", "top", "loss"))
+        _, rows = read(path)
         stats = ClassStats(len(summary["classes"]))
-        stats.update(label, top, loss, lambda _: [])
+        try:
+            stats.update(rows["label"], rows["top"], rows["loss"], _legacy_rows(rows))
+        except ValueError as e:
+            raise LedgerError(f"{path}: {e}") from None
         summary.update(stats.summary(summary["classes"]))
-        summary["hardest"] = _legacy_hardest(path, summary)
     return summary
 
 
-def _legacy_hardest(path, summary) -> list[dict]:
-    _, rows = read(path)
-    order = np.argsort(-rows["loss"], kind="stable")[:16]
-    return [{"shard": rows["shard"][i], "key": rows["key"][i], "label": int(rows["label"][i]),
-             "pred1": int(rows["top"][i, 0]), "prob1": float(rows["prob"][i, 0]),
-             "loss": float(rows["loss"][i])} for i in order]  # fmt: skip
+def _legacy_rows(rows: dict[str, Any]):
+    def take(indices) -> list[dict]:
+        return [{"shard": rows["shard"][i], "key": rows["key"][i], "label": int(rows["label"][i]),
+                 "pred1": int(rows["top"][i, 0]), "prob1": float(rows["prob"][i, 0]),
+                 "loss": float(rows["loss"][i])} for i in indices]  # fmt: skip
+
+    return take
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -254,34 +258,56 @@ def _read_jsonl(path: Path) -> dict[str, Any]:
     return {"shard": shard, "key": key, **arrays}
 
 
-def _gather_runs(runs: list[Path] | None, error: Exception | None) -> list[Path] | None:
-    """Every rank's run paths on rank 0 (None elsewhere). A rank whose part failed raises on
-    every rank, so none waits on it."""
+def agree(error: BaseException | None) -> None:
+    """Every rank learns whether any rank failed, and every rank raises the first failure
+    (its rank, kind and message), so none is left waiting in a collective the failed one
+    skipped. Sent as strings: any exception, however it was defined, travels."""
     rank, world = _world()
-    mine = (runs, None if error is None else (type(error), str(error)))
-    if world == 1:
-        every = [mine]
-    else:
+    mine = None
+    if error is not None:
+        code = getattr(error, "exit_code", 1)
+        label = getattr(error, "label", "error")
+        mine = (rank, code, label, str(error) or type(error).__name__)
+    every = [mine]
+    if world > 1:
         every = [None] * world
-        dist.all_gather_object(every, mine)  # paths and errors: a few bytes a rank
-    failed = next((e for _, e in every if e is not None), None)
-    if failed is not None:
-        if error is not None:
-            raise error
-        try:
-            raise failed[0](failed[1])
-        except TypeError:  # an exception class that takes more than a message
-            raise RuntimeError(failed[1]) from None
-    return [p for r, _ in every for p in r] if rank == 0 else None
+        dist.all_gather_object(every, mine)
+    failed = next((e for e in every if e is not None), None)
+    if failed is None:
+        return
+    if error is not None and failed[0] == rank:
+        raise error
+    peer, code, label, message = failed
+    raised = DistresError(f"rank {peer}: {message}")
+    raised.exit_code, raised.label = code, label
+    raise raised
+
+
+def _gather_runs(runs: list[Path] | None, error: Exception | None) -> list[Path] | None:
+    """Every rank's run paths on rank 0 (None elsewhere); a rank whose part failed raises
+    on every rank (agree)."""
+    agree(error)
+    rank, world = _world()
+    every = [runs]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, runs)  # paths: a few bytes a rank
+    return [p for r in every for p in r] if rank == 0 else None
 
 
 def _parts_dir(out_dir: Path, split: str) -> Path:
-    """One directory for this evaluation's runs, named by rank 0 (a stale one from a killed
-    attempt is never read)."""
+    """One directory for this evaluation's runs, named by rank 0, which first removes the
+    runs an attempt killed before its end left behind (a stale one is never read)."""
     token = [uuid.uuid4().hex[:12]]
+    ledgers = Path(out_dir) / LEDGER_DIR
+    if _world()[0] == 0:
+        for stale in ledgers.glob(f".parts-{split}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in ledgers.glob(f".{split}.parquet.*.tmp"):
+            stale.unlink(missing_ok=True)
     if _world()[1] > 1:
         dist.broadcast_object_list(token, src=0)
-    return Path(out_dir) / LEDGER_DIR / f".parts-{split}-{token[0]}"
+    return ledgers / f".parts-{split}-{token[0]}"
 
 
 def write_ledger(
@@ -295,26 +321,32 @@ def write_ledger(
 
     parts = _parts_dir(out_dir, split)
     try:
-        runs, error = collect(model, data, autocast, parts, input_dtype), None
+        runs, failed = collect(model, data, autocast, parts, input_dtype), None
     except Exception as e:  # told to every rank in the gather, raised on all of them
-        runs, error = None, e
+        runs, failed = None, e
+    path, error = None, None
     try:
-        runs = _gather_runs(runs, error)
-        if runs is None:
-            return None
-        names = class_names(data.shards.classes, cfg.model.num_classes)
-        info = {
-            **info,
-            "image_size": cfg.data.eval_size,
-            "resize": cfg.data.val_resize,
-            "classes": names,
-        }
-        path = finish(runs, out_dir, split, data.shards.urls, info)
+        runs = _gather_runs(runs, failed)
+        if runs is not None:
+            names = class_names(data.shards.classes, cfg.model.num_classes)
+            info = {
+                **info,
+                "image_size": cfg.data.eval_size,
+                "resize": cfg.data.val_resize,
+                "classes": names,
+            }
+            try:
+                path = finish(runs, out_dir, split, data.shards.urls, info)
+            except Exception as e:  # rank 0's merge: every rank hears of it (agree)
+                error = e
     finally:
         if _world()[0] == 0:
             shutil.rmtree(parts, ignore_errors=True)
+    agree(error)
+    if path is None:
+        return None
     summary = json.loads(path.with_suffix(".json").read_text())
-    pictures = class_metrics.draw(summary, Path(out_dir) / "plots")
+    pictures = class_metrics.draw(summary, Path(out_dir) / "plots", commands=True)
     m = summary["metrics"]
     return {
         "val/loss": m["loss"],
@@ -331,12 +363,18 @@ def write_run_ledger(target, cfg, env, device, run_dir: Path, info: dict) -> dic
     `target` (an EvalTarget: the weights final/ holds), from a keyed loader of its own."""
     from distres.data import build_eval_loader
 
-    data = build_eval_loader(cfg, device, env.rank, env.world_size, env.local_world_size,
-                             "val", keys=True)  # fmt: skip
+    data, failed = None, None
     try:
+        data = build_eval_loader(cfg, device, env.rank, env.world_size, env.local_world_size,
+                                 "val", keys=True)  # fmt: skip
+    except Exception as e:  # one rank's loader: every rank hears of it before a collective
+        failed = e
+    try:
+        agree(failed)
         if target.prepare is not None:
             target.prepare()
         return write_ledger(target.model, data, cfg, run_dir, "val", target.autocast,
                             {**info, "tta": "none"}, target.input_dtype)  # fmt: skip
     finally:
-        data.close()
+        if data is not None:
+            data.close()

@@ -10,7 +10,9 @@ classes, K = min(5, classes)), prob1..probK (their probabilities), loss.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import pyarrow.parquet as pq
 
 from distres.errors import USAGE, DistresError, WriteError, why
 
-RUN_ROWS = 1 << 18  # rows per sorted run: what a rank holds on the host before writing
+RUN_ROWS = 1 << 18  # rows per sorted run (plus at most a batch): a rank's rows on the host
+FAN_IN = 64  # runs merged at once (open files, and one batch of each in memory)
 BATCH = 1 << 14  # rows of each run read at a time by the merge
 ROW_GROUP = 1 << 17  # rows per Parquet row group of the ledger
 _AT_BITS = 40  # a sample's sort code: shard << 40 | position (a DALI byte offset < 1 TB)
@@ -38,6 +41,8 @@ def _why(e: Exception) -> str:
 
 
 def sort_code(shard: np.ndarray, at: np.ndarray) -> np.ndarray:
+    if len(shard) and (shard.max() >= 1 << (63 - _AT_BITS) or at.max() >= 1 << _AT_BITS):
+        raise ValueError(f"a sample key past the ledger's sort code ({shard.max()}, {at.max()})")
     return (shard.astype(np.int64) << _AT_BITS) | at.astype(np.int64)
 
 
@@ -67,11 +72,13 @@ class _Run:
     def __init__(self, path: Path):
         try:
             self.file = pq.ParquetFile(path, pre_buffer=False)
-        except (OSError, pa.ArrowException) as e:
+        except FileNotFoundError:
             raise LedgerError(
-                f"{path}: a part of the ledger is not readable on rank 0 ({_why(e)}); the "
-                "ledger's directory must be one every node shares"
+                f"{path}: a part of the ledger is not visible on rank 0; the ledger's "
+                "directory must be one every node shares"
             ) from None
+        except (OSError, pa.ArrowException) as e:
+            raise LedgerError(f"{path}: a part of the ledger is unreadable ({_why(e)})") from None
         self.groups = iter(range(self.file.metadata.num_row_groups))
         self.buf: pa.Table | None = None
         self.codes = np.zeros(0, np.int64)
@@ -93,9 +100,30 @@ class _Run:
 
 
 def merged(runs: list[Path]) -> Iterator[pa.Table]:
-    """All runs' rows in code order, in tables of at least BATCH rows (bar the last): each
-    step emits every buffered row up to the smallest of the runs' last buffered codes, so at
-    least one run's batch is used up and memory stays at one batch per run."""
+    """All runs' rows in code order: each step emits every buffered row up to the smallest
+    of the runs' last buffered codes, so at least one run's batch is used up and memory stays
+    at one batch per run. More than FAN_IN runs are first merged FAN_IN at a time into
+    intermediate runs beside them (a thousand ranks' runs never hold a thousand files open)."""
+    level = 0
+    while len(runs) > FAN_IN:
+        runs = [_merge_to_run(runs[i : i + FAN_IN], level, i // FAN_IN)
+                for i in range(0, len(runs), FAN_IN)]  # fmt: skip
+        level += 1
+    yield from _merged(runs)
+
+
+def _merge_to_run(runs: list[Path], level: int, n: int) -> Path:
+    out = runs[0].with_name(f"merge{level:02d}-{n:05d}.parquet")
+    try:
+        with pq.ParquetWriter(out, pq.read_schema(runs[0]), compression="zstd") as writer:
+            for table in _merged(runs):
+                writer.write_table(table, row_group_size=BATCH)
+    except OSError as e:
+        raise WriteError(f"{out}: cannot write ({why(e)})") from None
+    return out
+
+
+def _merged(runs: list[Path]) -> Iterator[pa.Table]:
     active = [r for r in map(_Run, runs) if r.fill()]
     while active:
         bound = min(int(r.codes[-1]) for r in active)
@@ -122,11 +150,11 @@ def merge(runs: list[Path], out: Path, urls: tuple[str, ...], stats) -> int:
     """Merge the runs into the ledger `out` (atomically: <out>.tmp renamed), updating `stats`
     (a per_class.ClassStats) chunk by chunk; returns the number of rows."""
     dictionary = pa.array(urls, pa.string())
-    tmp = out.with_name(out.name + ".tmp")
-    rows, pending = 0, []
+    # a name of its own (and a dot: io.sweep's pattern), removed on any failure
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    rows, pending, writer = 0, [], None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        writer = None
         for table in merged(runs):
             shard = (table.column("code").to_numpy() >> _AT_BITS).astype(np.int32)
             table = table.drop_columns(["code"])
@@ -145,18 +173,24 @@ def merge(runs: list[Path], out: Path, urls: tuple[str, ...], stats) -> int:
         if pending:
             writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
         writer.close()
+        writer = None
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise WriteError(f"{out}: cannot write ({why(e)})") from None
+    finally:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        tmp.unlink(missing_ok=True)
     return rows
 
 
 def _rows_of(table: pa.Table):
     def rows(indices: np.ndarray) -> list[dict]:
         out = table.take(pa.array(indices, pa.int64())).to_pylist()
-        # float32's precision, not float64's 17 digits
-        return [{k: round(v, 7) if isinstance(v, float) else v for k, v in r.items()} for r in out]
+        # float32's 7 significant digits, not float64's 17
+        return [{k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in r.items()}
+                for r in out]  # fmt: skip
 
     return rows
 

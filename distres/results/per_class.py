@@ -45,6 +45,10 @@ class ClassStats:
         the chunk's rows at those indices as dicts (for the gallery)."""
         c = self.num_classes
         label = label.astype(np.int64)
+        for what, values in (("label", label), ("prediction", top)):
+            if len(values) and not (values.min() >= 0 and values.max() < c):
+                bad = values.min() if values.min() < 0 else values.max()
+                raise ValueError(f"a {what} {int(bad)} outside the {c} classes")
         self.support += np.bincount(label, minlength=c)
         self.hit1 += np.bincount(label, weights=top[:, 0] == label, minlength=c).astype(np.int64)
         hit5 = (top == label[:, None]).any(axis=1)
@@ -166,13 +170,6 @@ class ClassStats:
         }
 
 
-def stats_of(label: np.ndarray, top: np.ndarray, loss: np.ndarray, num_classes: int) -> ClassStats:
-    """ClassStats of rows held in memory (one chunk)."""
-    stats = ClassStats(num_classes)
-    stats.update(label, top, loss)
-    return stats
-
-
 def _pyplot():
     import matplotlib
 
@@ -215,14 +212,14 @@ def plot_confusion(summary: dict, out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_gallery(summary: dict, out: Path) -> Path:
+def plot_gallery(summary: dict, out: Path, commands: bool = False) -> Path:
     """The highest-loss samples, read back from their shards: each with its label, the
     prediction and its probability, and the loss. On a training split these are the
     mislabelled candidates."""
     plt = _pyplot()
     names = summary["classes"]
     hardest = summary["hardest"]
-    images = read_images([(r["shard"], r["key"]) for r in hardest])
+    images = read_images([(r["shard"], r["key"]) for r in hardest], commands)
     cols = min(4, max(1, len(hardest)))
     lines = max(1, -(-len(hardest) // cols))
     fig, axes = plt.subplots(
@@ -243,9 +240,11 @@ def plot_gallery(summary: dict, out: Path) -> Path:
     return _save(fig, out)
 
 
-def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+def read_images(wanted: list[tuple[str, str]], commands: bool = False) -> dict:
     """The images of (shard, key) samples as arrays, one pass over each shard named; a
-    sample that is gone or undecodable is left out (its tile shows the text only)."""
+    sample that is gone or undecodable is left out (its tile shows the text only).
+    commands=False: a `pipe:` shard is not run (a summary file can be edited by anyone who
+    can write the run directory; only the evaluation that read the shards runs them)."""
     import webdataset as wds
     from PIL import Image
 
@@ -254,6 +253,8 @@ def read_images(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarr
         by_shard.setdefault(shard, set()).add(key)
     found: dict[tuple[str, str], np.ndarray] = {}
     for shard, keys in by_shard.items():
+        if shard.startswith("pipe:") and not commands:
+            continue
         try:
             for sample in wds.tarfile_samples([{"url": shard}]):
                 key = sample.get("__key__")
@@ -287,10 +288,12 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def draw(summary: dict, plots_dir: Path) -> dict[str, Path]:
-    """Both pictures of a ledger's summary under plots_dir: {"confusion", "hardest"}."""
+def draw(summary: dict, plots_dir: Path, commands: bool = False) -> dict[str, Path]:
+    """Both pictures of a ledger's summary under plots_dir: {"confusion", "hardest"}
+    (commands: see read_images)."""
     split = summary["split"]
+    gallery = plots_dir / GALLERY_PNG.format(split=split)
     return {
         "confusion": plot_confusion(summary, plots_dir / CONFUSION_PNG.format(split=split)),
-        "hardest": plot_gallery(summary, plots_dir / GALLERY_PNG.format(split=split)),
+        "hardest": plot_gallery(summary, gallery, commands),
     }

@@ -26,6 +26,7 @@ from distres.data.api import Batch, Loader
 from distres.data.augment import BatchAugment
 from distres.dist import DistEnv
 from distres.engine.base import Engine
+from distres.errors import DistresError
 from distres.results.evaluation import EvalTarget
 from distres.trainer import records
 from distres.trainer.hooks import Hooks
@@ -280,7 +281,8 @@ class Trainer:
         try:
             result = write_run_ledger(self.final, self.cfg, self.env, self.device,
                                       self.run_dir, info)  # fmt: skip
-        except OSError as e:  # WriteError too, rank 0's files: the run has completed
+        except (OSError, DistresError) as e:  # every rank raises it (the ledger agrees on
+            # its outcome): the run has completed, its ledger is what failed
             self.tracker.print(f"tracking.ledger: not written ({e})")
             return
         if result is not None:

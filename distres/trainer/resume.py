@@ -106,11 +106,18 @@ def shard_change(cfg: Config, path: Path, meta: dict, loader: Any) -> str | None
 
 def replan(cfg, plan: BatchPlan, meta: dict) -> BatchPlan:
     """Keep the checkpoint's global batch on this world size: where it cannot, as
-    train.elastic_batch says (a one-line refusal, or the nearest, logged)."""
+    train.elastic_batch says (a one-line refusal, or the nearest, logged). A global batch the
+    user set in this run's config wins over the checkpoint's (the config says it)."""
     from distres.config import plan_batch
 
     saved = meta["layout"]["global_batch"]
     if plan.global_batch == saved:
+        return plan
+    if cfg.train.global_batch and cfg.train.global_batch != saved:
+        log.warning(
+            f"WARNING: train.global_batch={cfg.train.global_batch} is not the checkpoint's "
+            f"{saved}: the configured one is used (LR and schedule follow it)"
+        )
         return plan
     new = plan_batch(cfg, plan.world_size, target=saved)
     if new.global_batch == saved:

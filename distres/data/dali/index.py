@@ -4,6 +4,7 @@ C++ on what it cannot read), and the search for the image a failed batch could n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -135,7 +136,8 @@ def checked_indexes(
                 f"{header.split()[0]} {len(keep)}\n" + "".join(x + "\n" for x in keep)
             )
         else:  # a bad sample is reported on every run, per data.on_bad_sample: never cached
-            atomic_write(clean, str(len(keep)), durable=False)
+            with contextlib.suppress(OSError):  # a cache: an unwritable one is done without
+                atomic_write(clean, str(len(keep)), durable=False)
         paths[i], counts[i] = index, len(keep)
     if not sum(counts):
         raise DataError(f"{shards.root}: no usable sample in the shard set")

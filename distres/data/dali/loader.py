@@ -228,7 +228,10 @@ class DaliLoader:
         mid-epoch, the position reached stays the loader's state_dict()."""
         self._next = self._defining = None
         if self._pipe is not None:  # an iteration not run to its end
-            self._stopped = self._position()
+            try:
+                self._stopped = self._position()
+            except Exception as e:  # a pipeline in an error state: the error is the caller's
+                self._stopped = {"epoch": self.epoch, "error": e}
         self._pipe = None
         self._held.clear()
 
@@ -395,6 +398,8 @@ class DaliLoader:
         if self._pipe is not None:
             return self._position()
         if self._stopped is not None and self._stopped["epoch"] == self.epoch:
+            if "error" in self._stopped:  # close() could not take the position
+                raise self._stopped["error"]
             return self._stopped
         return {"epoch": self.epoch, "batches": 0, "dali": None}
 

@@ -68,11 +68,14 @@ def scan_tar(tar: Path | str, size: int | None = None, tag: str | None = None,
     known = size is not None or not remote
     if known and (result := _cached(cached)) is not None:
         return result
-    with _scanning(cached):  # a rank of the node scanning this tar now: wait, then read it
+    # a rank of the node scanning this tar now: wait for it, then read its result (only where
+    # the result is cached; a pipe: or sizeless URL is scanned by each reader)
+    with _scanning(cached) if known else contextlib.nullcontext():
         if known and (result := _cached(cached)) is not None:
             return result
         result = _scan_once(tar, remote, size, transfer)
-        atomic_write(cached, json.dumps(result), durable=False)  # a cache: a crash may lose it
+        with contextlib.suppress(OSError):  # a cache: unwritable (read-only home), lost
+            atomic_write(cached, json.dumps(result), durable=False)
     return result
 
 
@@ -90,11 +93,14 @@ def scan_tars(items: list[tuple], transfer: Transfer | None = None) -> list[dict
 
 
 def node_order(n: int) -> list[int]:
-    """0..n-1 starting at this rank's part of the node's (LOCAL_RANK of LOCAL_WORLD_SIZE) and
-    going round: the ranks of a node that each visit every item start on disjoint parts."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    start = n * min(local_rank, local_world - 1) // local_world
+    """0..n-1 starting at this rank's part of the node's and going round: the ranks of a node
+    that each visit every item start on disjoint parts (torchrun's LOCAL_RANK of
+    LOCAL_WORLD_SIZE, or srun's SLURM_LOCALID of SLURM_NTASKS_PER_NODE)."""
+    from distres.dist import read_env  # here: the shards command does without torch
+
+    env = read_env()
+    local_world = max(1, env.local_world_size)
+    start = n * min(env.local_rank, local_world - 1) // local_world
     return [*range(start, n), *range(start)]
 
 
@@ -108,16 +114,23 @@ def _cached(path: Path) -> dict | None:
 @contextlib.contextmanager
 def _scanning(cached: Path):
     """An exclusive flock on <entry>.lock while one rank scans; the kernel drops it when its
-    holder dies, so a killed scan never blocks the next start."""
+    holder dies, so a killed scan never blocks the next start. A filesystem without flock
+    (some Lustre and NFS mounts) or a lock file another user owns: scan without it (the
+    worst case is a tar scanned twice)."""
     import fcntl
 
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cached.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
     try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cached.with_suffix(".lock"), os.O_RDONLY | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _scan_once(tar, remote: bool, size: int | None, transfer: Transfer | None) -> dict:
