@@ -173,14 +173,9 @@ def find(directory: Path) -> list[Path]:
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     """The summary (<split>.json) of a ledger; LedgerError naming the file otherwise."""
-    side = Path(path).with_suffix(".json")
-    try:
-        summary = json.loads(side.read_text())
-    except FileNotFoundError as e:
-        raise LedgerError(f"{e.filename}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LedgerError(f"{side}: unreadable ({e})") from None
+    summary = _side(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
+        side = Path(path).with_suffix(".json")
         raise LedgerError(f"{side}: not a ledger summary (no class list)")
     if "confusion" not in summary:  # a JSON-lines ledger of an earlier distres
         _, rows = read(path)
@@ -191,6 +186,17 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
             raise LedgerError(f"{path}: {e}") from None
         summary.update(stats.summary(summary["classes"]))
     return summary
+
+
+def _side(path: str | os.PathLike) -> Any:
+    """The parsed <split>.json beside a ledger; LedgerError naming it otherwise."""
+    side = Path(path).with_suffix(".json")
+    try:
+        return json.loads(side.read_text())
+    except FileNotFoundError as e:
+        raise LedgerError(f"{e.filename}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LedgerError(f"{side}: unreadable ({e})") from None
 
 
 def _legacy_rows(rows: dict[str, Any]):
@@ -207,13 +213,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     (its summary, its rows as arrays with shard and key lists). Reads the Parquet ledger and
     the JSON-lines ledger of earlier versions. LedgerError naming the file otherwise."""
     path = Path(path)
-    side = path.with_suffix(".json")
-    try:
-        summary = json.loads(side.read_text())
-    except FileNotFoundError as e:
-        raise LedgerError(f"{e.filename}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LedgerError(f"{side}: unreadable ({e})") from None
+    summary = _side(path)
     if path.suffix == ".jsonl":
         return summary, _read_jsonl(path)
     shard, key, parts = [], [], []
