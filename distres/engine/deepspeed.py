@@ -15,6 +15,7 @@ state rides along as client state.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -271,21 +272,18 @@ class DeepSpeedEngine(EngineBase):
         self, directory: Path, meta: dict, parts: dict[str, dict] | None = None
     ) -> None:
         saved_world = meta["layout"]["world_size"]
+        tag, universal = TAG, False
         if saved_world != self.env.world_size and self.cfg.engine.zero_stage > 0:
-            raise ConfigError(
-                f"checkpoint {directory} holds ZeRO-{self.cfg.engine.zero_stage} optimizer "
-                f"partitions of {saved_world} rank(s); this run has "
-                f"{self.env.world_size}. Resume on {saved_world} rank(s), or convert it "
-                "for any world size with DeepSpeed's tool: python -m "
-                f"deepspeed.checkpoint.ds_to_universal --input_folder {directory / TAG} "
-                f"--output_folder {directory / 'universal'}, then load that with "
-                '"checkpoint": {"load_universal": true} in engine.deepspeed_config'
-            )
+            # ZeRO partitions of another world size: DeepSpeed's universal checkpoint, made
+            # once beside the checkpoint by its own tool, loads on any world size
+            stage = self.cfg.engine.zero_stage
+            tag, universal = universal_checkpoint(directory, saved_world, stage, self.env), True
+        self.ds._config.load_universal_checkpoint = universal
         try:
             with safe_loading(self.cfg.checkpoint.trust):
                 path, client = self.ds.load_checkpoint(
                     str(directory),
-                    tag=TAG,
+                    tag=tag,
                     load_optimizer_states=True,
                     load_lr_scheduler_states=True,
                 )
@@ -301,3 +299,56 @@ class DeepSpeedEngine(EngineBase):
                     raise CheckpointError(f"checkpoint {directory}: its {name!r} part is damaged")
                 for key, tensor in state.items():
                     tensor.copy_(theirs[key])
+
+
+UNIVERSAL = "deepspeed-universal"  # DeepSpeed's universal checkpoint, beside its own files
+
+
+def universal_checkpoint(directory: Path, saved_world: int, stage: int, env) -> str:
+    """The tag of `directory`'s universal checkpoint (DeepSpeed's ds_to_universal: ZeRO
+    partitions of any world size into per-parameter files), converted once by rank 0 while
+    the others wait; every rank raises the same one-line ConfigError where DeepSpeed cannot
+    convert it (its converter knows Adam-style optimizer states, not SGD's momentum)."""
+    import torch.distributed as dist
+
+    from distres.dist import from_main
+
+    target = directory / UNIVERSAL
+    problem = None
+    if env.is_main and not target.is_dir():
+        problem = _convert(directory / TAG, target)
+    if dist.is_available() and dist.is_initialized():
+        problem = from_main(problem, env)  # a broadcast: the others wait for the conversion
+    if problem is not None:
+        raise ConfigError(
+            f"checkpoint {directory} holds ZeRO-{stage} optimizer partitions of {saved_world} "
+            f"rank(s), this run has {env.world_size}, and DeepSpeed's ds_to_universal cannot "
+            f"make it a universal checkpoint ({problem}); resume on {saved_world} rank(s)"
+        )
+    return UNIVERSAL
+
+
+def _convert(source: Path, target: Path) -> str | None:
+    """ds_to_universal of `source` into `target` (through a temporary name); why not."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # its own command line's options; one worker: no process pool forked from a process
+    # that has run OpenMP (a fork deadlocks there)
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)  # fmt: skip
+    try:
+        quiet = io.StringIO()  # its progress lines and bars
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal.main(args)
+    except Exception as e:  # its assertions and KeyErrors: what it cannot convert
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f"{type(e).__name__}: {e}"
+        return what if "exp_avg" not in str(e) else "its optimizer state has no exp_avg: SGD"
+    tmp.rename(target)
+    return None
