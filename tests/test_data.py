@@ -85,30 +85,28 @@ def test_order_is_deterministic_and_changes_with_epoch():
     assert sum((Counter(first.tolist()) & Counter(second.tolist())).values()) >= len(first) - 64
 
 
-def test_shard_order_shared_by_ranks_and_split_disjoint(digits_dirs):
+def test_shard_order_shared_by_ranks_and_streams_split_disjoint(digits_dirs):
     shards, _ = resolve_shard_sets(load_config())
     for epoch in range(3):
         order = shard_order(shards, epoch, seed=0, shuffle=True)
         assert sorted(order) == list(range(len(shards.urls)))
-        parts = [
+        loaders = [
             ShardLoader(
-                LoaderSpec(
-                    shards,
-                    train=True,
-                    batch_size=8,
-                    transform=val_transform(32, 0),
-                    mean=[0.5],
-                    std=[0.5],
-                    num_classes=10,
-                    rank=r,
-                    world_size=3,
-                    seed=0,
-                )
-            ).my_shards(epoch)
+                LoaderSpec(shards, train=True, batch_size=8, transform=val_transform(32, 0),
+                           mean=[0.5], std=[0.5], num_classes=10, rank=r, world_size=3,
+                           seed=0)  # fmt: skip
+            )
             for r in range(3)
         ]
-        flat = [i for p in parts for i in p]
-        assert sorted(flat) == list(range(len(shards.urls)))  # disjoint, covering
+        c = loaders[0].streams
+        parts = [ld.order(epoch).rank_streams(0, r, 3) for r, ld in enumerate(loaders)]
+        assert sorted(s for p in parts for s in p) == list(range(c))  # disjoint, covering
+        o = loaders[0].order(epoch)
+        covered = [
+            (i, a) for s in range(c) for i, first, last in o.pieces(*o.range(s))
+            for a in range(first, last)
+        ]  # fmt: skip
+        assert len(covered) == len(set(covered)) == o.positions
     assert shard_order(shards, 0, 0, True) != shard_order(shards, 1, 0, True)
 
 
@@ -169,21 +167,23 @@ def test_missing_listed_shard_and_missing_manifest(tmp_path):
         read_shard_set(tmp_path / "empty")
 
 
-def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
-    write_shards([(str(i), _jpeg(), 1) for i in range(4)], tmp_path, "x", {"a": 0, "b": 1}, 4)
-    with pytest.raises(DataError, match="1 shards for 2 ranks"):
-        ShardLoader(
-            LoaderSpec(
-                read_shard_set(tmp_path),
-                train=True,
-                batch_size=2,
-                transform=val_transform(32, 0),
-                mean=[0.5],
-                std=[0.5],
-                num_classes=2,
-                world_size=2,
-            )
-        )
+def test_streams_that_ranks_or_data_cannot_share_are_a_clear_error(tmp_path):
+    write_shards([(str(i), _jpeg(), 1) for i in range(6)], tmp_path, "x", {"a": 0, "b": 1}, 4)
+
+    def loader(streams: int, world: int) -> ShardLoader:
+        return ShardLoader(LoaderSpec(
+            read_shard_set(tmp_path), train=True, batch_size=2, transform=val_transform(32, 0),
+            mean=[0.5], std=[0.5], num_classes=2, world_size=world, streams=streams,
+        ))  # fmt: skip
+
+    with pytest.raises(DataError, match="6 training samples for data.streams=8"):
+        loader(8, 1)
+    with pytest.raises(
+        DataError, match=r"data.streams=4 .* over 3 ranks; world sizes that continue it "
+        r"exactly: 1, 2, 4$"
+    ):  # fmt: skip
+        loader(4, 3)
+    assert loader(0, 3).streams == 3  # auto: what the data allows
 
 
 def test_torch_backend_position_resumes_mid_epoch_exactly():
@@ -193,7 +193,8 @@ def test_torch_backend_position_resumes_mid_epoch_exactly():
     for _ in range(5):
         next(it)
     state = train.state_dict()
-    assert state == {"epoch": 2, "batches": 5}
+    assert (state["epoch"], state["batches"], state["position"]) == (2, 5, 5 * 32)
+    assert sum(slot for _, slot in state["slots"]) == 5 * 32  # no bad sample: one slot each
     rest = list(it)
     restored, _ = make_loaders("data.backend=torch", "train.batch_size=32")
     restored.load_state_dict(state)

@@ -172,7 +172,7 @@ def test_batches_of_the_stage_feed_rebatch_and_labels_in_pinned_memory(photos):
     """The encoded chunks are cut into batches in pinned memory (labels and geometry), so
     the stage's copies to the device never stall the host."""
     data = loader(photos, "gpu", DEVICE, val_transform(64, 80), train=False)
-    chunks = (gpu_decode.unpack(x, y, k) for x, y, k in data._all_chunks())
+    chunks = data._eval_chunks()
     pin = DEVICE == "cuda"  # pinned memory needs a CUDA device
     batch = gpu_decode.EncodedBatch(*next(iter(rebatch(chunks, 16, False, pin=pin))))
     assert batch.labels.is_pinned() == pin and batch.geometry.is_pinned() == pin

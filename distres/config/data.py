@@ -139,7 +139,21 @@ class DataConfig:
     )
     mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel mean for normalisation (0-1)")
     std: list[float] = doc([0.229, 0.224, 0.225], "per-channel std for normalisation (0-1)")
-    shuffle_buffer: int = doc(2048, "train: samples in the in-memory shuffle buffer")
+    shuffle_buffer: int = doc(
+        2048, "train, DALI: samples in each rank's shuffle buffer (at most 1024 are used)"
+    )
+    streams: int = doc(
+        0,
+        "train, torch backend: the canonical streams each epoch's sample order is cut into "
+        "(docs/data.md): the order is a function of (seed, epoch, streams), never of the world "
+        "size, and a run resumes exactly on any world size that divides it. 0: at a run's "
+        "first start, lcm(world x workers, 24) (fewer for small data), kept by its checkpoints",
+    )
+    stream_window: int = doc(
+        256,
+        "train, torch backend: consecutive samples each stream reads and hands out in a "
+        "random order (the shuffle; a worker holds this many per stream it reads)",
+    )
     num_workers: int = doc(
         0, "DataLoader worker processes per rank (0: decode in the main process)"
     )
@@ -186,6 +200,8 @@ class DataConfig:
         _in_range("data.aug_repeats", self.aug_repeats, 1, 16)
         _at_least("data.crop_padding", self.crop_padding, 0)
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _at_least("data.streams", self.streams, 0)
+        _at_least("data.stream_window", self.stream_window, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         if self.progressive_min_size:
             _in_range("data.progressive_min_size", self.progressive_min_size, 8, self.image_size)

@@ -294,6 +294,11 @@ class TrackingConfig:
         "at the end, every val sample's top-5 and loss in <run.dir>/ledger/val.jsonl, the "
         "per-class table, plots/confusion_val.png and plots/hardest_val.png (W&B too)",
     )
+    sample_log: bool = doc(
+        False,
+        "each rank logs the keys of the samples every optimizer step trained on, in "
+        "<run.dir>/samples/rank-<R>.jsonl (an audit of the data order across resumes)",
+    )
     tensorboard: bool = doc(
         False, "also write the scalars to TensorBoard under <run.dir>/tensorboard (rank 0)"
     )

@@ -120,11 +120,20 @@ def position_problem(state: object) -> str | None:
     every backend shares (epoch and batches); a backend checks its own further."""
     if not isinstance(state, dict):
         return "not a mapping"
-    for key in ("epoch", "batches"):
+    for key in ("epoch", "batches", "position", "streams"):
         value = state.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if (key in ("epoch", "batches") or value is not None) and not _count(value):
             return f"{key}={value!r}"
+    slots = state.get("slots", [])
+    if not isinstance(slots, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(map(_count, p)) for p in slots
+    ):
+        return "slots: not a list of [stream, slot] pairs"
     return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def class_names(classes: dict[str, int], num_classes: int) -> list[str]:

@@ -157,6 +157,7 @@ def _loaders(
         from distres.data.torch.loader import ShardLoader as make
 
         common["num_workers"] = d.num_workers
+        common["streams"], common["window"] = d.streams, d.stream_window
         common["decode"] = resolve_decode(d.decode, device, d.auto_augment)
     train = None
     if train_set is not None:
@@ -166,7 +167,7 @@ def _loaders(
             epochs=cfg.train.epochs, random_resized_crop=d.random_resized_crop,
             rrc_min_scale=d.rrc_min_scale, crop_padding=d.crop_padding, hflip=d.hflip,
             auto_augment=(d.auto_augment, d.ra_magnitude, d.ra_num_ops),
-            repeats=d.aug_repeats, **common,
+            repeats=d.aug_repeats, **{**common, "keys": cfg.tracking.sample_log},
         ))  # fmt: skip
     # evaluation at its own size (data.val_size), training's from image_size
     val = make(LoaderSpec(val_set, train=False, image_size=d.eval_size,

@@ -31,7 +31,11 @@ class LoaderSpec:
     verify: bool = False  # data.verify_checksums
     keys: bool = False  # yield KeyedBatches (each sample's shard and key: the ledger)
     repeats: int = 1  # data.aug_repeats (training)
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int = 2048  # DALI's reader (the torch backend: window)
+    # the torch backend's training order (data/torch/order.py): canonical streams (0: auto)
+    # and the samples each stream shuffles at a time
+    streams: int = 0
+    window: int = 256
     # the geometry: training's crop at epoch 0 (size_at(epoch) for progressive resizing),
     # or evaluation's size with its resize
     image_size: int = 224

@@ -31,7 +31,7 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     from distres.log import setup_logging
     from distres.preflight import preflight
     from distres.trainer.build import build, checkpoint_root
-    from distres.trainer.resume import find_checkpoint, replan
+    from distres.trainer.resume import find_checkpoint, keep_streams, replan
 
     env = read_env()
     setup_logging(env.is_main)
@@ -54,5 +54,6 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
             found = find_checkpoint(cfg, env, checkpoint_root(cfg, run_dir))
             if found is not None:
                 plan = replan(cfg, plan, found[1])
+                keep_streams(cfg, *found)
             trainer = build(cfg, env, device, plan, run_dir, fresh=found is None, hooks=hooks)
             return trainer.fit(found)

@@ -12,6 +12,7 @@ import torch
 
 from distres.checkpoint import CheckpointStore
 from distres.components.profiling import StepProfiler
+from distres.components.sample_log import SampleLog
 from distres.components.stopping import EarlyStopping, StopConsensus
 from distres.components.tracking import Sinks, Tracker, run_info, tensorboard_problem, wandb_mode
 from distres.config import BatchPlan, Config, ConfigError
@@ -111,6 +112,9 @@ def build(
             else None
         ),
         hooks=hooks or Hooks(),
+        sample_log=(
+            SampleLog(run_dir, env.rank, env.world_size) if cfg.tracking.sample_log else None
+        ),
         **targets(cfg, env, device, plan, engine),
     )
     trainer.attach_checkpoints(store(cfg, env, run_dir, early_stopping.mode))

@@ -19,6 +19,7 @@ from distres.artifacts.final import save_inference_info, save_weights
 from distres.checkpoint import CheckpointStore
 from distres.checkpoint.manager import CheckpointManager
 from distres.components.profiling import StepProfiler, mark, table
+from distres.components.sample_log import SampleLog
 from distres.components.stopping import EarlyStopping, StopConsensus
 from distres.components.tracking import Tracker
 from distres.config import BatchPlan, Config
@@ -67,6 +68,7 @@ class Trainer:
     # its draws are functions of the step, so the checkpoint's step is all its state
     augment: BatchAugment | None = None
     profiler: StepProfiler | None = None  # tracking.profile_steps
+    sample_log: SampleLog | None = None  # tracking.sample_log
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
     checkpoints: CheckpointManager | None = None  # attach_checkpoints; None: off
     clock: Callable[[], float] = time.monotonic  # checkpoint.every_minutes (a test's fake)
@@ -134,6 +136,8 @@ class Trainer:
         s = self.state
         # the gradient norm only on steps that log it (it costs a pass over the grads)
         logs = (s.step + 1) % self.cfg.tracking.log_every == 0 or s.step + 1 >= self.total_steps
+        if self.sample_log is not None:
+            micro_batches = self.sample_log.take(s.step + 1, s.epoch, micro_batches)
         if self.augment is not None:
             micro_batches = self.augment(micro_batches, s.step)
         loss = self.hooks.after_step(self, self.engine.train_step(micro_batches, grad_norm=logs))
@@ -214,6 +218,8 @@ class Trainer:
         # training's input is done: a pipeline prefetched for an epoch that will not run
         # gives its GPU memory back before the last evaluation (the position was kept)
         self.train_data.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         unevaluated = not poisoned and self.state.last_eval.get("step") != self.state.step
         # A stop by a signal or Ctrl-C is checkpointed before the evaluation below: that
         # averages the ranks' BN buffers (EvalTarget.prepare), which a run never stopped does

@@ -128,6 +128,21 @@ def replan(cfg, plan: BatchPlan, meta: dict) -> BatchPlan:
     return new
 
 
+def keep_streams(cfg: Config, path: Path, meta: dict) -> None:
+    """The checkpoint's data order (the torch backend's data.streams) for this run: with
+    another, the rest of its epoch and the epoch length (the LR schedule) would change."""
+    saved = meta["layout"].get("streams")
+    if not saved or cfg.data.streams == saved:
+        return
+    if cfg.data.streams:
+        raise ConfigError(
+            f"data.streams={cfg.data.streams}: checkpoint {path} orders its epochs in {saved} "
+            f"streams; resume with data.streams={saved} (or 0, which keeps it), or start a "
+            "new run"
+        )
+    cfg.data.streams = saved
+
+
 def same_layout(meta: dict, env: DistEnv, plan: BatchPlan) -> bool:
     """Written by this world size with this micro-batch and accumulation: every rank's own
     parts (data position, RNG, loss window) restore exactly."""

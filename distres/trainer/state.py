@@ -256,6 +256,8 @@ def checkpoint_header(t: Any) -> dict[str, Any]:
             "grad_accum": plan.grad_accum,
             "global_batch": plan.global_batch,
             "steps_per_epoch": t.steps_per_epoch,
+            # the torch backend's epoch order (data.streams): every resume keeps it
+            "streams": getattr(t.train_data, "streams", None),
         },
         "model": dc.asdict(t.cfg.model),
         # which shards the data position counts in (a resume on other shards is refused)

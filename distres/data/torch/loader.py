@@ -2,14 +2,17 @@
 
 Workers decode and augment single images as uint8 CHW tensors and hand over small uint8
 chunks; the main process cuts them into exact batches, moves them to the device (uint8 is a
-quarter of the bytes of fp32) and normalises there, in channels_last memory. The order is a
-pure function of (seed, epoch, rank): shards are reshuffled per epoch with a seed every rank
-shares, then samples are mixed in a seeded buffer, so a run is reproducible.
+quarter of the bytes of fp32) and normalises there, in channels_last memory. The training
+order and each sample's augmentation are functions of (seed, epoch, data.streams), not of the
+world size (data/torch/order.py), so a run is reproducible and resumes exactly on any world
+size that divides the stream count.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import signal
 from collections.abc import Callable, Iterator
 
@@ -20,7 +23,6 @@ from distres.data.api import (
     Batch,
     DataError,
     KeyedBatch,
-    SampleKey,
     shard_order,
 )
 from distres.data.buffers import BufferPool, rebatch
@@ -28,19 +30,21 @@ from distres.data.shards import storage
 from distres.data.spec import LoaderSpec
 from distres.data.torch.encode import EncodedBatch, Encoder, steps, unpack
 from distres.data.torch.gpu_decode import DecodeStage
+from distres.data.torch.order import EpochOrder, auto_streams, world_sizes
 from distres.data.torch.stream import SampleStream
+from distres.data.torch.train_stream import CanonicalStream
 from distres.data.torch.transforms import train_transform, val_transform
+
+log = logging.getLogger("distres")
 
 
 class ShardLoader:
     """Batches of one rank's part of a shard set, one epoch per iteration.
 
-    Training splits whole shards across ranks after the per-epoch shuffle (rank r takes
-    order[r::world]). Every rank then runs the same number of batches, fixed for the whole run:
-    each rank holds at least floor(S/W) of the S shards, so the floor(S/W) smallest shards'
-    samples, divided by the batch size, is a count every rank reaches in every epoch. A rank
-    holding more stops there; what it leaves differs each epoch, as the shuffle moves shards
-    between ranks. Fewer shards than ranks is an error.
+    Training follows the epoch's canonical streams (data/torch/order.py): an order that is a
+    function of (seed, epoch, data.streams) alone, whose consumed part any world size that
+    divides the stream count subtracts exactly. Every rank runs the same number of batches:
+    the epoch's positions (every stream's equal share of the samples) over the global batch.
 
     Validation counts every sample exactly once with no padding: whole shards per rank when
     there are at least as many shards as ranks, otherwise every rank reads all shards and
@@ -50,12 +54,9 @@ class ShardLoader:
 
     def __init__(self, spec: LoaderSpec):
         shards, train, world_size = spec.shards, spec.train, spec.world_size
-        if train and len(shards.urls) < world_size:
-            raise DataError(
-                f"{shards.root}: {len(shards.urls)} shards for {world_size} ranks; every rank "
-                "needs at least one shard (write more, smaller shards)"
-            )
         self.spec = spec
+        self.streams = streams(spec) if train else 0  # the epoch order's canonical streams
+        self.window = spec.window
         self.shards, self.train, self.batch_size = shards, train, spec.batch_size
         self.num_classes, self.in_chans = spec.num_classes, spec.in_chans
         self.transform, self.transform_at = transforms(spec)  # progressive resizing: per epoch
@@ -64,10 +65,15 @@ class ShardLoader:
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.num_workers, self.shuffle_buffer = spec.num_workers, spec.shuffle_buffer
         self.seed, self.rank, self.world_size = spec.seed, spec.rank, world_size
-        self.repeats = spec.repeats if train else 1  # data.aug_repeats; see my_shards
+        self.repeats = spec.repeats if train else 1  # data.aug_repeats; see EpochOrder.range
         self.keys = spec.keys  # yield KeyedBatches (each sample's shard and key)
         self.epoch = 0
-        self._done = self._skip = 0  # batches delivered this epoch; batches to replay
+        self._done = 0  # batches delivered this epoch
+        # training: the position this rank's part of the epoch starts at, each stream's first
+        # slot there, and each of its streams' next slot as batches are delivered
+        self._start: tuple[int, dict[int, int]] = (0, {})
+        self._slots: dict[int, int] = {}
+        self._position = 0
         self.skip_bad, self.verify = spec.skip_bad, spec.verify
         self.skipped = 0  # bad samples skipped so far (data.on_bad_sample=skip)
         scale = 255.0
@@ -87,61 +93,92 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.train:
+            self._begin(0, {})
+
+    def _begin(self, position: int, slots: dict[int, int]) -> None:
+        """Training: this rank's part of the epoch starts at `position`, each stream at its
+        slot in `slots` (absent: 0)."""
+        streams = self.order().rank_streams(position, self.rank, self.world_size)
+        self._slots = {s: slots.get(s, 0) for s in streams}
+        self._start, self._position = (position, dict(self._slots)), position
+        self._done = position // (self.world_size * self.batch_size)
 
     @property
     def strided(self) -> bool:
         return not self.train and len(self.shards.urls) < self.world_size
 
-    def my_shards(self, epoch: int) -> list[int]:
-        """This rank's shards in `epoch`. Repeated augmentation (data.aug_repeats=N,
-        torchvision's RASampler at shard granularity): each shard of the epoch's order N times
-        in a row, cut to the order's length, dealt round-robin, so a shard's N copies go to N
-        different ranks (N <= world size), each augmenting with its own seed. Every rank reads
-        as many shards as without repeats; the epoch covers a different 1/N of the shards
-        each epoch, as the order changes."""
-        order = shard_order(self.shards, epoch, self.seed, shuffle=self.train)
-        if self.repeats > 1:
-            order = [i for i in order for _ in range(self.repeats)][: len(order)]
+    def my_shards(self) -> list[int]:
+        """Evaluation: this rank's shards (all of them when strided)."""
+        order = list(range(len(self.shards.urls)))
         return order if self.strided else order[self.rank :: self.world_size]
 
+    def order(self, epoch: int | None = None) -> EpochOrder:
+        """Training: the epoch's canonical streams."""
+        epoch = self.epoch if epoch is None else epoch
+        return EpochOrder(self.shards.counts, shard_order(self.shards, epoch, self.seed, True),
+                          self.streams, self.window, self.seed, epoch, self.repeats)  # fmt: skip
+
     def num_samples(self, epoch: int | None = None) -> int:
-        """Samples this rank reads in the epoch (train: the guaranteed count, see above)."""
+        """Samples this rank reads in the epoch."""
         if self.train:
-            per_rank = len(self.shards.urls) // self.world_size
-            return sum(sorted(self.shards.counts)[:per_rank])
+            return self.streams * (self.shards.num_samples // self.streams) // self.world_size
         if self.strided:
             n, w = self.shards.num_samples, self.world_size
             return (n - self.rank + w - 1) // w
-        ids = self.my_shards(self.epoch if epoch is None else epoch)
-        return sum(self.shards.counts[i] for i in ids)
+        return sum(self.shards.counts[i] for i in self.my_shards())
 
     def __len__(self) -> int:
         n = self.num_samples()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _chunks(self, refill: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[SampleKey]]]:
-        """One pass over this rank's shards (refill > 0: a re-read with its own seed)."""
-        seed = hash((self.seed, self.epoch, self.rank) + ((refill,) if refill else ()))
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_chunks(self) -> Iterator[tuple]:
         if self.verify:  # in this process, which remembers what it checked (workers do not)
-            for i in self.my_shards(self.epoch):
+            for i in self.my_shards():
                 self.shards.verify(i)
-        transform = self.transform_at(self.epoch) if self.transform_at else self.transform
         stream = SampleStream(
-            self.shards,
-            self.my_shards(self.epoch),
-            transform,
-            self.shuffle_buffer if self.train else 0,
-            seed,
-            self.num_classes,
-            self.in_chans,
-            stride=(self.rank, self.world_size) if self.strided else (0, 1),
-            skip_bad=self.skip_bad,
-            encoder=Encoder(transform, self.in_chans) if self.stage else None,
-            verify=self.verify,
-        )
+            self.shards, self.my_shards(), self.transform, 0, 0, self.num_classes,
+            self.in_chans, stride=(self.rank, self.world_size) if self.strided else (0, 1),
+            skip_bad=self.skip_bad, encoder=Encoder(self.transform, self.in_chans)
+            if self.stage else None, verify=self.verify,
+        )  # fmt: skip
         workers = min(self.num_workers, len(stream.shard_ids))
         if self.shards.remote:
-            self._fetch_first(stream.shard_ids, max(1, workers))
+            k = max(1, workers)
+            self._fetch_first([stream.shard_ids[w::k] for w in range(k)])
+        for images, labels, skipped, keys in self._run(stream, workers, seed=0):
+            self.skipped += skipped
+            if images is not None:
+                yield (unpack(images, labels, keys) if self.stage else (images, labels, keys))
+
+    # -- training ----------------------------------------------------------------------------
+    def _train_chunks(self, order: EpochOrder, streams: list[int], starts: dict[int, int]):
+        """The rank's samples in position order, each with its (stream, slot)."""
+        transform = self.transform_at(self.epoch) if self.transform_at else self.transform
+        reads = [[i for i, _, _ in order.pieces(*order.range(s))] for s in streams]
+        if self.verify:
+            for i in sorted({i for ids in reads for i in ids}):
+                self.shards.verify(i)
+        stream = CanonicalStream(
+            order, streams, starts, self.shards, [], transform, 0, 0, self.num_classes,
+            self.in_chans, skip_bad=self.skip_bad, verify=self.verify,
+            encoder=Encoder(transform, self.in_chans) if self.stage else None,
+        )  # fmt: skip
+        workers = max(d for d in range(1, max(1, self.num_workers) + 1) if len(streams) % d == 0)
+        workers = workers if self.num_workers else 0
+        if self.shards.remote:
+            self._fetch_first(reads)
+        group = []
+        for images, labels, skipped, keys, where in self._run(stream, workers, self.epoch):
+            self.skipped += skipped
+            chunk = unpack(images, labels, keys) if self.stage else (images, labels, keys)
+            group.append((*chunk, where))
+            if len(group) == max(1, workers):
+                yield interleave(group)
+                group = []
+
+    def _run(self, stream, workers: int, seed: int) -> Iterator[tuple]:
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -153,111 +190,129 @@ class ShardLoader:
             worker_init_fn=_ignore_stop_signals,
             # its iterator draws a base seed; from torch's global RNG (the model's) without
             # a generator, one draw per pass that a resumed run would make at another step
-            generator=torch.Generator().manual_seed(seed & 0x7FFF_FFFF),
+            generator=torch.Generator().manual_seed(hash((self.seed, seed)) & 0x7FFF_FFFF),
         )
-        delivered = 0
         chunks = iter(loader)
         try:
-            for images, labels, skipped, keys in chunks:
-                self.skipped += skipped
-                if images is not None:
-                    delivered += len(labels)
-                    yield images, labels, keys
+            yield from chunks
         finally:
             # Workers ignore SIGTERM (_ignore_stop_signals), so one left waiting after an
             # error or an early stop would hang the interpreter's exit, which joins it; a
             # traceback kept alive (a logger, a test) would keep this iterator from freeing.
             getattr(chunks, "_shutdown_workers", lambda: None)()
-        if delivered == 0 and self.train:
-            raise DataError(
-                f"{self.shards.root}: rank {self.rank} found no usable sample in "
-                f"its shards this epoch ({self.skipped} skipped)"
-            )
 
-    def _fetch_first(self, ids: list[int], workers: int) -> None:
-        """Start downloading this rank's shards of the epoch in the order its workers will
-        read them, up to 16 at once, while the workers start: their shuffle buffers fill
-        from the first few shards of each (a cold start waits for those alone). With a
-        cache limit, only as many as it holds beside the ones being read; the workers
-        fetch the rest data.prefetch ahead of themselves."""
+    def _fetch_first(self, reads: list[list[int]]) -> None:
+        """Start downloading this rank's first shards of the epoch in the order its readers
+        take them, up to 16 at once, while the workers start. With a cache limit, only as
+        many as it holds beside the ones being read; the readers fetch the rest
+        data.prefetch ahead of themselves."""
         cache = self.shards.shard_cache()
-        per_worker = [ids[w::workers] for w in range(workers)]
-        order = [p[k] for k in range(max(map(len, per_worker))) for p in per_worker
-                 if k < len(p)]  # fmt: skip
+        order = list(dict.fromkeys(
+            p[k] for k in range(max(map(len, reads), default=0)) for p in reads if k < len(p)
+        ))  # fmt: skip
         if self.num_workers:
             # a command started from a thread while DataLoader forks its workers can hand
             # its exec-error pipe to a worker and never return: pipe: shards are fetched
             # ahead by the workers themselves, which fork nothing
             order = [i for i in order if not storage.is_pipe(self.shards.urls[i])]
         if cache.limit:
-            biggest = max((self.shards.size(i) or 0 for i in ids), default=0) or 1
-            order = order[: max(workers, cache.limit // biggest - workers)]
+            biggest = max((self.shards.size(i) or 0 for i in order), default=0) or 1
+            slots = max(1, len(reads))
+            order = order[: max(slots, cache.limit // biggest - slots)]
         self.shards.prefetch(order, self.verify, threads=min(16, len(order)))
 
-    def _all_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[SampleKey]]]:
-        yield from self._chunks(0)
-        if self.train:
-            # Only reached when skipped samples left this rank short of the step count every
-            # rank agreed on: re-read its shards (fresh order and augmentation) rather than
-            # run fewer steps, which would leave the other ranks waiting in an all-reduce.
-            for refill in itertools.count(1):
-                yield from self._chunks(refill)
-
     def __iter__(self) -> Iterator[Batch]:
-        # Training stops at len(self) steps even if a rank could read more (every rank runs
-        # the same number of steps); validation reads everything.
-        skip, self._skip = self._skip, 0
-        # The order and the augmentation are functions of (seed, epoch, rank), so replaying
-        # the first `skip` batches on the host resumes the stream exactly where it stopped.
-        self._done = skip
+        if not self.train:
+            yield from self._deliver(self._eval_chunks(), None)
+            return
+        order = self.order()
+        self._begin(*self._start)
+        position, starts = self._start
+        left = (order.positions - position) // (self.world_size * self.batch_size)
+        yield from self._deliver(self._train_chunks(order, list(starts), starts), left)
+
+    def _deliver(self, chunks: Iterator[tuple], left: int | None) -> Iterator[Batch]:
+        """Batches cut from chunks (training: `left` of them, full ones, each chunk's last
+        column the samples' (stream, slot), taken as the position when delivered)."""
+        where: collections.deque = collections.deque()
+
+        def cut() -> Iterator[tuple]:
+            for b in rebatch(chunks, self.batch_size, self.train, pin=self.pin_batches):
+                if left is not None:
+                    where.append(b[-1])
+                    b = b[:-1]
+                yield EncodedBatch(*b) if self.stage else b
+
+        batches = itertools.islice(cut(), left)
         if self.stage is not None:
-            chunks = (unpack(x, y, keys) for x, y, keys in self._all_chunks())
-            batches = (
-                EncodedBatch(*b)
-                for b in rebatch(chunks, self.batch_size, self.train, pin=self.pin_batches)
-            )
-            # replayed batches are read and their geometry drawn, but never decoded
-            for batch in self.stage(itertools.islice(batches, skip, len(self))):
-                self._done += 1
+            for batch in self.stage(batches):
+                self._delivered(where)
                 self.skipped += self.stage.take_skipped()
                 yield batch if self.keys else Batch(batch.images, batch.labels)
             return
-        batches = rebatch(
-            self._all_chunks(), self.batch_size, drop_last=self.train, pin=self.pin_batches
-        )
-        for images, labels, keys in itertools.islice(batches, skip, len(self)):
-            self._done += 1
+        for images, labels, keys in batches:
+            self._delivered(where)
             batch = self._to_device(images, labels)
             yield KeyedBatch(*batch, keys) if self.keys else batch
+
+    def _delivered(self, where: collections.deque) -> None:
+        self._done += 1
+        if where:
+            self._position += self.world_size * self.batch_size
+            for s, slot in where.popleft().tolist():
+                if slot >= self._slots.get(s, 0):
+                    self._slots[s] = slot + 1
 
     def resume_from_ranks(
         self, epoch: int, states: list[dict], micro_batch: int, world_size: int
     ) -> int:
-        """Continue `epoch` after another world size stopped in it; returns this rank's
-        batches left in the epoch.
-
-        This backend hands whole shards to ranks and interleaves its workers, so which samples
-        an old rank had consumed is not a prefix of anything this world size reads. Every
-        rank skips the same fraction of its new part as the old ranks had consumed of theirs;
-        the samples repeated plus those skipped are bounded by that fraction of the epoch
-        (data.backend=dali bounds them by its shuffle window instead).
-        """
-        old_total = sum(sorted(self.shards.counts)[: len(self.shards.urls) // world_size])
-        consumed = max(s["batches"] for s in states) * micro_batch
+        """Continue `epoch` after another world size stopped in it, exactly: the position
+        every rank shares and each stream's next slot, from all old ranks' states. Returns
+        this rank's batches left in the epoch."""
         self.epoch = epoch
-        skip = min(len(self), round(len(self) * consumed / max(1, old_total)))
-        self._skip = skip
-        return len(self) - skip
+        first = states[0]
+        position = first.get("position", first["batches"] * micro_batch * world_size)
+        slots = {s: v for state in states for s, v in state.get("slots", [])}
+        self._begin(position, self._place(first, position, slots))
+        return (self.order().positions - position) // (self.world_size * self.batch_size)
+
+    def _place(self, state: dict, position: int, slots: dict[int, int]) -> dict[int, int]:
+        saved = state.get("streams", self.streams)
+        if saved != self.streams:
+            raise DataError(
+                f"{self.shards.root}: the checkpoint's data position counts {saved} streams, "
+                f"this run has data.streams={self.streams}; resume with data.streams={saved}"
+            )
+        if "slots" not in state:  # written before canonical streams: the epoch's rest is new
+            log.warning(
+                f"WARNING: the checkpoint's data position in epoch {self.epoch} predates "
+                "canonical streams: the epoch goes on in the new order from the same step "
+                "(some of its samples may repeat or be left out in this epoch only)"
+            )
+            return dict(enumerate(self.order().consumed(position)))
+        return slots
 
     def close(self) -> None:
         """Nothing to release between epochs: workers live for one epoch's iteration."""
 
     def state_dict(self) -> dict:
-        """The data position: the epoch and the batches already delivered in it."""
-        return {"epoch": self.epoch, "batches": self._done}
+        """The data position: the epoch, the batches delivered in it (on this layout), the
+        position every rank shares and the next slot of each of this rank's streams."""
+        if not self.train:
+            return {"epoch": self.epoch, "batches": self._done}
+        return {
+            "epoch": self.epoch,
+            "batches": self._done,
+            "position": self._position,
+            "streams": self.streams,
+            "slots": [[s, v] for s, v in sorted(self._slots.items())],
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._skip = state["epoch"], state["batches"]
+        self.epoch = state["epoch"]
+        position = state.get("position", state["batches"] * self.world_size * self.batch_size)
+        slots = {s: v for s, v in state.get("slots", [])}
+        self._begin(position, self._place(state, position, slots))
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         # uint8 NHWC crosses to the device (a quarter of fp32's bytes); seen as NCHW it has
@@ -296,3 +351,38 @@ def transforms(spec: LoaderSpec) -> tuple[Callable, Callable[[int], Callable] | 
                                spec.crop_padding, spec.hflip, spec.auto_augment)  # fmt: skip
 
     return transform_at(0), (transform_at if spec.size_at is not None else None)
+
+
+def streams(spec: LoaderSpec) -> int:
+    """The training order's canonical streams (data.streams; 0: auto_streams), checked
+    against this world size and the data."""
+    n, world, repeats = spec.shards.num_samples, spec.world_size, spec.repeats
+    c = spec.streams or auto_streams(world, spec.num_workers, n, repeats)
+    if c % world or c % repeats:
+        which = "ranks" if c % world else "data.aug_repeats"
+        raise DataError(
+            f"data.streams={c} (the order of this run's epochs) cannot be split evenly over "
+            f"{world if c % world else repeats} {which}; world sizes that continue it exactly: "
+            f"{world_sizes(c)}"
+        )
+    if n < c:
+        raise DataError(
+            f"{spec.shards.root}: {n} training samples for data.streams={c}; every stream "
+            "needs at least one sample (set fewer streams)"
+        )
+    return c
+
+
+def interleave(chunks: list[tuple]) -> tuple:
+    """K workers' equal chunks as one, sample by sample (worker w's t-th sample is the
+    rank's t*K + w-th): tensors stacked and transposed, lists zipped."""
+    if len(chunks) == 1:
+        return chunks[0]
+    out = []
+    for column in zip(*chunks, strict=True):
+        if isinstance(column[0], torch.Tensor):
+            both = torch.stack(column, 1)
+            out.append(both.reshape(-1, *both.shape[2:]))
+        else:
+            out.append([item for row in zip(*column, strict=True) for item in row])
+    return tuple(out)

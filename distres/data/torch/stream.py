@@ -8,6 +8,8 @@ import contextlib
 import io
 import itertools
 import random
+import re
+import tarfile
 from collections.abc import Callable, Iterator
 
 import torch
@@ -180,11 +182,46 @@ class SampleStream(IterableDataset):
         return parse_label(raw, self._where(sample), self.num_classes)
 
 
-def tar_samples(f, url: str) -> Iterator[dict]:
+def tar_samples(f, url: str, start: int = 0) -> Iterator[dict]:
     """webdataset's samples of an open tar (its tarfile_samples without its opener): the
-    same grouping by key, `__url__` the shard's own URL wherever the bytes came from."""
+    same grouping by key, `__url__` the shard's own URL wherever the bytes came from.
+    start > 0: from the tar's start-th sample, found by reading headers only (tarfile seeks
+    over the members' data), where the file can seek."""
+    if start and f.seekable():
+        at = _sample_offset(f, start)
+        if at is None:
+            return iter(())
+        f.seek(at)
     files = wds.tariterators.tar_file_expander([{"url": url, "stream": f}])
-    return wds.tariterators.group_by_keys(files)
+    samples = wds.tariterators.group_by_keys(files)
+    if start and not f.seekable():
+        samples = itertools.islice(samples, start, None)
+    return samples
+
+
+def _sample_offset(f, start: int) -> int | None:
+    """The byte offset of the header of the start-th sample's first member (None: the tar
+    has fewer samples), counted the way webdataset groups members into samples."""
+    key, n = None, -1
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isreg() or _skipped(name):
+                continue
+            prefix, _ = wds.tariterators.base_plus_ext(name)
+            if prefix is None or prefix == key:
+                continue
+            key, n = prefix, n + 1
+            if n == start:
+                return member.offset  # absolute: tarfile counts from where f stood
+    return None
+
+
+def _skipped(name: str) -> bool:
+    # tar_file_iterator's rules: metadata files (__*__) are not members of any sample
+    return ("/" not in name and name.startswith("__") and name.endswith("__")) or bool(
+        re.match(r"__[^/]*__($|/)", name)
+    )
 
 
 class StreamRng:
