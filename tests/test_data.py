@@ -92,10 +92,19 @@ def test_shard_order_shared_by_ranks_and_streams_split_disjoint(digits_dirs):
         assert sorted(order) == list(range(len(shards.urls)))
         loaders = [
             ShardLoader(
-                LoaderSpec(shards, train=True, batch_size=8, transform=val_transform(32, 0),
-                           mean=[0.5], std=[0.5], num_classes=10, rank=r, world_size=3,
-                           seed=0)  # fmt: skip
-            )
+                LoaderSpec(
+                    shards,
+                    train=True,
+                    batch_size=8,
+                    transform=val_transform(32, 0),
+                    mean=[0.5],
+                    std=[0.5],
+                    num_classes=10,
+                    rank=r,
+                    world_size=3,
+                    seed=0,
+                )
+            )  # fmt: skip
             for r in range(3)
         ]
         c = loaders[0].streams
@@ -176,7 +185,7 @@ def test_streams_that_ranks_or_data_cannot_share_are_a_clear_error(tmp_path):
             mean=[0.5], std=[0.5], num_classes=2, world_size=world, streams=streams,
         ))  # fmt: skip
 
-    with pytest.raises(DataError, match="6 training samples for data.streams=8"):
+    with pytest.raises(DataError, match=r"6 training samples for data\.streams=8"):
         loader(8, 1)
     with pytest.raises(
         DataError, match=r"data.streams=4 .* over 3 ranks; world sizes that continue it "
