@@ -104,7 +104,7 @@ def test_shard_order_shared_by_ranks_and_streams_split_disjoint(digits_dirs):
                     world_size=3,
                     seed=0,
                 )
-            )  # fmt: skip
+            )
             for r in range(3)
         ]
         c = loaders[0].streams
