@@ -19,6 +19,7 @@ from multiproc import EXACT, SMALL, assert_same_weights, kill_at_step, records, 
 from safetensors.torch import load_file
 
 from distres import checkpoint as ckpt
+from distres.components.sample_log import read_steps
 
 # every test here launches real runs (torchrun, SIGKILL, the CLI)
 pytestmark = pytest.mark.slow
@@ -98,6 +99,36 @@ def test_resume_on_another_world_size(four_steps_on_two_ranks, tmp_path, world):
     assert summary["world_size"] == world and summary["global_batch"] == 192
     assert summary["samples_seen"] == summary["steps"] * 192
     assert summary["steps"] == 14  # 7 steps per epoch on every world size here
+
+
+def test_torch_backend_resumes_exactly_on_three_ranks_what_two_left(tmp_path):
+    """The torch backend after 2 ranks stopped at step 12 of a 14-step epoch, on 3 ranks:
+    the epoch still ends at step 14, and every step trains the very samples a run never
+    stopped trains (its global batch, position for position): the epoch's samples once
+    each. (The weights differ from the 2-rank run's: BN statistics are per rank.)"""
+    run = [*BASE, "data.backend=torch", "train.batch_size=16", "train.global_batch=96",
+           "tracking.sample_log=true", "train.epochs=2"]  # fmt: skip
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    proc = train(2, whole, *run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train(2, moved, *run, DISTRES_FAILPOINT="stop@12")
+    assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # torchrun: 1 for any
+    assert (moved / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+    proc = train(3, moved, *run, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (resumed,) = resumes(moved)
+    assert resumed["step"] == 12 and resumed["world_size"] == [2, 3]
+    evals = [r["step"] for r in records(moved) if r["event"] == "eval"]
+    assert [r["step"] for r in records(whole) if r["event"] == "eval"] == [14, 28]
+    assert evals == [12, 14, 28]  # the stop's own evaluation, then the epoch's end as ever
+    ref, got = read_steps(whole), read_steps(moved)
+    assert sorted(got) == sorted(ref) == list(range(1, 29))
+    assert {got[s]["world"] for s in range(13, 29)} == {3}
+    for step in ref:  # each step's global batch: the same samples in the same positions
+        assert sorted(got[step]["keys"]) == sorted(ref[step]["keys"]), step
+    for epoch in (0, 1):
+        keys = [k for s in ref.values() if s["epoch"] == epoch for k in s["keys"]]
+        assert len(keys) == len(set(keys)) == 14 * 96
 
 
 def _short_run(run_dir: Path, *overrides: str, small: bool = True):

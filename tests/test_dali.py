@@ -48,9 +48,10 @@ def test_both_backends_honour_the_batch_contract():
 
 
 def test_both_backends_give_the_same_labels_per_epoch():
-    # Batch 4 divides the 1,436 training samples: nothing is dropped by either backend.
+    # Batch 4 and 4 streams divide the 1,436 training samples: nothing is dropped by either
+    # backend.
     dali_train, dali_val = loaders("dali", "train.batch_size=4")
-    torch_train, torch_val = loaders("torch", "train.batch_size=4")
+    torch_train, torch_val = loaders("torch", "train.batch_size=4", "data.streams=4")
     assert labels_of(dali_train) == labels_of(torch_train)
     assert sum(labels_of(dali_train).values()) == 1436
     assert labels_of(dali_val) == labels_of(torch_val)

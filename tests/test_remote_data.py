@@ -80,7 +80,7 @@ def samples(shards) -> list[tuple]:
     return out
 
 
-def batches(shards, decode: str = "cpu", workers: int = 0, epochs: int = 1, train=True):
+def batches(shards, decode="cpu", workers=0, epochs=1, train=True, streams=0):
     loader = ShardLoader(
         LoaderSpec(
             shards,
@@ -94,6 +94,7 @@ def batches(shards, decode: str = "cpu", workers: int = 0, epochs: int = 1, trai
             seed=3,
             num_workers=workers,
             decode=decode,
+            streams=streams,
         )
     )
     out = []
@@ -199,13 +200,15 @@ def test_the_cache_limit_holds_and_local_shards_are_never_touched(env, local, tm
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"x" * 1000)
     shards = read_shard_set("s3://data/train", cache)
+    with pytest.raises(DataError, match=r"reads 6 shards at once .*data.streams=24"):
+        batches(shards)  # 24 streams on one rank: every shard open at once
     with PeakDisk(cache.dir) as disk:
-        got, _ = batches(shards, epochs=2)
+        got, _ = batches(shards, epochs=2, streams=2)  # two shards at a time
     assert disk.peak <= limit + 1000 + (cache.prefetch + 1) * biggest, (disk.peak, limit)
     kept = [p for p in cache.dir.iterdir() if p.suffix == ".tar" and p != mine]
     assert sum(p.stat().st_size for p in kept) <= limit and len(kept) < 6
     assert mine.read_bytes() == b"x" * 1000
-    assert_same(got, batches(read_shard_set(str(local)), epochs=2)[0])
+    assert_same(got, batches(read_shard_set(str(local)), epochs=2, streams=2)[0])
 
 
 def test_a_limit_below_one_shard_is_refused_at_start(env, tmp_path):

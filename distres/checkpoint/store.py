@@ -291,11 +291,17 @@ class CheckpointStore:
 def failpoint(name: str, step: int, rank: int) -> None:
     """DISTRES_FAILPOINT=<name>@<step>[@<rank>] kills this process (SIGKILL, no cleanup) at
     that point: how the tests crash a rank in the middle of a checkpoint write."""
+    if at_failpoint(name, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_failpoint(name: str, step: int, rank: int) -> bool:
+    """Whether DISTRES_FAILPOINT names this point (`stop@<step>`: the loop stops there as
+    if preempted, with a checkpoint: how a test stops a run by hand at an exact step)."""
     spec = os.environ.get("DISTRES_FAILPOINT", "")
     if not spec:
-        return
+        return False
     parts = spec.split("@")
     if parts[0] != name or int(parts[1]) != step:
-        return
-    if len(parts) < 3 or int(parts[2]) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
+        return False
+    return len(parts) < 3 or int(parts[2]) == rank

@@ -20,10 +20,12 @@ from distres.data.api import Batch, KeyedBatch
 
 
 class SampleLog:
-    def __init__(self, run_dir: Path, rank: int, world: int):
+    def __init__(self, run_dir: Path, rank: int, world: int, attempt: float | None = None):
+        """attempt: the same on every rank of an attempt (rank 0's start time)."""
         self.path = Path(run_dir) / "samples" / f"rank-{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rank, self.world, self.attempt = rank, world, time.time()
+        self.rank, self.world = rank, world
+        self.attempt = time.time() if attempt is None else attempt
         self._file = None
 
     def take(self, step: int, epoch: int, micro_batches: list) -> list[Batch]:

@@ -6,6 +6,7 @@ checkpoints. The loop (distres.trainer.loop) calls them and knows none of their 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from distres.config import BatchPlan, Config, ConfigError
 from distres.data import build_loaders
 from distres.data.augment import BatchAugment, spec_from_config
 from distres.data.build import host_threads
-from distres.dist import DistEnv
+from distres.dist import DistEnv, from_main
 from distres.engine import build_engine
 from distres.errors import USAGE, DataError
 from distres.precision import autocast, set_tf32
@@ -113,7 +114,9 @@ def build(
         ),
         hooks=hooks or Hooks(),
         sample_log=(
-            SampleLog(run_dir, env.rank, env.world_size) if cfg.tracking.sample_log else None
+            SampleLog(run_dir, env.rank, env.world_size, from_main(time.time(), env))
+            if cfg.tracking.sample_log
+            else None
         ),
         **targets(cfg, env, device, plan, engine),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from distres.artifacts.final import save_inference_info, save_weights
 from distres.checkpoint import CheckpointStore
 from distres.checkpoint.manager import CheckpointManager
+from distres.checkpoint.store import at_failpoint
 from distres.components.profiling import StepProfiler, mark, table
 from distres.components.sample_log import SampleLog
 from distres.components.stopping import EarlyStopping, StopConsensus
@@ -168,6 +170,8 @@ class Trainer:
                     self.validate()
                 check = True  # an early-stop decision travels through the consensus
         reason, timed = None, False
+        if at_failpoint("stop", s.step, self.env.rank):
+            self.consensus.signal, check = signal.SIGTERM, True
         if check:
             # one all-reduce: the stop flags, whether any rank's async write still runs, and
             # whether any rank's clock says a checkpoint is due (the ranks' clocks differ)

@@ -56,6 +56,8 @@ class ShardLoader:
         shards, train, world_size = spec.shards, spec.train, spec.world_size
         self.spec = spec
         self.streams = streams(spec) if train else 0  # the epoch order's canonical streams
+        if train and shards.remote and shards.shard_cache().limit:
+            _check_cache(spec, self.streams)
         self.window = spec.window
         self.shards, self.train, self.batch_size = shards, train, spec.batch_size
         self.num_classes, self.in_chans = spec.num_classes, spec.in_chans
@@ -371,6 +373,23 @@ def streams(spec: LoaderSpec) -> int:
             "needs at least one sample (set fewer streams)"
         )
     return c
+
+
+def _check_cache(spec: LoaderSpec, streams: int) -> None:
+    """A cache limit that cannot hold the shards this rank reads at once (one per stream of
+    its own) would evict a shard being read: refused before training."""
+    shards = spec.shards
+    limit, biggest = (
+        shards.shard_cache().limit,
+        max(shards.size(i) or 0 for i in range(len(shards.urls))),
+    )
+    at_once = min(streams // spec.world_size, len(shards.urls))
+    if biggest and limit < at_once * biggest:
+        raise DataError(
+            f"data.cache_limit={limit} bytes holds {limit // biggest} shard(s) of up to "
+            f"{biggest} bytes; this rank reads {at_once} shards at once (data.streams="
+            f"{streams} over {spec.world_size} rank(s)): raise the limit or set fewer streams"
+        )
 
 
 def interleave(chunks: list[tuple]) -> tuple:
