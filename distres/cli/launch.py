@@ -14,6 +14,7 @@ foreign traceback. The workers' own messages are above it, as they printed them.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -55,9 +56,26 @@ def exit_code(failures: dict) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(torchrun_args(sys.argv[1:] if argv is None else argv))
+    from distres.cli import rendezvous
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["store"]:
+        return rendezvous.serve(argv[1:])
+    # torch (>= 2.4) hands the workers the rank-0 agent's own store and caches its address
+    # across rendezvous rounds (elastic/rendezvous/dynamic_rendezvous.py, the shared-store
+    # branch): a node that joins later waits for an address the old rank 0 never publishes
+    # again while that one waits for the newcomer's role info, and both time out (pytorch
+    # #147064); a newcomer that becomes rank 0 points its workers at another store. torch's
+    # own opt-out publishes the address every round, with a fresh store hosted by worker
+    # rank 0 each time (torchrun's behaviour up to 2.3).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    command = torchrun_args(argv)
+    args = parse_args(command)
+    if args.rdzv_backend == "c10d" and (where := rendezvous.endpoint(command)):
+        rendezvous.watch(*where)
     # torchrun's own error report (a block per failed worker) repeats what the workers said;
     # its warnings about stopping the other workers stay.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
@@ -70,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except RendezvousError as e:
+        # the store went away (or a closed rendezvous id): one line, not the agent's trace
+        print(f"[distres.launch] rendezvous failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return errors.FAILED
     except SignalException as e:
         # The agent got a signal (Ctrl-C, a scheduler's SIGTERM/SIGUSR1) and passed it to the
         # workers, which stop at a step boundary with a checkpoint; an agent that is shutting
