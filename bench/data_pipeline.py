@@ -22,6 +22,7 @@ pipeline anew (a new shard order), which with an auto-augmentation takes 1-7 s o
 epochs of a few seconds here it would swamp the rate and on ImageNet's it is noise.
 
     python3 bench/data_pipeline.py [--images 1536] [--batch 64] [--workers N] [--epochs 2]
+        [--only "distres torch,plain baseline"]
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ def definition_seconds(shard_set) -> float:
     return time.perf_counter() - t0
 
 
+STREAMS = 0  # --streams
+
+
 def distres_torch(
     shard_set, batch: int, workers: int, epochs: int, aug: bool = False, **stage
 ) -> float:
@@ -217,6 +221,7 @@ def distres_torch(
             num_workers=workers,
             shuffle_buffer=1024,
             transform=train_transform(224, True, 0.08, 0, True, TA if aug else ("none", 0, 0)),
+            streams=STREAMS,
             **stage,
         )
     )
@@ -269,7 +274,18 @@ def main() -> None:
         help="DataLoader workers / DALI threads (default: all cores)",
     )
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--streams", type=int, default=0, help="the torch rows' data.streams (0: auto)"
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated pipeline names to time (e.g. 'distres torch,plain baseline')",
+    )
     args = parser.parse_args()
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    global STREAMS
+    STREAMS = args.streams
     torch.set_num_threads(1)  # the pipelines are measured, not the main process's math
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -299,9 +315,13 @@ def main() -> None:
             ("distres DALI +TA+RE", distres_dali, True),
             ("distres torch +TA+RE", distres_torch, True),
         ):
+            if only and name not in only:
+                continue
             extra = {"aug": True} if aug else {}
             results[name] = fn(shard_set, args.batch, args.workers, args.epochs, **extra)
             print(f"  {name:20s} {results[name]:7.0f} img/s", flush=True)
+        if only:
+            return
         seconds = definition_seconds(shard_set)
     dali_ratio = results["distres DALI"] / results["bare DALI"]
     aug_ratio = results["distres DALI +TA+RE"] / results["bare DALI +TA+RE"]

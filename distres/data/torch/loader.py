@@ -155,7 +155,8 @@ class ShardLoader:
                 yield (unpack(images, labels, keys) if self.stage else (images, labels, keys))
 
     # -- training ----------------------------------------------------------------------------
-    def _train_chunks(self, order: EpochOrder, streams: list[int], starts: dict[int, int]):
+    def _train_chunks(self, order: EpochOrder, streams: list[int], starts: dict[int, int],
+                      total: int):  # fmt: skip
         """The rank's samples in position order, each with its (stream, slot)."""
         transform = self.transform_at(self.epoch) if self.transform_at else self.transform
         reads = [[i for i, _, _ in order.pieces(*order.range(s))] for s in streams]
@@ -163,7 +164,7 @@ class ShardLoader:
             for i in sorted({i for ids in reads for i in ids}):
                 self.shards.verify(i)
         stream = CanonicalStream(
-            order, streams, starts, self.shards, [], transform, 0, 0, self.num_classes,
+            order, streams, starts, total, self.shards, [], transform, 0, 0, self.num_classes,
             self.in_chans, skip_bad=self.skip_bad, verify=self.verify,
             encoder=Encoder(transform, self.in_chans) if self.stage else None,
         )  # fmt: skip
@@ -179,6 +180,8 @@ class ShardLoader:
             if len(group) == max(1, workers):
                 yield interleave(group)
                 group = []
+        if group:  # the epoch's last chunks, one sample shorter from the later workers
+            yield interleave(group)
 
     def _run(self, stream, workers: int, seed: int) -> Iterator[tuple]:
         loader = DataLoader(
@@ -231,7 +234,8 @@ class ShardLoader:
         self._begin(*self._start)
         position, starts = self._start
         left = (order.positions - position) // (self.world_size * self.batch_size)
-        yield from self._deliver(self._train_chunks(order, list(starts), starts), left)
+        chunks = self._train_chunks(order, list(starts), starts, left * self.batch_size)
+        yield from self._deliver(chunks, left)
 
     def _deliver(self, chunks: Iterator[tuple], left: int | None) -> Iterator[Batch]:
         """Batches cut from chunks (training: `left` of them, full ones, each chunk's last
@@ -393,10 +397,20 @@ def _check_cache(spec: LoaderSpec, streams: int) -> None:
 
 
 def interleave(chunks: list[tuple]) -> tuple:
-    """K workers' equal chunks as one, sample by sample (worker w's t-th sample is the
-    rank's t*K + w-th): tensors stacked and transposed, lists zipped."""
+    """K workers' chunks as one, sample by sample (worker w's t-th sample is the rank's
+    t*K + w-th): tensors stacked and transposed, lists zipped. The epoch's last chunks may
+    be shorter, the later workers' by one."""
     if len(chunks) == 1:
         return chunks[0]
+    sizes = [len(c[1]) for c in chunks]  # column 1: the labels
+    if len(set(sizes)) > 1:
+        order = [(w, t) for t in range(max(sizes)) for w in range(len(chunks)) if t < sizes[w]]
+        return tuple(
+            torch.stack([column[w][t] for w, t in order])
+            if isinstance(column[0], torch.Tensor)
+            else [column[w][t] for w, t in order]
+            for column in zip(*chunks, strict=True)
+        )
     out = []
     for column in zip(*chunks, strict=True):
         if isinstance(column[0], torch.Tensor):

@@ -12,6 +12,7 @@ handed over travels with it (the data position is each stream's next slot).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -25,12 +26,13 @@ from distres.errors import DistresError
 
 
 class CanonicalStream(SampleStream):
-    """The rank's streams (`streams`, in position order) from their slots in `starts`."""
+    """The rank's streams (`streams`, in position order) from their slots in `starts`, for
+    `total` samples (the rest of the rank's epoch: a worker never decodes past it)."""
 
-    def __init__(self, order: EpochOrder, streams: list[int], starts: dict[int, int], *args,
-                 **kwargs):  # fmt: skip
+    def __init__(self, order: EpochOrder, streams: list[int], starts: dict[int, int],
+                 total: int, *args, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
-        self.order, self.streams, self.starts = order, streams, starts
+        self.order, self.streams, self.starts, self.total = order, streams, starts, total
 
     def __iter__(self) -> Iterator[tuple]:  # (items, labels, skipped, keys, positions)
         info = get_worker_info()
@@ -39,23 +41,29 @@ class CanonicalStream(SampleStream):
         # happen on its own seed and the model's state is put back after them
         restore = info is None
         mine = self.streams[worker::workers]
-        if not mine:
+        left = len(range(worker, self.total, workers))  # the rank's samples w, w+K, ...
+        if not mine or not left:
             return
         with contextlib.ExitStack() as files:
             readers = [self._slots(s, self.starts.get(s, 0), files) for s in mine]
             items, labels, keys, where = [], [], [], []
-            while True:
-                for s, reader in zip(mine, readers, strict=True):
-                    slot, sample, item, label = self._good(s, reader, restore)
-                    items.append(item)
-                    labels.append(label)
-                    keys.append(SampleKey(sample["__shard__"], sample["__at__"],
-                                          sample["__key__"]))  # fmt: skip
-                    where.append((s, slot))
-                    if len(items) == CHUNK:
-                        yield (self._chunk(items), torch.tensor(labels), self.bad.take(), keys,
-                               torch.tensor(where, dtype=torch.int64))  # fmt: skip
-                        items, labels, keys, where = [], [], [], []
+            turns = itertools.cycle(zip(mine, readers, strict=True))
+            for s, reader in itertools.islice(turns, left):
+                slot, sample, item, label = self._good(s, reader, restore)
+                items.append(item)
+                labels.append(label)
+                keys.append(SampleKey(sample["__shard__"], sample["__at__"],
+                                      sample["__key__"]))  # fmt: skip
+                where.append((s, slot))
+                if len(items) == CHUNK:
+                    yield self._pack(items, labels, keys, where)
+                    items, labels, keys, where = [], [], [], []
+            if items:
+                yield self._pack(items, labels, keys, where)
+
+    def _pack(self, items: list, labels: list, keys: list, where: list) -> tuple:
+        return (self._chunk(items), torch.tensor(labels), self.bad.take(), keys,
+                torch.tensor(where, dtype=torch.int64))  # fmt: skip
 
     def _good(self, s: int, reader: Iterator, restore: bool) -> tuple:
         """Stream s's next good sample: (slot, sample, item, label)."""
