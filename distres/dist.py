@@ -102,7 +102,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def process_group(env: DistEnv, device: torch.device, always: bool = False) -> Iterator[None]:
+def process_group(
+    env: DistEnv, device: torch.device, always: bool = False, timeout_s: float = 600
+) -> Iterator[None]:
     """Init the default group for a multi-rank run (nccl on GPU, gloo on CPU); always torn
     down, also when training raises. always=True makes a one-rank group for a single process
     too (DeepSpeed needs one)."""
@@ -119,7 +121,7 @@ def process_group(env: DistEnv, device: torch.device, always: bool = False) -> I
         init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(minutes=10),
+        timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
     try:

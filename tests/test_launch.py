@@ -44,6 +44,32 @@ def test_wrapper_trains_on_two_ranks(tmp_path, script, env):
     assert summary["world_size"] == 2 and summary["steps"] == 2
 
 
+def test_elastic_wrapper_trains_against_a_store_of_its_own(tmp_path):
+    import re
+    import sys
+    import time
+
+    store = subprocess.Popen(
+        [sys.executable, "-m", "distres.launch", "store", "--host", "127.0.0.1", "--port", "0"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, line = time.monotonic() + 60, ""
+        while "listening" not in line and time.monotonic() < deadline:
+            line = store.stdout.readline()
+        port = re.search(r"127\.0\.0\.1:(\d+)", line)[1]
+        proc = launch("elastic.sh", tmp_path, "train.max_steps=2", STORE=f"127.0.0.1:{port}",
+                      JOB_ID="wrapper-test", MIN_NODES="1", MAX_NODES="1")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 2
+    finally:
+        store.terminate()
+        store.wait(30)
+    missing = launch("elastic.sh", tmp_path, STORE="127.0.0.1:1")
+    assert missing.returncode != 0 and "JOB_ID" in missing.stderr
+
+
 def test_multi_node_wrapper_names_what_is_missing(tmp_path):
     proc = launch("multi_node.sh", tmp_path, NNODES="2")
     assert proc.returncode != 0 and "MASTER" in proc.stderr

@@ -160,6 +160,12 @@ class EngineConfig:
         "DDP static_graph: the same parameters take part in every step (true of every ResNet "
         "here), so DDP skips its per-step search for unused parameters; off under grad_accum",
     )
+    collective_timeout_s: int = doc(
+        600,
+        "seconds a rank waits in a collective before it fails: a peer that hangs (a frozen "
+        "node; NCCL over NVLink does not see a dead peer at all) ends the attempt after this "
+        "long, so an elastic agent can restart it (gloo fails at once on a closed connection)",
+    )
     zero_stage: int = doc(1, "deepspeed: ZeRO stage 0 | 1 | 2 | 3")
     deepspeed_config: str = doc(
         "",
@@ -175,6 +181,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _choice("engine.name", self.name, ("ddp", "deepspeed"))
         _at_least("engine.bucket_cap_mb", self.bucket_cap_mb, 1)
+        _at_least("engine.collective_timeout_s", self.collective_timeout_s, 10)
         _choice("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("engine.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compile_mode != "default" and not self.compile:

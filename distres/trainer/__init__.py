@@ -38,7 +38,8 @@ def run(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     preflight(cfg)
     plan = plan_batch(cfg, env.world_size)  # a ConfigError here: no process group yet
     device = pick_device(cfg.run.device, env.local_rank)
-    with process_group(env, device, always=cfg.engine.name == "deepspeed"):
+    with process_group(env, device, always=cfg.engine.name == "deepspeed",
+                       timeout_s=cfg.engine.collective_timeout_s):  # fmt: skip
         # Every rank must write to the same run.dir: rank 0's timestamp wins.
         run_dir = shared_run_dir(resolve_run_dir(cfg), env)
         cfg.run.dir = str(run_dir)
