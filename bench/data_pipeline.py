@@ -221,7 +221,7 @@ def distres_torch(
             num_workers=workers,
             shuffle_buffer=1024,
             transform=train_transform(224, True, 0.08, 0, True, TA if aug else ("none", 0, 0)),
-            streams=STREAMS,
+            **({"streams": STREAMS} if STREAMS else {}),  # (distres before streams had none)
             **stage,
         )
     )
