@@ -32,7 +32,7 @@ from distres.data.torch.encode import EncodedBatch, Encoder, steps, unpack
 from distres.data.torch.gpu_decode import DecodeStage
 from distres.data.torch.order import EpochOrder, auto_streams, world_sizes
 from distres.data.torch.stream import SampleStream
-from distres.data.torch.train_stream import CanonicalStream
+from distres.data.torch.train_stream import CanonicalStream, interleave
 from distres.data.torch.transforms import train_transform, val_transform
 
 log = logging.getLogger("distres")
@@ -394,28 +394,3 @@ def _check_cache(spec: LoaderSpec, streams: int) -> None:
             f"{biggest} bytes; this rank reads {at_once} shards at once (data.streams="
             f"{streams} over {spec.world_size} rank(s)): raise the limit or set fewer streams"
         )
-
-
-def interleave(chunks: list[tuple]) -> tuple:
-    """K workers' chunks as one, sample by sample (worker w's t-th sample is the rank's
-    t*K + w-th): tensors stacked and transposed, lists zipped. The epoch's last chunks may
-    be shorter, the later workers' by one."""
-    if len(chunks) == 1:
-        return chunks[0]
-    sizes = [len(c[1]) for c in chunks]  # column 1: the labels
-    if len(set(sizes)) > 1:
-        order = [(w, t) for t in range(max(sizes)) for w in range(len(chunks)) if t < sizes[w]]
-        return tuple(
-            torch.stack([column[w][t] for w, t in order])
-            if isinstance(column[0], torch.Tensor)
-            else [column[w][t] for w, t in order]
-            for column in zip(*chunks, strict=True)
-        )
-    out = []
-    for column in zip(*chunks, strict=True):
-        if isinstance(column[0], torch.Tensor):
-            both = torch.stack(column, 1)
-            out.append(both.reshape(-1, *both.shape[2:]))
-        else:
-            out.append([item for row in zip(*column, strict=True) for item in row])
-    return tuple(out)

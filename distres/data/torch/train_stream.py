@@ -176,3 +176,28 @@ def _seeded(seed: int, restore: bool):
     finally:
         if outer is not None:
             gen.set_state(outer)
+
+
+def interleave(chunks: list[tuple]) -> tuple:
+    """K workers' chunks as one, sample by sample (worker w's t-th sample is the rank's
+    t*K + w-th): tensors stacked and transposed, lists zipped. The epoch's last chunks may
+    be shorter, the later workers' by one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    sizes = [len(c[1]) for c in chunks]  # column 1: the labels
+    if len(set(sizes)) > 1:
+        order = [(w, t) for t in range(max(sizes)) for w in range(len(chunks)) if t < sizes[w]]
+        return tuple(
+            torch.stack([column[w][t] for w, t in order])
+            if isinstance(column[0], torch.Tensor)
+            else [column[w][t] for w, t in order]
+            for column in zip(*chunks, strict=True)
+        )
+    out = []
+    for column in zip(*chunks, strict=True):
+        if isinstance(column[0], torch.Tensor):
+            both = torch.stack(column, 1)
+            out.append(both.reshape(-1, *both.shape[2:]))
+        else:
+            out.append([item for row in zip(*column, strict=True) for item in row])
+    return tuple(out)
