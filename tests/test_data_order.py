@@ -146,6 +146,8 @@ def test_epoch_order_pieces_windows_and_consumed_counts():
         [(0, 3, 5), (3, 0, 3)],
     ]
     assert sorted(o.permutation(0, 0, 2)) == [0] and sorted(o.permutation(0, 0, 0)) == [0, 1]
+    assert o.shards_from(1, 0) == [2, 0] and o.shards_from(1, 2) == [0]  # window 1: shard 0
+    assert o.shards_from(1, 5) == [2, 0]  # a re-read starts over
     assert o.consumed(7) == [3, 2, 2] and o.rank_streams(7, 0, 1) == [1, 2, 0]
     assert [o.rank_streams(7, r, 3) for r in range(3)] == [[1], [2], [0]]
     assert o.sample_seed(1, 4) != o.sample_seed(1, 5)

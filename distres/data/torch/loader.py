@@ -65,7 +65,7 @@ class ShardLoader:
         self.device = torch.device(spec.device)
         self.out_dtype = spec.out_dtype  # the autocast dtype on a GPU (precision.input_dtype)
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-        self.num_workers, self.shuffle_buffer = spec.num_workers, spec.shuffle_buffer
+        self.num_workers = spec.num_workers
         self.seed, self.rank, self.world_size = spec.seed, spec.rank, world_size
         self.repeats = spec.repeats if train else 1  # data.aug_repeats; see EpochOrder.range
         self.keys = spec.keys  # yield KeyedBatches (each sample's shard and key)
@@ -159,7 +159,9 @@ class ShardLoader:
                       total: int):  # fmt: skip
         """The rank's samples in position order, each with its (stream, slot)."""
         transform = self.transform_at(self.epoch) if self.transform_at else self.transform
-        reads = [[i for i, _, _ in order.pieces(*order.range(s))] for s in streams]
+        # what is left to read: a resumed stream's consumed windows are neither checked nor
+        # fetched again
+        reads = [order.shards_from(s, starts.get(s, 0)) for s in streams]
         if self.verify:
             for i in sorted({i for ids in reads for i in ids}):
                 self.shards.verify(i)

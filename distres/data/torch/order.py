@@ -81,6 +81,13 @@ class EpochOrder:
             start, k = base + last, k + 1
         return out
 
+    def shards_from(self, s: int, slot: int) -> list[int]:
+        """The shards stream s reads from its slot `slot` on, in order (a re-read: all)."""
+        lo, hi = self.range(s)
+        refill, j = divmod(slot, self.length)
+        start = lo if refill else lo + j // self.window * self.window
+        return [i for i, _, _ in self.pieces(start, hi)]
+
     def windows(self, s: int) -> int:
         return -(-self.length // self.window)
 

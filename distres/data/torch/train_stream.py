@@ -89,7 +89,7 @@ class CanonicalStream(SampleStream):
         o = self.order
         lo, hi = o.range(s)
         refill, j = divmod(start, o.length)
-        cursor = _Cursor(self, files, [i for i, _, _ in o.pieces(lo, hi)])
+        cursor = _Cursor(self, files, o.shards_from(s, 0))
         while True:
             for k in range(j // o.window, o.windows(s)):
                 a = lo + k * o.window
